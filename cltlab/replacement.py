@@ -1,0 +1,187 @@
+"""The replacement model: the language model with its MLPs swapped for the CLT, and how much it keeps.
+
+The LM runs under nnsight. Layer by layer, the CLT encodes the replacement model's *own* ``resid_mid`` and its
+reconstruction replaces the MLP's output, so errors compound through depth as they would in use. BOS positions
+keep their original MLP outputs: the CLT is not trained on them (see ``harvest.py``), and every variant,
+zero-ablation included, treats them the same way so the comparison is fair.
+
+With ``error_correction=True`` the reconstruction error measured on the original run is added back, which must
+reproduce the original logits exactly (up to float rounding): the test of the plumbing.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .clt import CrossLayerTranscoder
+from .config import EvalConfig
+from .corpus import token_sequences
+from .harvest import trace_sites
+from .models import LoadedModel
+
+
+class ReplacementMetrics(NamedTuple):
+    """How much of the original model the replacement keeps, on held-out tokens."""
+
+    ce_original: float
+    """Next-token cross-entropy of the original model (nats)."""
+    ce_replacement: float
+    """Of the replacement model."""
+    ce_zero_ablation: float
+    """Of the model with the covered MLP outputs set to zero."""
+    ce_recovered: float
+    """(ce_zero − ce_replacement) / (ce_zero − ce_original): 1 is perfect, 0 no better than ablation."""
+    kl: float
+    """Mean KL(original ‖ replacement) of the next-token distributions (nats)."""
+    top1_agreement: float
+    """Fraction of positions where both models' most likely next token is the same."""
+    nmse: list[float]
+    """Per covered layer: ‖reconstruction − mlp_out‖² ÷ variance of mlp_out, on the original run."""
+    l0: list[float]
+    """Per covered layer: mean active features per token."""
+    n_tokens: int
+    """Predicted positions the figures average over."""
+
+    @property
+    def mean_l0(self) -> float:
+        return sum(self.l0) / len(self.l0)
+
+    def summary(self) -> str:
+        nmse = " ".join(f"{v:.3f}" for v in self.nmse)
+        l0 = " ".join(f"{v:.1f}" for v in self.l0)
+        return (
+            f"CE original {self.ce_original:.4f} | replacement {self.ce_replacement:.4f} | "
+            f"zero-ablation {self.ce_zero_ablation:.4f} | CE recovered {self.ce_recovered:.4f}\n"
+            f"KL {self.kl:.4f} | top-1 agreement {self.top1_agreement:.4f} | mean L0 {self.mean_l0:.1f} "
+            f"| {self.n_tokens} tokens\n"
+            f"NMSE per layer: {nmse}\nL0 per layer:   {l0}"
+        )
+
+    def to_dict(self) -> dict:
+        return {**self._asdict(), "mean_l0": self.mean_l0}
+
+
+class ReplacementModel:
+    """A language model whose covered MLPs are replaced by a CLT.
+
+    Attributes:
+        model: the ``LoadedModel``.
+        clt: the transcoder; it covers model layers ``clt.config.layer_offset`` onwards.
+    """
+
+    def __init__(self, model: LoadedModel, clt: CrossLayerTranscoder):
+        offset, n = clt.config.layer_offset, clt.n_layers
+        if clt.d_model != model.d_model or offset + n > model.n_layers:
+            raise ValueError(
+                f"The CLT (layers {offset}–{offset + n - 1}, d_model {clt.d_model}) does not fit {model.name!r} "
+                f"({model.n_layers} layers, d_model {model.d_model}); train it on activations of this model."
+            )
+        self.model = model
+        self.clt = clt.to(model.device).eval()
+        self.layers = range(offset, offset + n)
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor, *, mode: str = "replacement", errors: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(batch, seq, vocab)`` of one variant: ``original``, ``replacement`` or ``zero_ablation``.
+
+        ``errors`` ``(batch, seq, n_layers, d_model)`` are added to the replacement's MLP outputs.
+        """
+        if mode not in ("original", "replacement", "zero_ablation"):
+            raise ValueError(f"mode must be original, replacement or zero_ablation, not {mode!r}.")
+        ids = ids.to(self.model.device)
+        if mode == "original":
+            return self.model.model(ids).logits.float()
+        blocks, sites, clt = self.model.envoy_blocks(), self.model.sites, self.clt
+        batch, seq = ids.shape
+        features = torch.zeros(batch, seq, clt.n_layers, clt.d_features, device=ids.device)
+        out = {}
+        with self.model.envoy.trace(ids):
+            for i, layer in enumerate(self.layers):
+                block = blocks[layer]
+                mlp = getattr(block, sites.mlp)
+                if mode == "zero_ablation":
+                    new = torch.zeros_like(mlp.output)
+                else:
+                    x = getattr(block, sites.pre_mlp_norm).input  # (batch, seq, d_model)
+                    features[:, :, i] = clt.encode_layer(x.float(), i)
+                    new = clt.decode_layer(features, i)  # (batch, seq, d_model)
+                    if errors is not None:
+                        new = new + errors[:, :, i].to(new.device)
+                original = mlp.output
+                new[:, 0] = original[:, 0]  # BOS passes through
+                mlp.output = new.to(original.dtype)
+            out["logits"] = self.model.envoy.output.logits.save()
+        return out["logits"].float()
+
+    @torch.no_grad()
+    def reconstruction_errors(self, ids: torch.Tensor) -> torch.Tensor:
+        """``mlp_out − CLT(resid_mid)`` on the original run, ``(batch, seq, n_layers, d_model)``."""
+        acts = trace_sites(self.model, ids, self.layers.start, self.layers.stop)
+        batch, seq = ids.shape
+        x = acts.resid_mid.float().flatten(0, 1)  # (batch·seq, n_layers, d_model)
+        recon = self.clt(x).reconstruction.view(batch, seq, self.clt.n_layers, -1)
+        return acts.mlp_out.float() - recon
+
+
+@torch.no_grad()
+def evaluate(
+    model: LoadedModel,
+    clt: CrossLayerTranscoder,
+    *,
+    corpus: str,
+    seq_len: int,
+    config: EvalConfig | None = None,
+    progress: bool = True,
+) -> ReplacementMetrics:
+    """Compare original, replacement and zero-ablated model on ``config.n_sequences`` held-out sequences."""
+    config = config or EvalConfig()
+    replacement = ReplacementModel(model, clt)
+    batches = token_sequences(
+        corpus, model.tokenizer, seq_len=seq_len, bos_token_id=model.bos_token_id, split="eval",
+        batch_size=config.batch_size,
+    )
+    L = clt.n_layers
+    totals = dict(ce_original=0.0, ce_replacement=0.0, ce_zero_ablation=0.0, kl=0.0, top1=0.0)
+    err_sq, target_sum, target_sq, l0_sum = torch.zeros(L), torch.zeros(L, clt.d_model), torch.zeros(L), torch.zeros(L)
+    n_pred = n_rows = 0
+    n_batches = -(-config.n_sequences // config.batch_size)
+    for _, ids in zip(tqdm(range(n_batches), desc="evaluate", disable=not progress), batches, strict=False):
+        ids = ids.to(model.device)
+        logits = {mode: replacement.logits(ids, mode=mode) for mode in ("original", "replacement", "zero_ablation")}
+        targets = ids[:, 2:].reshape(-1)
+        logp = {mode: F.log_softmax(value[:, 1:-1], -1).flatten(0, 1) for mode, value in logits.items()}
+        for mode in ("original", "replacement", "zero_ablation"):
+            totals[f"ce_{mode}"] += F.nll_loss(logp[mode], targets, reduction="sum").item()
+        totals["kl"] += F.kl_div(logp["replacement"], logp["original"], log_target=True, reduction="sum").item()
+        totals["top1"] += (logp["original"].argmax(-1) == logp["replacement"].argmax(-1)).sum().item()
+        n_pred += targets.numel()
+        # Local reconstruction quality on the original run, BOS excluded.
+        acts = trace_sites(model, ids, replacement.layers.start, replacement.layers.stop)
+        x = acts.resid_mid[:, 1:].float().flatten(0, 1).to(clt.W_enc.device)
+        y = acts.mlp_out[:, 1:].float().flatten(0, 1).to(clt.W_enc.device).cpu()
+        out = replacement.clt(x)
+        err_sq += (out.reconstruction.cpu() - y).pow(2).sum((0, 2))
+        target_sum += y.sum(0)
+        target_sq += y.pow(2).sum((0, 2))
+        l0_sum += (out.features > 0).sum(-1).float().sum(0).cpu()
+        n_rows += y.shape[0]
+    if n_pred == 0:
+        raise ValueError(f"Corpus {corpus!r} has no eval sequences of length {seq_len}.")
+    variance = target_sq - target_sum.pow(2).sum(-1) / n_rows
+    ce = {mode: totals[f"ce_{mode}"] / n_pred for mode in ("original", "replacement", "zero_ablation")}
+    gap = ce["zero_ablation"] - ce["original"]
+    return ReplacementMetrics(
+        ce_original=ce["original"],
+        ce_replacement=ce["replacement"],
+        ce_zero_ablation=ce["zero_ablation"],
+        ce_recovered=(ce["zero_ablation"] - ce["replacement"]) / gap if gap else float("nan"),
+        kl=totals["kl"] / n_pred,
+        top1_agreement=totals["top1"] / n_pred,
+        nmse=(err_sq / variance.clamp_min(1e-12)).tolist(),
+        l0=(l0_sum / n_rows).tolist(),
+        n_tokens=n_pred,
+    )
