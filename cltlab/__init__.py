@@ -1,15 +1,21 @@
-"""cltlab: cross-layer transcoders, from harvest to replacement model, driven from notebooks."""
+"""cltlab: cross-layer transcoders, from harvest to replacement model, driven from notebooks.
+
+Importing cltlab starts nothing (no threads, no network); the nouns below are the public API.
+"""
 
 __version__ = "0.1.0"
 
+from . import plots  # noqa: E402
 from .buffer import DiscBuffer  # noqa: E402
 from .clt import CrossLayerTranscoder  # noqa: E402
 from .config import CLTConfig, EvalConfig, HarvestConfig, Profile, TrainConfig, get_profile  # noqa: E402
+from .features import feature_stats, top_contexts  # noqa: E402
 from .harvest import harvest  # noqa: E402
 from .interop import export_circuit_tracer, import_circuit_tracer  # noqa: E402
 from .jumprelu import JumpReLU  # noqa: E402
 from .models import load_model  # noqa: E402
 from .replacement import ReplacementModel, evaluate  # noqa: E402
+from .run import RunPaths, run_paths  # noqa: E402
 from .train import train  # noqa: E402
 
 __all__ = [
@@ -21,13 +27,17 @@ __all__ = [
     "JumpReLU",
     "Profile",
     "ReplacementModel",
+    "RunPaths",
     "TrainConfig",
     "evaluate",
     "export_circuit_tracer",
+    "feature_stats",
     "get_profile",
     "harvest",
     "import_circuit_tracer",
     "load_model",
+    "plots",
+    "run_paths",
+    "top_contexts",
     "train",
 ]
-

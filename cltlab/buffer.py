@@ -90,7 +90,9 @@ class DiscBuffer(torch.utils.data.Dataset):
         self.n_layers = int(self.info["layer_stop"]) - self.layer_start
         self.d_model = int(self.info["d_model"])
         if self.n_tokens < batch_size:
-            raise ValueError(f"{self.path} holds {self.n_tokens} tokens, fewer than one batch of {batch_size}.")
+            raise ValueError(
+                f"{self.path} holds {self.n_tokens} tokens, fewer than one batch of {batch_size}."
+            )
         self._file: h5py.File | None = None
 
     # h5py handles do not survive fork or pickling: every process opens its own on first use.
@@ -118,14 +120,17 @@ class DiscBuffer(torch.utils.data.Dataset):
             raise IndexError(f"batch {index} out of range for {len(self)} batches")
         start = index * self.batch_size
         resid, mlp = self.read(start, start + self.batch_size)
-        order = torch.randperm(self.batch_size, generator=torch.Generator().manual_seed(self.seed * 100_003 + index))
+        order = torch.randperm(
+            self.batch_size, generator=torch.Generator().manual_seed(self.seed * 100_003 + index)
+        )
         return ActivationBatch(resid[order], mlp[order])
 
     def read(self, start: int, stop: int) -> ActivationBatch:
         """Rows ``[start, stop)`` in file order, in the storage dtype."""
         dtype = self.info["dtype"]
         return ActivationBatch(
-            to_torch(self.file["resid_mid"][start:stop], dtype), to_torch(self.file["mlp_out"][start:stop], dtype)
+            to_torch(self.file["resid_mid"][start:stop], dtype),
+            to_torch(self.file["mlp_out"][start:stop], dtype),
         )
 
     @property
@@ -133,10 +138,16 @@ class DiscBuffer(torch.utils.data.Dataset):
         group = self.file["stats"]
         return NormStats(*(torch.from_numpy(group[name][()]) for name in NormStats._fields))
 
-    def token_info(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def token_info(
+        self, start: int = 0, stop: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(tokens, sequence, position)`` arrays for rows ``[start, stop)``."""
         stop = self.n_tokens if stop is None else stop
-        return (self.file["tokens"][start:stop], self.file["sequence"][start:stop], self.file["position"][start:stop])
+        return (
+            self.file["tokens"][start:stop],
+            self.file["sequence"][start:stop],
+            self.file["position"][start:stop],
+        )
 
     @property
     def sequences(self) -> np.ndarray:

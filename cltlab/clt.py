@@ -83,7 +83,10 @@ class CrossLayerTranscoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(L, F))
         self.activation = JumpReLU((L, F), threshold_init=config.threshold_init, bandwidth=config.bandwidth)
         self.W_dec = nn.ParameterList(
-            [nn.Parameter(torch.empty(F, self.n_targets(l), d).uniform_(-dec_bound, dec_bound)) for l in range(L)]
+            [
+                nn.Parameter(torch.empty(F, self.n_targets(source), d).uniform_(-dec_bound, dec_bound))
+                for source in range(L)
+            ]
         )
         self.b_dec = nn.Parameter(torch.zeros(L, d))
         self.register_buffer("input_mean", torch.zeros(L, d))
@@ -110,7 +113,11 @@ class CrossLayerTranscoder(nn.Module):
         return self.n_layers - source if self.config.cross_layer else 1
 
     def set_normalization(
-        self, input_mean: torch.Tensor, input_scale: torch.Tensor, output_mean: torch.Tensor, output_scale: torch.Tensor
+        self,
+        input_mean: torch.Tensor,
+        input_scale: torch.Tensor,
+        output_mean: torch.Tensor,
+        output_scale: torch.Tensor,
     ) -> None:
         """Install the activation statistics measured at harvest time."""
         L, d = self.n_layers, self.d_model

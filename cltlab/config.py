@@ -43,7 +43,9 @@ class HarvestConfig:
         if self.layers is not None:
             self.layers = tuple(self.layers)
             if len(self.layers) != 2 or not 0 <= self.layers[0] < self.layers[1]:
-                raise ValueError(f"layers must be a range (start, stop) with 0 <= start < stop, not {self.layers}.")
+                raise ValueError(
+                    f"layers must be a range (start, stop) with 0 <= start < stop, not {self.layers}."
+                )
 
 
 @dataclass
@@ -145,17 +147,34 @@ PROFILES: dict[str, Profile] = {
     "ci": Profile(
         name="ci",
         harvest=HarvestConfig(model="tiny-gpt2", n_tokens=4096, seq_len=64, batch_size=16),
-        train=TrainConfig(d_features=128, max_steps=60, batch_size=256, lr=1e-3, sparsity_coef=1e-3,
-                          log_every=5, checkpoint_every=30, wandb=False),
+        train=TrainConfig(
+            d_features=128,
+            max_steps=60,
+            batch_size=256,
+            lr=1e-3,
+            sparsity_coef=1e-3,
+            log_every=5,
+            checkpoint_every=30,
+            wandb=False,
+        ),
         eval=EvalConfig(n_sequences=8, batch_size=4),
     ),
     # The embedded real model, sized for a CPU run of a few minutes per stage.
     "default": Profile(
         name="default",
-        harvest=HarvestConfig(model="smollm2-135m", n_tokens=60_000, seq_len=128, batch_size=16,
-                              model_dtype="bfloat16"),
-        train=TrainConfig(d_features=512, max_steps=600, batch_size=512, lr=3e-4, sparsity_coef=2e-4,
-                          precision="bf16-mixed", log_every=10, checkpoint_every=200),
+        harvest=HarvestConfig(
+            model="smollm2-135m", n_tokens=60_000, seq_len=128, batch_size=16, model_dtype="bfloat16"
+        ),
+        train=TrainConfig(
+            d_features=512,
+            max_steps=600,
+            batch_size=512,
+            lr=3e-4,
+            sparsity_coef=2e-4,
+            precision="bf16-mixed",
+            log_every=10,
+            checkpoint_every=200,
+        ),
         eval=EvalConfig(n_sequences=32, batch_size=8),
     ),
     # GPT-2 small from the hub (needs the network once).

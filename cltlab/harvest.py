@@ -112,7 +112,9 @@ def harvest(
         existing = read_info(path, require_complete=False)
         same = all(existing.get(k) == v for k, v in meta.items() if k not in ("config", "cltlab_version"))
         if not same:
-            changed = [k for k, v in meta.items() if k not in ("config", "cltlab_version") and existing.get(k) != v]
+            changed = [
+                k for k, v in meta.items() if k not in ("config", "cltlab_version") and existing.get(k) != v
+            ]
             raise ValueError(
                 f"{path} was harvested with different arguments ({', '.join(changed)}); "
                 "delete it or choose another path."
@@ -126,14 +128,18 @@ def harvest(
     path.parent.mkdir(parents=True, exist_ok=True)
     n, L, d, T = config.n_tokens, layer_stop - layer_start, model.d_model, config.seq_len
     rows_per_batch = config.batch_size * (T - 1)
-    n_sequences = -(-n // (T - 1))
+    n_sequences = -(-n // rows_per_batch) * config.batch_size  # every sequence of every batch used
     storage = STORAGE_DTYPES[config.dtype]
     chunk_rows = int(np.clip(2**21 // (L * d * np.dtype(storage).itemsize), 1, n))  # ~2 MiB chunks
     sums = torch.zeros(2, L, d, dtype=torch.float64)  # Σx per site
     squares = torch.zeros(2, L, dtype=torch.float64)  # Σ‖x‖² per site
     generator = torch.Generator().manual_seed(0)
     batches = token_sequences(
-        config.corpus, model.tokenizer, seq_len=T, bos_token_id=model.bos_token_id, split=config.split,
+        config.corpus,
+        model.tokenizer,
+        seq_len=T,
+        bos_token_id=model.bos_token_id,
+        split=config.split,
         batch_size=config.batch_size,
     )
     with h5py.File(path, "w") as f:
@@ -163,7 +169,9 @@ def harvest(
             rows = slice(written, written + take)
             first_seq = batch_index * config.batch_size
             for s, site in enumerate(acts):
-                flat = site[:, 1:].reshape(rows_per_batch, L, d)[order]  # (take, n_layers, d_model), BOS dropped
+                flat = site[:, 1:].reshape(rows_per_batch, L, d)[
+                    order
+                ]  # (take, n_layers, d_model), BOS dropped
                 f[SiteActivations._fields[s]][rows] = to_storage(flat, config.dtype)
                 flat64 = flat.double().cpu()
                 sums[s] += flat64.sum(0)
@@ -173,8 +181,7 @@ def harvest(
             f["tokens"][rows] = ids[:, 1:].reshape(-1)[order].numpy()
             f["sequence"][rows] = seq_ids[order].numpy()
             f["position"][rows] = positions[order].numpy()
-            n_seq = min(config.batch_size, n_sequences - first_seq)
-            f["sequences"][first_seq : first_seq + n_seq] = ids[:n_seq].numpy()
+            f["sequences"][first_seq : first_seq + config.batch_size] = ids.numpy()
             written += take
             f.attrs["n_written"] = written
             bar.update(take)
@@ -182,11 +189,12 @@ def harvest(
         stats = f.create_group("stats")
         for s, prefix in enumerate(("input", "output")):
             mean = sums[s] / n  # (n_layers, d_model)
-            variance = (squares[s] / n - mean.pow(2).sum(-1)) / d  # per-element variance, averaged over d_model
+            variance = (
+                squares[s] / n - mean.pow(2).sum(-1)
+            ) / d  # per-element variance, averaged over d_model
             stats[f"{prefix}_mean"] = mean.float().numpy()
             stats[f"{prefix}_scale"] = variance.clamp_min(1e-12).sqrt().float().reshape(L, 1).numpy()
         f.attrs["complete"] = True
     seconds = time.perf_counter() - start_time
     log.info("Harvested %d tokens in %.1f s into %s", n, seconds, path)
     return HarvestResult(path, n, seconds, False)
-

@@ -46,8 +46,13 @@ def export_circuit_tracer(clt: CrossLayerTranscoder, directory: str | Path) -> P
         n = clt.n_targets(i)
         W_dec[:, :n] = clt.W_dec[i].float().cpu() * out_scale[i : i + n]  # scale by each target's s_out
         save_file({f"W_dec_{i}": W_dec}, str(directory / f"W_dec_{i}.safetensors"))
-    meta = {"source": "cltlab", "n_layers": L, "d_model": clt.d_model, "d_features": clt.d_features,
-            "layer_offset": clt.config.layer_offset}
+    meta = {
+        "source": "cltlab",
+        "n_layers": L,
+        "d_model": clt.d_model,
+        "d_features": clt.d_features,
+        "layer_offset": clt.config.layer_offset,
+    }
     (directory / "cltlab.json").write_text(json.dumps(meta, indent=2))
     return directory
 
@@ -58,7 +63,9 @@ def import_circuit_tracer(directory: str | Path, *, bandwidth: float = 0.1) -> C
     directory = Path(directory)
     enc_files = sorted(directory.glob("W_enc_*.safetensors"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     if not enc_files:
-        raise FileNotFoundError(f"{directory} holds no W_enc_<i>.safetensors files: not a circuit-tracer CLT.")
+        raise FileNotFoundError(
+            f"{directory} holds no W_enc_<i>.safetensors files: not a circuit-tracer CLT."
+        )
     L = len(enc_files)
     first = load_file(str(enc_files[0]))
     F, d = first["W_enc_0"].shape
@@ -66,8 +73,15 @@ def import_circuit_tracer(directory: str | Path, *, bandwidth: float = 0.1) -> C
     offset = json.loads(meta_path.read_text()).get("layer_offset", 0) if meta_path.exists() else 0
     threshold = first["threshold_0"]
     clt = CrossLayerTranscoder(
-        CLTConfig(n_layers=L, d_model=d, d_features=F, cross_layer=True, bandwidth=bandwidth,
-                  threshold_init=float(threshold.clamp_min(1e-6).mean()), layer_offset=offset)
+        CLTConfig(
+            n_layers=L,
+            d_model=d,
+            d_features=F,
+            cross_layer=True,
+            bandwidth=bandwidth,
+            threshold_init=float(threshold.clamp_min(1e-6).mean()),
+            layer_offset=offset,
+        )
     )
     for i in range(L):
         enc = load_file(str(directory / f"W_enc_{i}.safetensors"))
@@ -84,6 +98,8 @@ def import_circuit_tracer(directory: str | Path, *, bandwidth: float = 0.1) -> C
         clt.b_enc[i] = enc[f"b_enc_{i}"]
         clt.b_dec[i] = enc[f"b_dec_{i}"]
         # θ = exp(log θ): a zero threshold (a plain ReLU) becomes the smallest positive float.
-        clt.activation.log_threshold[i] = enc[f"threshold_{i}"].float().clamp_min(torch.finfo(torch.float32).tiny).log()
+        clt.activation.log_threshold[i] = (
+            enc[f"threshold_{i}"].float().clamp_min(torch.finfo(torch.float32).tiny).log()
+        )
         clt.W_dec[i].copy_(W_dec)
     return clt

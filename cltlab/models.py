@@ -11,10 +11,10 @@ import importlib.util
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from functools import cached_property
-from typing import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -178,7 +178,9 @@ MODELS: dict[str, Callable[[torch.dtype], tuple[nn.Module, object]]] = {
 }
 
 
-def load_model(name: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(
+    name: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+) -> LoadedModel:
     """Load a model by registry name or Hugging Face id, in eval mode with gradients off."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     loader = MODELS.get(name)

@@ -85,7 +85,9 @@ class ReplacementModel:
         self.layers = range(offset, offset + n)
 
     @torch.no_grad()
-    def logits(self, ids: torch.Tensor, *, mode: str = "replacement", errors: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self, ids: torch.Tensor, *, mode: str = "replacement", errors: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits ``(batch, seq, vocab)`` of one variant: ``original``, ``replacement`` or ``zero_ablation``.
 
         ``errors`` ``(batch, seq, n_layers, d_model)`` are added to the replacement's MLP outputs.
@@ -141,22 +143,35 @@ def evaluate(
     config = config or EvalConfig()
     replacement = ReplacementModel(model, clt)
     batches = token_sequences(
-        corpus, model.tokenizer, seq_len=seq_len, bos_token_id=model.bos_token_id, split="eval",
+        corpus,
+        model.tokenizer,
+        seq_len=seq_len,
+        bos_token_id=model.bos_token_id,
+        split="eval",
         batch_size=config.batch_size,
     )
     L = clt.n_layers
     totals = dict(ce_original=0.0, ce_replacement=0.0, ce_zero_ablation=0.0, kl=0.0, top1=0.0)
-    err_sq, target_sum, target_sq, l0_sum = torch.zeros(L), torch.zeros(L, clt.d_model), torch.zeros(L), torch.zeros(L)
+    err_sq, target_sum, target_sq, l0_sum = (
+        torch.zeros(L),
+        torch.zeros(L, clt.d_model),
+        torch.zeros(L),
+        torch.zeros(L),
+    )
     n_pred = n_rows = 0
     n_batches = -(-config.n_sequences // config.batch_size)
     for _, ids in zip(tqdm(range(n_batches), desc="evaluate", disable=not progress), batches, strict=False):
         ids = ids.to(model.device)
-        logits = {mode: replacement.logits(ids, mode=mode) for mode in ("original", "replacement", "zero_ablation")}
+        logits = {
+            mode: replacement.logits(ids, mode=mode) for mode in ("original", "replacement", "zero_ablation")
+        }
         targets = ids[:, 2:].reshape(-1)
         logp = {mode: F.log_softmax(value[:, 1:-1], -1).flatten(0, 1) for mode, value in logits.items()}
         for mode in ("original", "replacement", "zero_ablation"):
             totals[f"ce_{mode}"] += F.nll_loss(logp[mode], targets, reduction="sum").item()
-        totals["kl"] += F.kl_div(logp["replacement"], logp["original"], log_target=True, reduction="sum").item()
+        totals["kl"] += F.kl_div(
+            logp["replacement"], logp["original"], log_target=True, reduction="sum"
+        ).item()
         totals["top1"] += (logp["original"].argmax(-1) == logp["replacement"].argmax(-1)).sum().item()
         n_pred += targets.numel()
         # Local reconstruction quality on the original run, BOS excluded.

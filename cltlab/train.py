@@ -40,7 +40,11 @@ class CLTModule(L.LightningModule):
     def sparsity_coef(self) -> float:
         """λ, ramped linearly from 0 over the warm-up fraction of training."""
         warmup = self.cfg.sparsity_warmup * self.cfg.max_steps
-        return self.cfg.sparsity_coef * min(1.0, self.global_step / warmup) if warmup > 0 else self.cfg.sparsity_coef
+        return (
+            self.cfg.sparsity_coef * min(1.0, self.global_step / warmup)
+            if warmup > 0
+            else self.cfg.sparsity_coef
+        )
 
     def training_step(self, batch: ActivationBatch, batch_idx: int) -> torch.Tensor:
         x, y = batch.resid_mid.float(), batch.mlp_out.float()  # (batch, n_layers, d_model)
@@ -86,7 +90,11 @@ class CLTModule(L.LightningModule):
         decay_start = int(0.8 * self.cfg.max_steps)
 
         def schedule(step: int) -> float:  # constant, then linear decay to 0 over the last 20%
-            return 1.0 if step < decay_start else max(0.0, (self.cfg.max_steps - step) / (self.cfg.max_steps - decay_start))
+            return (
+                1.0
+                if step < decay_start
+                else max(0.0, (self.cfg.max_steps - step) / (self.cfg.max_steps - decay_start))
+            )
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -108,10 +116,15 @@ def make_trainer(config: TrainConfig, run_dir: str | Path, **overrides) -> L.Tra
         from lightning.pytorch.loggers import WandbLogger
 
         loggers.append(
-            WandbLogger(project="cltlab", save_dir=str(run_dir), offline=not wandb_logged_in(), name=run_dir.name)
+            WandbLogger(
+                project="cltlab", save_dir=str(run_dir), offline=not wandb_logged_in(), name=run_dir.name
+            )
         )
     checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", every_n_train_steps=config.checkpoint_every, save_last=True, save_top_k=-1
+        dirpath=run_dir / "checkpoints",
+        every_n_train_steps=config.checkpoint_every,
+        save_last=True,
+        save_top_k=-1,
     )
     kwargs = dict(
         max_steps=config.max_steps,
@@ -143,7 +156,12 @@ class TrainResult(NamedTuple):
 
 
 def train(
-    config: TrainConfig, buffer_path: str | Path, run_dir: str | Path, *, resume: bool = False, **trainer_overrides
+    config: TrainConfig,
+    buffer_path: str | Path,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    **trainer_overrides,
 ) -> TrainResult:
     """Train a CLT (or a per-layer transcoder) on a harvested buffer; save it to ``<run_dir>/clt``."""
     run_dir = Path(run_dir)
@@ -161,7 +179,10 @@ def train(
     module = CLTModule(dataclasses.asdict(clt_config), dataclasses.asdict(config))
     module.clt.set_normalization(*buffer.stats)
     loader = torch.utils.data.DataLoader(
-        buffer, batch_size=None, shuffle=True, num_workers=config.num_workers,
+        buffer,
+        batch_size=None,
+        shuffle=True,
+        num_workers=config.num_workers,
         persistent_workers=config.num_workers > 0,
     )
     trainer = make_trainer(config, run_dir, **trainer_overrides)

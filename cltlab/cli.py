@@ -1,0 +1,172 @@
+"""Command line for batch jobs: ``cltlab harvest | train | evaluate | run`` (also ``python -m cltlab``).
+
+Every option of a stage defaults to the chosen profile's value; the options are the fields of the config
+dataclasses in ``cltlab/config.py`` and their help is those fields' docstrings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import logging
+import sys
+import time
+
+from .config import PROFILES, EvalConfig, HarvestConfig, TrainConfig, get_profile
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def _parse_value(text: str, default):
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(float(text))
+    if isinstance(default, float):
+        return float(text)
+    if isinstance(default, tuple) or default is None:
+        return tuple(int(v) for v in text.replace(":", ",").split(",")) if text.lower() != "none" else None
+    return text
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    group = parser.add_argument_group(
+        title, f"(defaults come from --profile; see cltlab/config.py:{cls.__name__})"
+    )
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        group.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f"{cls.__name__}.{f.name}",
+            metavar="VALUE",
+            help=docs.get(f.name, "").replace("%", "%%"),
+        )
+
+
+def apply_options(config, args: argparse.Namespace):
+    changes = {}
+    for f in dataclasses.fields(config):
+        value = getattr(args, f"{type(config).__name__}.{f.name}", None)
+        if value is not None:
+            changes[f.name] = _parse_value(value, getattr(config, f.name))
+    return dataclasses.replace(config, **changes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cltlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log progress messages.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--profile",
+            default="default",
+            choices=sorted(PROFILES),
+            help="Named profile giving every default (ci: tiny-gpt2 in seconds; default: smollm2-135m).",
+        )
+        p.add_argument("--run-dir", help="Run folder for all artifacts (default: runs/<profile>).")
+
+    p = sub.add_parser("harvest", help="Harvest resid_mid/mlp_out activations into an HDF5 DiscBuffer.")
+    common(p)
+    p.add_argument("--out", help="HDF5 file to write (default: <run-dir>/activations.h5).")
+    add_config_options(p, HarvestConfig, "harvest options")
+
+    p = sub.add_parser("train", help="Train a CLT (or per-layer transcoder) on a harvested buffer.")
+    common(p)
+    p.add_argument("--buffer", help="HDF5 buffer to train on (default: <run-dir>/activations.h5).")
+    p.add_argument("--resume", action="store_true", help="Continue from <run-dir>/checkpoints/last.ckpt.")
+    add_config_options(p, TrainConfig, "training options")
+
+    p = sub.add_parser("evaluate", help="Measure the replacement model: CE recovered, KL, top-1, NMSE, L0.")
+    common(p)
+    p.add_argument("--clt", help="Saved CLT folder (default: <run-dir>/clt).")
+    p.add_argument("--model", help="Model to evaluate on (default: the profile's harvest model).")
+    p.add_argument("--corpus", help="Corpus whose eval split is used (default: the profile's).")
+    add_config_options(p, EvalConfig, "evaluation options")
+
+    p = sub.add_parser(
+        "run", help="The main job: execute notebooks 01-04 headlessly; keep them as the report."
+    )
+    common(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("cltlab").setLevel(logging.INFO)
+    from .run import run_paths
+
+    profile = get_profile(args.profile)
+    paths = run_paths(args.profile, args.run_dir)
+    start = time.perf_counter()
+    if args.command == "harvest":
+        from .harvest import harvest
+
+        config = apply_options(profile.harvest, args)
+        result = harvest(config, args.out or paths.buffer)
+        print(f"harvested {result.n_tokens} tokens into {result.path} ({result.tokens_per_second:.0f} tok/s)")
+    elif args.command == "train":
+        from .train import train
+
+        result = train(
+            apply_options(profile.train, args), args.buffer or paths.buffer, paths.root, resume=args.resume
+        )
+        print(f"saved the CLT to {result.clt_dir}; metrics in {result.metrics_csv}")
+    elif args.command == "evaluate":
+        from .clt import CrossLayerTranscoder
+        from .models import load_model
+        from .replacement import evaluate
+
+        clt = CrossLayerTranscoder.load(args.clt or paths.clt)
+        model = load_model(args.model or profile.harvest.model, dtype="float32")
+        metrics = evaluate(
+            model,
+            clt,
+            corpus=args.corpus or profile.harvest.corpus,
+            seq_len=profile.harvest.seq_len,
+            config=apply_options(profile.eval, args),
+        )
+        print(metrics.summary())
+        print(f"metrics written to {paths.save_metrics(metrics)}")
+    elif args.command == "run":
+        from .run import run_notebooks
+
+        run_notebooks(args.profile, paths.root)
+        metrics = json.loads(paths.metrics.read_text())
+        nmse = " ".join(f"{v:.3f}" for v in metrics["nmse"])
+        l0 = " ".join(f"{v:.1f}" for v in metrics["l0"])
+        print(f"\n=== cltlab main job: profile {args.profile}, run folder {paths.root} ===")
+        print(
+            f"CE recovered {metrics['ce_recovered']:.4f}  KL {metrics['kl']:.4f}  top-1 agreement "
+            f"{metrics['top1_agreement']:.4f}  mean L0 {metrics['mean_l0']:.1f}"
+        )
+        print(
+            f"CE original {metrics['ce_original']:.4f}  replacement {metrics['ce_replacement']:.4f}  "
+            f"zero-ablation {metrics['ce_zero_ablation']:.4f}"
+        )
+        print(f"NMSE per layer: {nmse}\nL0 per layer:   {l0}")
+        print(f"report: {paths.report}  (executed notebooks + HTML)")
+    print(f"[{args.command} took {time.perf_counter() - start:.0f} s]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Plotly figures for the notebooks: training curves, per-layer replacement metrics, activation scales."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .buffer import DiscBuffer
+from .features import FeatureStats
+from .replacement import ReplacementMetrics
+
+
+def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Lightning's CSV log as ``{metric: [(step, value), ...]}``, empty cells skipped."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(row["step"])
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in ("", None):
+                    series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def training_curves(
+    metrics_csv: str | Path, metrics: tuple[str, ...] = ("loss", "nmse", "l0", "dead_frac")
+) -> go.Figure:
+    """Loss, NMSE, L0 and dead fraction of a run, against the step."""
+    series = read_metrics_csv(metrics_csv)
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics)
+    for i, name in enumerate(metrics, start=1):
+        points = series.get(name, [])
+        fig.add_trace(go.Scatter(x=[s for s, _ in points], y=[v for _, v in points], name=name), row=1, col=i)
+        fig.update_xaxes(title_text="step", row=1, col=i)
+    fig.update_layout(height=320, showlegend=False, title="Training")
+    return fig
+
+
+def layer_metrics(metrics: ReplacementMetrics, layer_offset: int = 0) -> go.Figure:
+    """NMSE and L0 of the replacement model, per layer."""
+    layers = list(range(layer_offset, layer_offset + len(metrics.nmse)))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("NMSE per layer", "L0 per layer"))
+    fig.add_trace(go.Bar(x=layers, y=metrics.nmse, name="NMSE"), row=1, col=1)
+    fig.add_trace(go.Bar(x=layers, y=metrics.l0, name="L0"), row=1, col=2)
+    fig.update_xaxes(title_text="layer")
+    fig.update_layout(height=320, showlegend=False)
+    return fig
+
+
+def activation_scales(buffer: DiscBuffer) -> go.Figure:
+    """The per-layer normalization scales of ``resid_mid`` and ``mlp_out`` stored in a buffer."""
+    stats = buffer.stats
+    layers = list(range(buffer.layer_start, buffer.layer_start + buffer.n_layers))
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(x=layers, y=stats.input_scale.flatten().tolist(), name="resid_mid", mode="lines+markers")
+    )
+    fig.add_trace(
+        go.Scatter(x=layers, y=stats.output_scale.flatten().tolist(), name="mlp_out", mode="lines+markers")
+    )
+    fig.update_layout(height=320, title="RMS scale per layer", xaxis_title="layer", yaxis_type="log")
+    return fig
+
+
+def feature_frequencies(stats: FeatureStats) -> go.Figure:
+    """Histogram of log10 activation frequency of the live features of one layer."""
+    live = stats.frequency[stats.frequency > 0]
+    fig = go.Figure(go.Histogram(x=live.log10().tolist(), nbinsx=40))
+    fig.update_layout(
+        height=300,
+        xaxis_title="log10 frequency",
+        yaxis_title="features",
+        title=f"Layer {stats.layer}: {len(live)} live features, {stats.dead_fraction:.1%} dead",
+    )
+    return fig

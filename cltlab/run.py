@@ -1,0 +1,100 @@
+"""A run's folder layout, and the main job: the ordered notebooks executed headlessly as the run's report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("cltlab")
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+MAIN_JOB = ("01_harvest.ipynb", "02_train.ipynb", "03_features.ipynb", "04_replacement.ipynb")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run keeps each artifact."""
+
+    root: Path
+    """The run folder, e.g. ``runs/default``."""
+
+    @property
+    def buffer(self) -> Path:
+        """Harvested activations (HDF5)."""
+        return self.root / "activations.h5"
+
+    @property
+    def clt(self) -> Path:
+        """The trained CLT (safetensors + config.json)."""
+        return self.root / "clt"
+
+    @property
+    def circuit_tracer(self) -> Path:
+        """The CLT in circuit-tracer's layout."""
+        return self.root / "circuit_tracer"
+
+    @property
+    def metrics(self) -> Path:
+        """Replacement-model metrics (JSON)."""
+        return self.root / "metrics.json"
+
+    @property
+    def report(self) -> Path:
+        """Executed notebooks with their outputs."""
+        return self.root / "report"
+
+    def save_metrics(self, metrics) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.metrics.write_text(json.dumps(metrics.to_dict(), indent=2))
+        return self.metrics
+
+
+def run_paths(profile: str, run_dir: str | Path | None = None) -> RunPaths:
+    """The run folder: ``run_dir`` if given, else ``$CLTLAB_RUN_DIR``, else ``runs/<profile>``."""
+    root = run_dir or os.environ.get("CLTLAB_RUN_DIR") or Path("runs") / profile
+    return RunPaths(Path(root).resolve())
+
+
+def run_notebooks(
+    profile: str,
+    run_dir: str | Path | None = None,
+    *,
+    notebooks: tuple[str, ...] = MAIN_JOB,
+    notebooks_dir: Path = NOTEBOOKS_DIR,
+    timeout: int = 3600,
+) -> RunPaths:
+    """Execute the ordered notebooks for ``profile``; keep executed copies (ipynb + HTML) in ``<run>/report``."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbconvert import HTMLExporter
+
+    paths = run_paths(profile, run_dir)
+    paths.report.mkdir(parents=True, exist_ok=True)
+    os.environ["CLTLAB_PROFILE"] = profile  # the kernels inherit these
+    os.environ["CLTLAB_RUN_DIR"] = str(paths.root)
+    for name in notebooks:
+        source = notebooks_dir / name
+        if not source.exists():
+            raise FileNotFoundError(
+                f"Notebook {source} not found; pass notebooks_dir= the repository's notebooks/."
+            )
+        nb = nbformat.read(source, as_version=4)
+        start = time.perf_counter()
+        print(f"[cltlab run] executing {name} ...", flush=True)
+        try:
+            NotebookClient(
+                nb,
+                timeout=timeout,
+                kernel_name="python3",
+                resources={"metadata": {"path": str(notebooks_dir)}},
+            ).execute()
+        finally:
+            nbformat.write(nb, paths.report / name)
+            body, _ = HTMLExporter().from_notebook_node(nb)
+            (paths.report / name).with_suffix(".html").write_text(body)
+        print(f"[cltlab run] {name} done in {time.perf_counter() - start:.0f} s", flush=True)
+    return paths
