@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(
             apply_options(profile.train, args), args.buffer or paths.buffer, paths.root, resume=args.resume
         )
-        print(f"saved the CLT to {result.clt_dir}; metrics in {result.metrics_csv}")
+        print(f"saved the CLT to {result.clt_dir}; metrics in {result.log_dir}")
     elif args.command == "evaluate":
         from .clt import CrossLayerTranscoder
         from .models import load_model

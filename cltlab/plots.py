@@ -13,23 +13,38 @@ from .features import FeatureStats
 from .replacement import ReplacementMetrics
 
 
-def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Lightning's CSV log as ``{metric: [(step, value), ...]}``, empty cells skipped."""
+def read_metrics(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """A run's CSV logs as ``{metric: [(step, value), ...]}``.
+
+    Each ``train`` call logs to its own ``version_N`` folder; a later version replaces the earlier rows from its
+    first step on, so a resumed run continues its curves and a fresh run in the same folder replaces them.
+    """
+    files = sorted(
+        Path(log_dir).glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])
+    )
+    if not files:
+        raise FileNotFoundError(f"No version_*/metrics.csv under {log_dir}: has this run been trained?")
+    rows: list[dict[str, str]] = []
+    for path in files:
+        with open(path, newline="") as f:
+            new = list(csv.DictReader(f))
+        if new:
+            first = int(new[0]["step"])
+            rows = [r for r in rows if int(r["step"]) < first] + new
     series: dict[str, list[tuple[int, float]]] = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            step = int(row["step"])
-            for key, value in row.items():
-                if key not in ("step", "epoch") and value not in ("", None):
-                    series.setdefault(key, []).append((step, float(value)))
+    for row in rows:
+        step = int(row["step"])
+        for key, value in row.items():
+            if key not in ("step", "epoch") and value not in ("", None):
+                series.setdefault(key, []).append((step, float(value)))
     return series
 
 
 def training_curves(
-    metrics_csv: str | Path, metrics: tuple[str, ...] = ("loss", "nmse", "l0", "dead_frac")
+    log_dir: str | Path, metrics: tuple[str, ...] = ("loss", "nmse", "l0", "dead_frac")
 ) -> go.Figure:
     """Loss, NMSE, L0 and dead fraction of a run, against the step."""
-    series = read_metrics_csv(metrics_csv)
+    series = read_metrics(log_dir)
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics)
     for i, name in enumerate(metrics, start=1):
         points = series.get(name, [])

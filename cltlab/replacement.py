@@ -159,9 +159,14 @@ def evaluate(
         torch.zeros(L),
     )
     n_pred = n_rows = 0
-    n_batches = -(-config.n_sequences // config.batch_size)
-    for _, ids in zip(tqdm(range(n_batches), desc="evaluate", disable=not progress), batches, strict=False):
-        ids = ids.to(model.device)
+    seen = 0
+    bar = tqdm(total=config.n_sequences, desc="evaluate", unit="seq", disable=not progress)
+    for ids in batches:
+        if seen >= config.n_sequences:
+            break
+        ids = ids[: config.n_sequences - seen].to(model.device)
+        seen += len(ids)
+        bar.update(len(ids))
         logits = {
             mode: replacement.logits(ids, mode=mode) for mode in ("original", "replacement", "zero_ablation")
         }
@@ -184,6 +189,7 @@ def evaluate(
         target_sq += y.pow(2).sum((0, 2))
         l0_sum += (out.features > 0).sum(-1).float().sum(0).cpu()
         n_rows += y.shape[0]
+    bar.close()
     if n_pred == 0:
         raise ValueError(f"Corpus {corpus!r} has no eval sequences of length {seq_len}.")
     variance = target_sq - target_sum.pow(2).sum(-1) / n_rows

@@ -68,33 +68,40 @@ def run_notebooks(
     timeout: int = 3600,
 ) -> RunPaths:
     """Execute the ordered notebooks for ``profile``; keep executed copies (ipynb + HTML) in ``<run>/report``."""
+    paths = run_paths(profile, run_dir)
+    paths.report.mkdir(parents=True, exist_ok=True)
+    saved = {key: os.environ.get(key) for key in ("CLTLAB_PROFILE", "CLTLAB_RUN_DIR")}
+    os.environ.update(CLTLAB_PROFILE=profile, CLTLAB_RUN_DIR=str(paths.root))  # the kernels inherit these
+    try:
+        for name in notebooks:
+            _execute(notebooks_dir / name, paths.report / name, timeout)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return paths
+
+
+def _execute(source: Path, target: Path, timeout: int) -> None:
     import nbformat
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
 
-    paths = run_paths(profile, run_dir)
-    paths.report.mkdir(parents=True, exist_ok=True)
-    os.environ["CLTLAB_PROFILE"] = profile  # the kernels inherit these
-    os.environ["CLTLAB_RUN_DIR"] = str(paths.root)
-    for name in notebooks:
-        source = notebooks_dir / name
-        if not source.exists():
-            raise FileNotFoundError(
-                f"Notebook {source} not found; pass notebooks_dir= the repository's notebooks/."
-            )
-        nb = nbformat.read(source, as_version=4)
-        start = time.perf_counter()
-        print(f"[cltlab run] executing {name} ...", flush=True)
-        try:
-            NotebookClient(
-                nb,
-                timeout=timeout,
-                kernel_name="python3",
-                resources={"metadata": {"path": str(notebooks_dir)}},
-            ).execute()
-        finally:
-            nbformat.write(nb, paths.report / name)
-            body, _ = HTMLExporter().from_notebook_node(nb)
-            (paths.report / name).with_suffix(".html").write_text(body)
-        print(f"[cltlab run] {name} done in {time.perf_counter() - start:.0f} s", flush=True)
-    return paths
+    if not source.exists():
+        raise FileNotFoundError(
+            f"Notebook {source} not found; pass notebooks_dir= the repository's notebooks/."
+        )
+    nb = nbformat.read(source, as_version=4)
+    start = time.perf_counter()
+    log.info("executing %s ...", source.name)
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(source.parent)}}
+    )
+    try:
+        client.execute()
+    finally:  # keep the executed copy, error included
+        nbformat.write(nb, target)
+        target.with_suffix(".html").write_text(HTMLExporter().from_notebook_node(nb)[0])
+    log.info("%s done in %.0f s", source.name, time.perf_counter() - start)

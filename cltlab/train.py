@@ -1,7 +1,7 @@
 """Training: a thin LightningModule around the CLT, and a Trainer factory.
 
 Lightning owns the loop, devices, precision, checkpoints and logging; this file only says what one step is.
-Metrics always go to CSV (``<run>/logs/metrics.csv``, read back by the plots); Weights & Biases logging is on
+Metrics always go to CSV (``<run>/logs/version_N/metrics.csv``, read back by the plots); Weights & Biases logging is on
 by default and offline unless you are logged in (``wandb login`` or ``WANDB_API_KEY``).
 """
 
@@ -111,7 +111,7 @@ def wandb_logged_in() -> bool:
 def make_trainer(config: TrainConfig, run_dir: str | Path, **overrides) -> L.Trainer:
     """A Lightning Trainer for ``config``: device chosen automatically, CSV (+ W&B) logs and checkpoints under ``run_dir``."""
     run_dir = Path(run_dir)
-    loggers = [CSVLogger(run_dir, name="logs", version="")]
+    loggers = [CSVLogger(run_dir, name="logs")]  # one version_N folder per call; see plots.read_metrics
     if config.wandb:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -149,8 +149,8 @@ class TrainResult(NamedTuple):
     """The trained transcoder (on the CPU, eval mode)."""
     clt_dir: Path
     """Where it was saved (safetensors + config.json)."""
-    metrics_csv: Path
-    """The logged metrics."""
+    log_dir: Path
+    """The CSV logs (``version_N/metrics.csv``, one per call; ``plots.read_metrics`` joins them)."""
     checkpoint_dir: Path
     """Lightning checkpoints (for resuming)."""
 
@@ -187,8 +187,13 @@ def train(
     )
     trainer = make_trainer(config, run_dir, **trainer_overrides)
     last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(module, loader, ckpt_path=str(last) if resume and last.exists() else None)
+    try:
+        trainer.fit(module, loader, ckpt_path=str(last) if resume and last.exists() else None)
+    finally:
+        for logger in trainer.loggers:  # close the W&B run so the next train() in this kernel starts its own
+            if type(logger).__name__ == "WandbLogger":
+                logger.experiment.finish()
     clt = module.clt.float().cpu().eval()
     clt_dir = clt.save(run_dir / "clt")
     log.info("Saved the CLT to %s", clt_dir)
-    return TrainResult(clt, clt_dir, run_dir / "logs" / "metrics.csv", run_dir / "checkpoints")
+    return TrainResult(clt, clt_dir, run_dir / "logs", run_dir / "checkpoints")

@@ -1,0 +1,58 @@
+"""harvest/forward: harvest tokens/s ÷ bare forward tokens/s, same model, batches and dtype, side by side.
+
+The bare forward is the full model call on the same token batches (what a user would otherwise run); the
+harvest includes nnsight tracing, the early stop, the copy to the storage dtype and HDF5 writes.
+Usage: python benchmarks/harvest.py [--models tiny-gpt2 smollm2-135m] [--tokens 8000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import cltlab
+from cltlab.corpus import token_sequences
+
+
+def forward_tokens_per_second(model, config: cltlab.HarvestConfig) -> float:
+    batches = token_sequences(
+        config.corpus,
+        model.tokenizer,
+        seq_len=config.seq_len,
+        bos_token_id=model.bos_token_id,
+        batch_size=config.batch_size,
+    )
+    rows_per_batch = config.batch_size * (config.seq_len - 1)
+    ids = [next(batches) for _ in range(-(-config.n_tokens // rows_per_batch))]
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in ids:
+            model.model(batch.to(model.device))
+    return len(ids) * rows_per_batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="+", default=["tiny-gpt2", "smollm2-135m"])
+    parser.add_argument("--tokens", type=int, default=8000)
+    parser.add_argument("--dtype", default="bfloat16", help="model dtype")
+    args = parser.parse_args()
+    for name in args.models:
+        config = cltlab.HarvestConfig(
+            model=name, n_tokens=args.tokens, seq_len=128, batch_size=16, model_dtype=args.dtype
+        )
+        model = cltlab.load_model(name, dtype=args.dtype)
+        forward_tokens_per_second(model, config)  # warm-up
+        forward = forward_tokens_per_second(model, config)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = cltlab.harvest(config, Path(tmp) / "bench.h5", model=model, progress=False)
+        print(f"{name}: forward {forward:,.0f} tok/s, harvest {result.tokens_per_second:,.0f} tok/s")
+        print(f"harvest/forward = {result.tokens_per_second / forward:.2f}")
+
+
+if __name__ == "__main__":
+    main()

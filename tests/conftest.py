@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random models, one small harvested buffer, and random transcoders.
+
+Everything is offline and tiny: ``tiny-gpt2`` (seeded random GPT-2, 4 layers, d_model 64, real GPT-2 tokenizer)
+and a 3-layer Llama of width 32 built here. The buffer is harvested once per session.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cltlab import HarvestConfig, harvest
+from cltlab.models import ARCHITECTURES, LoadedModel, gpt2_tokenizer, load_model
+
+BUFFER_CONFIG = dict(model="tiny-gpt2", n_tokens=500, seq_len=32, batch_size=4, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2() -> LoadedModel:
+    return load_model("tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> LoadedModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = gpt2_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = LlamaForCausalLM(config)
+    model.eval().requires_grad_(False)
+    return LoadedModel("tiny-llama", model, tokenizer, ARCHITECTURES["llama"])
+
+
+@pytest.fixture(scope="session")
+def harvest_config() -> HarvestConfig:
+    return HarvestConfig(**BUFFER_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def buffer_path(tmp_path_factory, tiny_gpt2, harvest_config):
+    """A finished float32 harvest of all 4 layers of tiny-gpt2: 500 rows, sequences of 32 tokens."""
+    path = tmp_path_factory.mktemp("buffer") / "acts.h5"
+    result = harvest(harvest_config, path, model=tiny_gpt2, device="cpu", progress=False)
+    assert result.path == path and result.n_tokens == 500 and not result.reused
+    return path

@@ -1,0 +1,80 @@
+"""Helpers shared by the tests (plain functions; the fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from cltlab import CLTConfig, CrossLayerTranscoder
+from cltlab.models import LoadedModel
+
+
+def random_ids(model: LoadedModel, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    """Random token ids ``(batch, seq)`` with BOS at position 0, as the harvest and replacement model expect."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 5000, (batch, seq), generator=generator)
+    ids[:, 0] = model.bos_token_id
+    return ids
+
+
+def make_clt(
+    n_layers: int = 4,
+    d_model: int = 8,
+    d_features: int = 16,
+    *,
+    cross_layer: bool = True,
+    layer_offset: int = 0,
+    seed: int = 0,
+    normalization: bool = True,
+    threshold_init: float = 1e-3,
+) -> CrossLayerTranscoder:
+    """A transcoder with every parameter randomized (so features fire and every decoder block matters)."""
+    config = CLTConfig(
+        n_layers=n_layers,
+        d_model=d_model,
+        d_features=d_features,
+        cross_layer=cross_layer,
+        threshold_init=threshold_init,
+        layer_offset=layer_offset,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clt = CrossLayerTranscoder(config)
+        with torch.no_grad():
+            clt.W_enc.normal_(0, 1 / d_model**0.5)
+            clt.b_enc.normal_(0, 0.1)
+            for W in clt.W_dec:
+                W.normal_(0, 0.3)
+            clt.b_dec.normal_(0, 0.1)
+            # Thresholds spread around threshold_init so they are not all equal.
+            clt.activation.log_threshold.add_(torch.randn(n_layers, d_features) * 0.3)
+            if normalization:
+                clt.set_normalization(
+                    torch.randn(n_layers, d_model) * 0.5,
+                    torch.rand(n_layers, 1) * 2 + 0.5,
+                    torch.randn(n_layers, d_model) * 0.5,
+                    torch.rand(n_layers, 1) * 2 + 0.5,
+                )
+    return clt.eval()
+
+
+@torch.no_grad()
+def hooked_sites(model: LoadedModel, ids: torch.Tensor, layers: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """``resid_mid`` and ``mlp_out`` ``(batch, seq, n_layers, d_model)`` taken with plain forward hooks."""
+    resid, mlp, handles = {}, {}, []
+    for layer in layers:
+        handles.append(
+            model.pre_mlp_norm(layer).register_forward_pre_hook(
+                lambda module, args, layer=layer: resid.__setitem__(layer, args[0].clone())
+            )
+        )
+        handles.append(
+            model.mlp(layer).register_forward_hook(
+                lambda module, args, output, layer=layer: mlp.__setitem__(layer, output.clone())
+            )
+        )
+    try:
+        model.model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([resid[i] for i in layers], 2), torch.stack([mlp[i] for i in layers], 2)

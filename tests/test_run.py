@@ -1,0 +1,83 @@
+"""Run folders, and the main job executing notebooks into a report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from cltlab import run_paths
+from cltlab.replacement import ReplacementMetrics
+from cltlab.run import MAIN_JOB, NOTEBOOKS_DIR, run_notebooks
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment(monkeypatch):
+    """run_notebooks sets CLTLAB_PROFILE / CLTLAB_RUN_DIR for its kernels; undo that after each test."""
+    monkeypatch.setenv("CLTLAB_PROFILE", "unset")
+    monkeypatch.setenv("CLTLAB_RUN_DIR", "unset")  # recorded, so teardown restores the caller's value
+    monkeypatch.delenv("CLTLAB_RUN_DIR")
+
+
+def test_run_paths_precedence(monkeypatch, tmp_path):
+    assert run_paths("ci").root == (Path("runs") / "ci").resolve()
+    monkeypatch.setenv("CLTLAB_RUN_DIR", str(tmp_path / "from_env"))
+    assert run_paths("ci").root == tmp_path / "from_env"
+    assert run_paths("ci", tmp_path / "explicit").root == tmp_path / "explicit"
+
+
+def test_run_paths_layout(tmp_path):
+    paths = run_paths("ci", tmp_path)
+    assert paths.buffer == tmp_path / "activations.h5"
+    assert paths.clt == tmp_path / "clt"
+    assert paths.circuit_tracer == tmp_path / "circuit_tracer"
+    assert paths.metrics == tmp_path / "metrics.json"
+    assert paths.report == tmp_path / "report"
+
+
+def test_save_metrics_writes_json(tmp_path):
+    metrics = ReplacementMetrics(3.0, 3.5, 5.0, 0.75, 0.1, 0.9, [0.2, 0.4], [3.0, 5.0], 100)
+    path = run_paths("ci", tmp_path / "run").save_metrics(metrics)
+    assert path == tmp_path / "run" / "metrics.json"
+    data = json.loads(path.read_text())
+    assert data["ce_recovered"] == 0.75 and data["nmse"] == [0.2, 0.4] and data["mean_l0"] == 4.0
+
+
+def test_main_job_notebooks_exist():
+    assert all((NOTEBOOKS_DIR / name).exists() for name in MAIN_JOB)
+
+
+def write_notebook(folder: Path, name: str, *sources: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    nbformat.write(new_notebook(cells=[new_code_cell(s) for s in sources]), folder / name)
+
+
+def test_run_notebooks_executes_into_the_report(tmp_path):
+    write_notebook(
+        tmp_path / "nbs",
+        "a.ipynb",
+        "import os\nprint(os.environ['CLTLAB_PROFILE'], os.environ['CLTLAB_RUN_DIR'])",
+    )
+    paths = run_notebooks("ci", tmp_path / "run", notebooks=("a.ipynb",), notebooks_dir=tmp_path / "nbs")
+    assert paths.root == tmp_path / "run"
+    executed = nbformat.read(paths.report / "a.ipynb", as_version=4)
+    assert executed.cells[0].outputs[0]["text"] == f"ci {tmp_path / 'run'}\n"
+    assert (paths.report / "a.html").read_text().lstrip().lower().startswith("<!doctype html>")
+
+
+def test_failing_notebook_still_lands_in_the_report(tmp_path):
+    from nbclient.exceptions import CellExecutionError
+
+    write_notebook(tmp_path / "nbs", "bad.ipynb", "raise RuntimeError('boom')")
+    with pytest.raises(CellExecutionError, match="boom"):
+        run_notebooks("ci", tmp_path / "run", notebooks=("bad.ipynb",), notebooks_dir=tmp_path / "nbs")
+    executed = nbformat.read(tmp_path / "run" / "report" / "bad.ipynb", as_version=4)
+    assert executed.cells[0].outputs[0]["ename"] == "RuntimeError"
+
+
+def test_missing_notebook_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"Notebook .*nope\.ipynb not found; pass notebooks_dir="):
+        run_notebooks("ci", tmp_path / "run", notebooks=("nope.ipynb",), notebooks_dir=tmp_path)

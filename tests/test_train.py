@@ -1,0 +1,122 @@
+"""Training: a few Lightning steps on the session buffer write the CLT, metrics and checkpoints."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from cltlab import CrossLayerTranscoder, DiscBuffer, TrainConfig, plots, train
+from cltlab.train import CLTModule
+
+STEPS = 10
+
+
+def read_metrics(log_dir) -> list[dict[str, str]]:
+    """The raw rows of the newest version's metrics.csv."""
+    newest = max(log_dir.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    with open(newest, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, buffer_path):
+    config = TrainConfig(
+        max_steps=STEPS, batch_size=128, d_features=32, wandb=False, log_every=1, checkpoint_every=5, lr=1e-3
+    )
+    run_dir = tmp_path_factory.mktemp("run")
+    result = train(config, buffer_path, run_dir, enable_progress_bar=False)
+    return config, run_dir, result
+
+
+def test_train_writes_the_clt(trained, buffer_path):
+    _, run_dir, result = trained
+    assert result.clt_dir == run_dir / "clt"
+    assert (run_dir / "clt" / "model.safetensors").exists() and (run_dir / "clt" / "config.json").exists()
+    clt = result.clt
+    assert isinstance(clt, CrossLayerTranscoder) and not clt.training
+    assert (clt.n_layers, clt.d_model, clt.d_features) == (4, 64, 32)
+    assert clt.config.cross_layer and clt.config.layer_offset == 0
+    loaded = CrossLayerTranscoder.load(result.clt_dir)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(clt.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
+    # The harvest's normalization statistics travel with the CLT.
+    stats = DiscBuffer(buffer_path, batch_size=128).stats
+    assert torch.equal(loaded.input_mean, stats.input_mean) and torch.equal(
+        loaded.output_scale, stats.output_scale
+    )
+    # The weights moved away from their initialisation.
+    init = CrossLayerTranscoder(clt.config)
+    assert not torch.equal(clt.b_enc, init.b_enc)
+
+
+def test_train_logs_metrics_to_csv(trained):
+    _, run_dir, result = trained
+    assert result.log_dir == run_dir / "logs"
+    rows = read_metrics(result.log_dir)
+    columns = set(rows[0])
+    expected = {"loss", "mse", "sparsity", "preact", "lambda", "dead_frac", "nmse", "l0", "step"}
+    expected |= {f"nmse/layer_{i}" for i in range(4)} | {f"l0/layer_{i}" for i in range(4)}
+    assert expected <= columns
+    logged = [r for r in rows if r["loss"]]
+    assert len(logged) == STEPS
+    assert [int(r["step"]) for r in logged] == list(range(STEPS))
+    for r in logged:
+        assert 0.0 <= float(r["dead_frac"]) <= 1.0
+        assert float(r["nmse"]) == pytest.approx(
+            sum(float(r[f"nmse/layer_{i}"]) for i in range(4)) / 4, rel=1e-5
+        )
+        assert float(r["loss"]) > 0
+    # λ ramps linearly from 0 over the first 80% of steps.
+    assert float(logged[0]["lambda"]) == 0.0
+    assert float(logged[4]["lambda"]) == pytest.approx(2e-4 * 4 / (0.8 * STEPS))
+
+
+def test_train_writes_checkpoints(trained):
+    _, _, result = trained
+    names = sorted(p.name for p in result.checkpoint_dir.iterdir())
+    assert "last.ckpt" in names
+    assert any("step=5" in n for n in names) and any("step=10" in n for n in names)
+    module = CLTModule.load_from_checkpoint(result.checkpoint_dir / "last.ckpt", map_location="cpu")
+    assert torch.equal(module.clt.W_enc.float(), result.clt.W_enc)
+
+
+def test_per_layer_transcoder_training(tmp_path, buffer_path):
+    config = TrainConfig(
+        max_steps=3,
+        batch_size=128,
+        d_features=16,
+        cross_layer=False,
+        wandb=False,
+        log_every=1,
+        checkpoint_every=100,
+    )
+    result = train(config, buffer_path, tmp_path / "plt", enable_progress_bar=False)
+    assert not result.clt.config.cross_layer
+    assert [tuple(W.shape) for W in result.clt.W_dec] == [(16, 1, 64)] * 4
+    assert len([r for r in read_metrics(result.log_dir) if r["loss"]]) == 3
+
+
+def test_train_refuses_a_buffer_smaller_than_a_batch(tmp_path, buffer_path):
+    config = TrainConfig(max_steps=1, batch_size=4096, d_features=8, wandb=False)
+    with pytest.raises(ValueError, match="holds 500 tokens, fewer than one batch of 4096"):
+        train(config, buffer_path, tmp_path / "run")
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, buffer_path):
+    run_dir = tmp_path / "run"
+    first = TrainConfig(
+        max_steps=4, batch_size=128, d_features=16, wandb=False, log_every=1, checkpoint_every=2
+    )
+    train(first, buffer_path, run_dir, enable_progress_bar=False)
+    longer = TrainConfig(
+        max_steps=6, batch_size=128, d_features=16, wandb=False, log_every=1, checkpoint_every=2
+    )
+    result = train(longer, buffer_path, run_dir, resume=True, enable_progress_bar=False)
+    steps = [int(r["step"]) for r in read_metrics(result.log_dir) if r["loss"]]
+    assert steps == [4, 5]  # the second call went on from step 4 rather than starting over
+    # ...and the curves the plots read still hold steps 0-3 from the first call.
+    assert [step for step, _ in plots.read_metrics(result.log_dir)["loss"]] == list(range(6))
