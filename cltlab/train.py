@@ -85,8 +85,9 @@ class CLTModule(L.LightningModule):
         self.log_dict({"nmse": out.nmse.mean(), "l0": out.l0.mean()}, on_step=True, prog_bar=True)
 
     def configure_optimizers(self):
-        fused = self.device.type == "cuda"
-        optimizer = torch.optim.Adam(self.clt.parameters(), lr=self.cfg.lr, fused=fused)
+        optimizer = torch.optim.Adam(
+            self.clt.parameters(), lr=self.cfg.lr, fused=True
+        )  # fused on CPU and GPU
         decay_start = int(0.8 * self.cfg.max_steps)
 
         def schedule(step: int) -> float:  # constant, then linear decay to 0 over the last 20%
