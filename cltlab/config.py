@@ -166,11 +166,11 @@ PROFILES: dict[str, Profile] = {
             model="smollm2-135m", n_tokens=60_000, seq_len=128, batch_size=16, model_dtype="bfloat16"
         ),
         train=TrainConfig(
-            d_features=512,
+            d_features=256,
             max_steps=600,
             batch_size=512,
-            lr=3e-4,
-            sparsity_coef=2e-4,
+            lr=6e-4,
+            sparsity_coef=3e-4,
             precision="bf16-mixed",
             log_every=10,
             checkpoint_every=200,
