@@ -9,7 +9,7 @@ from . import plots  # noqa: E402
 from .buffer import DiscBuffer  # noqa: E402
 from .clt import CrossLayerTranscoder  # noqa: E402
 from .config import CLTConfig, EvalConfig, HarvestConfig, Profile, TrainConfig, get_profile  # noqa: E402
-from .features import feature_stats, top_contexts  # noqa: E402
+from .features import FeatureStatistics, feature_statistics, feature_stats, top_contexts  # noqa: E402
 from .harvest import harvest  # noqa: E402
 from .interop import export_circuit_tracer, import_circuit_tracer  # noqa: E402
 from .jumprelu import JumpReLU  # noqa: E402
@@ -23,14 +23,18 @@ __all__ = [
     "CrossLayerTranscoder",
     "DiscBuffer",
     "EvalConfig",
+    "FeatureBrowser",
+    "FeatureStatistics",
     "HarvestConfig",
     "JumpReLU",
     "Profile",
+    "ReplacementComparison",
     "ReplacementModel",
     "RunPaths",
     "TrainConfig",
     "evaluate",
     "export_circuit_tracer",
+    "feature_statistics",
     "feature_stats",
     "get_profile",
     "harvest",
@@ -41,3 +45,13 @@ __all__ = [
     "top_contexts",
     "train",
 ]
+
+
+def __getattr__(name: str):
+    # The widgets import ipywidgets, which registers itself with a running kernel: load them on first use only,
+    # so that importing cltlab stays free of side effects.
+    if name in ("FeatureBrowser", "ReplacementComparison"):
+        from . import widgets
+
+        return getattr(widgets, name)
+    raise AttributeError(f"module 'cltlab' has no attribute {name!r}")

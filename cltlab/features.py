@@ -1,18 +1,36 @@
-"""Feature statistics and top-activating contexts, from one streaming pass over a DiscBuffer.
+"""Feature statistics from one streaming pass over a DiscBuffer, kept beside the CLT and reloaded.
 
-Memory stays bounded by the number of features times ``k``, however many tokens are read.
+For every feature of every layer: how often it fires, its largest and mean activation, a histogram of its
+activations on fixed log-spaced bins, and the buffer rows of its ``k`` largest activations (their text, a window
+of tokens around each, is read back from the buffer by ``FeatureStatistics.contexts``). Memory is bounded by
+``n_layers × d_features × (k + n_bins)`` however many tokens are read. Activations are in the CLT's own units
+(pre-activations of the normalized ``resid_mid``), as ``CrossLayerTranscoder.encode_layer`` returns them.
+
+``feature_statistics(..., save_dir=...)`` writes safetensors + JSON (conventionally ``<clt_dir>/feature_stats``)
+and loads that instead of recomputing when the CLT's encoder, the buffer and the settings are the same.
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .buffer import DiscBuffer
 from .clt import CrossLayerTranscoder
+
+FORMAT = "cltlab.feature_stats"
+FORMAT_VERSION = 1
+LOG10_RANGE = (-3.0, 3.0)
+"""Activation histograms cover 10^-3 … 10^3 on log-spaced bins; the end bins also take what lies beyond."""
+SORT_KEYS = ("index", "frequency", "max_activation")
 
 
 class FeatureStats(NamedTuple):
@@ -29,9 +47,13 @@ class FeatureStats(NamedTuple):
     top_values: torch.Tensor
     """``(d_features, k)`` largest activations, descending (0 where fewer than k tokens fired)."""
     top_rows: torch.Tensor
-    """``(d_features, k)`` buffer rows of those activations."""
+    """``(d_features, k)`` buffer rows of those activations (-1 where fewer than k tokens fired)."""
     n_tokens: int
     """Tokens read."""
+    histogram: torch.Tensor | None = None
+    """``(d_features, n_bins)`` counts of the activations in each bin of ``bin_edges``."""
+    bin_edges: torch.Tensor | None = None
+    """``(n_bins + 1,)`` activation values of the histogram's bin edges (log-spaced)."""
 
     def top_features(self, n: int = 5, *, by: str = "frequency") -> list[int]:
         """The ``n`` live features with the largest ``frequency`` or ``max_activation``."""
@@ -44,38 +66,275 @@ class FeatureStats(NamedTuple):
         return (self.frequency == 0).float().mean().item()
 
 
+class TopContext(NamedTuple):
+    """One of a feature's top activations, with the tokens around it."""
+
+    activation: float
+    """The feature's activation on the token."""
+    row: int
+    """The token's row in the buffer."""
+    ids: list[int]
+    """Token ids of the window around it, in sequence order (BOS excluded)."""
+    index: int
+    """Position of the token in ``ids``."""
+
+
+@dataclass(frozen=True)
+class FeatureStatistics:
+    """Statistics of every feature of every layer of a CLT over ``n_tokens`` buffer rows (CPU tensors)."""
+
+    frequency: torch.Tensor
+    """``(n_layers, d_features)`` fraction of tokens on which each feature is active (its density)."""
+    max_activation: torch.Tensor
+    """``(n_layers, d_features)``"""
+    mean_activation: torch.Tensor
+    """``(n_layers, d_features)`` mean over the tokens where the feature is active."""
+    histogram: torch.Tensor
+    """``(n_layers, d_features, n_bins)`` int32 counts of activations per bin of ``bin_edges``."""
+    bin_edges: torch.Tensor
+    """``(n_bins + 1,)`` log-spaced activation values (see ``LOG10_RANGE``)."""
+    top_values: torch.Tensor
+    """``(n_layers, d_features, k)`` largest activations, descending (0 where fewer than k tokens fired)."""
+    top_rows: torch.Tensor
+    """``(n_layers, d_features, k)`` their buffer rows (-1 where fewer than k tokens fired)."""
+    n_tokens: int
+    """Buffer rows read."""
+    layer_offset: int = 0
+    """Model layer of CLT layer 0."""
+    reused: bool = False
+    """True when loaded from ``save_dir`` instead of computed."""
+
+    @property
+    def n_layers(self) -> int:
+        return self.frequency.shape[0]
+
+    @property
+    def d_features(self) -> int:
+        return self.frequency.shape[1]
+
+    def layer(self, layer: int) -> FeatureStats:
+        """The statistics of one CLT layer."""
+        return FeatureStats(
+            layer,
+            self.frequency[layer],
+            self.max_activation[layer],
+            self.mean_activation[layer],
+            self.top_values[layer],
+            self.top_rows[layer],
+            self.n_tokens,
+            self.histogram[layer],
+            self.bin_edges,
+        )
+
+    def is_dead(self, layer: int, feature: int) -> bool:
+        """Whether the feature never fired on the tokens read."""
+        return bool(self.frequency[layer, feature] == 0)
+
+    def order(self, layer: int, by: str = "index") -> list[int]:
+        """The features of ``layer`` by index, or by descending ``frequency`` / ``max_activation`` (dead last)."""
+        if by not in SORT_KEYS:
+            raise ValueError(f"by must be one of {SORT_KEYS}, not {by!r}.")
+        if by == "index":
+            return list(range(self.d_features))
+        return getattr(self, by)[layer].argsort(descending=True, stable=True).tolist()
+
+    def contexts(
+        self, buffer: DiscBuffer, layer: int, feature: int, *, before: int = 8, after: int = 4
+    ) -> list[TopContext]:
+        """The feature's top activations, each with ``before`` tokens before it and ``after`` after it."""
+        out = []
+        for value, row in zip(
+            self.top_values[layer, feature].tolist(), self.top_rows[layer, feature].tolist(), strict=True
+        ):
+            if row >= 0:
+                ids, index = buffer.context(row, before=before, after=after)
+                out.append(TopContext(value, row, list(ids), index))
+        return out
+
+    # ----------------------------------------------------------------------------------------- save / load
+
+    TENSORS = (
+        "frequency",
+        "max_activation",
+        "mean_activation",
+        "histogram",
+        "bin_edges",
+        "top_values",
+        "top_rows",
+    )
+
+    def save(self, directory: str | Path, key: dict | None = None) -> Path:
+        """Write ``stats.safetensors`` and ``stats.json`` (format version, ``key`` identifying the inputs)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {name: getattr(self, name).contiguous() for name in self.TENSORS},
+            str(directory / "stats.safetensors"),
+        )
+        meta = dict(
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+            n_tokens=self.n_tokens,
+            layer_offset=self.layer_offset,
+            key=key or {},
+        )
+        (directory / "stats.json").write_text(json.dumps(meta, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> FeatureStatistics:
+        """Read statistics written by ``save`` (no pickle)."""
+        directory = Path(directory)
+        meta = _read_meta(directory)
+        if meta is None:
+            raise FileNotFoundError(
+                f"No feature statistics in {directory}: compute them with cltlab.feature_statistics(..., "
+                "save_dir=...)."
+            )
+        tensors = load_file(str(directory / "stats.safetensors"))
+        return cls(**tensors, n_tokens=meta["n_tokens"], layer_offset=meta["layer_offset"], reused=True)
+
+
+def _read_meta(directory: Path) -> dict | None:
+    path = directory / "stats.json"
+    if not path.exists() or not (directory / "stats.safetensors").exists():
+        return None
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format {meta.get('format')!r} version {meta.get('format_version')!r}; this cltlab "
+            f"reads {FORMAT!r} version {FORMAT_VERSION}. Delete the folder to recompute the statistics."
+        )
+    return meta
+
+
+def encoder_fingerprint(clt: CrossLayerTranscoder) -> str:
+    """A hash of everything that decides the CLT's feature activations (encoder, thresholds, input norm)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(clt.state_dict().items()):
+        if not name.startswith(("W_dec", "b_dec", "output_")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 @torch.no_grad()
+def _stream(
+    clt: CrossLayerTranscoder,
+    buffer: DiscBuffer,
+    layers: list[int],
+    *,
+    k: int,
+    n_bins: int,
+    block_size: int,
+    n: int,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    """Accumulate the statistics of ``layers`` over buffer rows ``[0, n)``."""
+    L, F, device = len(layers), clt.d_features, clt.W_enc.device
+    lo, hi = LOG10_RANGE
+    per_bin = n_bins / (hi - lo)
+    total = torch.zeros(L, F, dtype=torch.float64, device=device)
+    peak = torch.zeros(L, F, device=device)
+    histogram = torch.zeros(L, F, n_bins, dtype=torch.int32, device=device)
+    top_values = torch.zeros(L, F, k, device=device)
+    top_rows = torch.full((L, F, k), -1, dtype=torch.long, device=device)
+    for start in tqdm(range(0, n, block_size), desc="feature statistics", disable=not progress):
+        stop = min(start + block_size, n)
+        resid = buffer.read(start, stop).resid_mid  # (block, n_layers, d_model), storage dtype
+        for i, layer in enumerate(layers):
+            f = clt.encode_layer(resid[:, layer].to(device).float(), layer)  # (block, d_features)
+            total[i] += f.sum(0)
+            block_max = f.amax(0)  # (d_features,)
+            torch.maximum(peak[i], block_max, out=peak[i])
+            active = f > 0
+            where = active.nonzero()  # (n_active, 2): row in block, feature
+            bins = ((f[active].log10() - lo) * per_bin).long().clamp_(0, n_bins - 1)
+            ones = torch.ones(len(bins), dtype=torch.int32, device=device)
+            histogram[i].view(-1).index_add_(0, where[:, 1] * n_bins + bins, ones)
+            # Top-k: only features whose block maximum beats their current k-th best take part.
+            beat = (block_max > top_values[i, :, -1]).nonzero().squeeze(1)
+            if len(beat):
+                best = f[:, beat].topk(min(k, stop - start), dim=0)  # (k, n_beat)
+                values = torch.cat([top_values[i, beat], best.values.T], 1)
+                rows = torch.cat([top_rows[i, beat], best.indices.T + start], 1)
+                merged = values.topk(k, dim=1)
+                top_values[i, beat] = merged.values
+                top_rows[i, beat] = rows.gather(1, merged.indices)
+    top_rows[top_values <= 0] = -1
+    count = histogram.sum(-1)
+    return dict(
+        frequency=(count / max(n, 1)).float().cpu(),
+        max_activation=peak.cpu(),
+        mean_activation=(total / count.clamp_min(1)).float().cpu(),
+        histogram=histogram.cpu(),
+        bin_edges=torch.logspace(lo, hi, n_bins + 1),
+        top_values=top_values.cpu(),
+        top_rows=top_rows.cpu(),
+    )
+
+
+def _check(clt: CrossLayerTranscoder, buffer: DiscBuffer, max_tokens: int | None) -> int:
+    buffer.check_compatible(clt.n_layers, clt.d_model)
+    return min(buffer.n_tokens, max_tokens or buffer.n_tokens)
+
+
+def feature_statistics(
+    clt: CrossLayerTranscoder,
+    buffer: DiscBuffer,
+    *,
+    k: int = 10,
+    n_bins: int = 96,
+    block_size: int = 4096,
+    max_tokens: int | None = None,
+    save_dir: str | Path | None = None,
+    progress: bool = True,
+) -> FeatureStatistics:
+    """Statistics of every feature of every layer, from one streaming pass over the first ``max_tokens`` rows.
+
+    With ``save_dir`` (conventionally ``<clt_dir>/feature_stats``), statistics saved there from the same CLT
+    encoder, buffer, ``k``, ``n_bins`` and token count are loaded instead; otherwise the new ones are saved there.
+    """
+    n = _check(clt, buffer, max_tokens)
+    key = dict(clt=encoder_fingerprint(clt), buffer=buffer.summary(), n_tokens=n, k=k, n_bins=n_bins)
+    if save_dir is not None:
+        meta = _read_meta(Path(save_dir))
+        if meta is not None and meta["key"] == key:
+            return FeatureStatistics.load(save_dir)
+    tensors = _stream(
+        clt,
+        buffer,
+        list(range(clt.n_layers)),
+        k=k,
+        n_bins=n_bins,
+        block_size=block_size,
+        n=n,
+        progress=progress,
+    )
+    stats = FeatureStatistics(**tensors, n_tokens=n, layer_offset=clt.config.layer_offset)
+    if save_dir is not None:
+        stats.save(save_dir, key)
+    return stats
+
+
 def feature_stats(
     clt: CrossLayerTranscoder,
     buffer: DiscBuffer,
     layer: int,
     *,
     k: int = 10,
+    n_bins: int = 96,
     block_size: int = 4096,
     max_tokens: int | None = None,
     progress: bool = True,
 ) -> FeatureStats:
-    """Stream ``buffer`` in file order and collect statistics of the features of ``layer``."""
-    buffer.check_compatible(clt.n_layers, clt.d_model)
+    """Statistics of the features of one layer (the single-layer form of ``feature_statistics``)."""
+    n = _check(clt, buffer, max_tokens)
     if not 0 <= layer < clt.n_layers:
         raise ValueError(f"layer must be in [0, {clt.n_layers}), not {layer}.")
-    n = min(buffer.n_tokens, max_tokens or buffer.n_tokens)
-    F = clt.d_features
-    count, total, peak = torch.zeros(F), torch.zeros(F), torch.zeros(F)
-    top_values, top_rows = torch.zeros(F, k), torch.full((F, k), -1, dtype=torch.long)
-    for start in tqdm(range(0, n, block_size), desc=f"features L{layer}", disable=not progress):
-        stop = min(start + block_size, n)
-        x = buffer.read(start, stop).resid_mid[:, layer].float()  # (block, d_model)
-        f = clt.encode_layer(x, layer).cpu()  # (block, d_features)
-        count += (f > 0).sum(0)
-        total += f.sum(0)
-        peak = torch.maximum(peak, f.max(0).values)
-        rows = torch.arange(start, stop).expand(F, -1)  # (d_features, block)
-        values = torch.cat([top_values, f.T], 1)
-        best = values.topk(k, dim=1)
-        top_values, top_rows = best.values, torch.cat([top_rows, rows], 1).gather(1, best.indices)
-    top_rows[top_values <= 0] = -1
-    return FeatureStats(layer, count / n, peak, total / count.clamp_min(1), top_values, top_rows, n)
+    t = _stream(clt, buffer, [layer], k=k, n_bins=n_bins, block_size=block_size, n=n, progress=progress)
+    stats = FeatureStatistics(**t, n_tokens=n, layer_offset=clt.config.layer_offset)
+    return stats.layer(0)._replace(layer=layer)
 
 
 class FeatureContexts(NamedTuple):

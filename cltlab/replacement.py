@@ -65,6 +65,21 @@ class ReplacementMetrics(NamedTuple):
         return {**self._asdict(), "mean_l0": self.mean_l0}
 
 
+class ReplacementRun(NamedTuple):
+    """One forward pass of the replacement model, as ``ReplacementModel.run`` records it."""
+
+    logits: torch.Tensor
+    """``(batch, seq, vocab)`` the replacement model's logits."""
+    features: torch.Tensor
+    """``(batch, seq, n_layers, d_features)`` the CLT features, each layer encoded from the replacement's own
+    ``resid_mid``."""
+    mlp_out: torch.Tensor
+    """``(batch, seq, n_layers, d_model)`` what each original MLP outputs on the replacement's residual stream."""
+    reconstruction: torch.Tensor
+    """``(batch, seq, n_layers, d_model)`` what the CLT wrote in its place (at BOS the MLP output passes
+    through instead)."""
+
+
 class ReplacementModel:
     """A language model whose covered MLPs are replaced by a CLT.
 
@@ -97,15 +112,26 @@ class ReplacementModel:
         ids = ids.to(self.model.device)
         if mode == "original":
             return self.model.model(ids).logits.float()
+        return self._trace(ids, zero=mode == "zero_ablation", errors=errors, record=False).logits
+
+    @torch.no_grad()
+    def run(self, ids: torch.Tensor) -> ReplacementRun:
+        """The replacement model on ``ids`` ``(batch, seq)``, with its features and, per layer, the CLT's output
+        beside what the model's own MLP computes from the same (replacement) residual stream."""
+        return self._trace(ids.to(self.model.device), zero=False, errors=None, record=True)
+
+    def _trace(
+        self, ids: torch.Tensor, *, zero: bool, errors: torch.Tensor | None, record: bool
+    ) -> ReplacementRun:
         blocks, sites, clt = self.model.envoy_blocks(), self.model.sites, self.clt
         batch, seq = ids.shape
         features = torch.zeros(batch, seq, clt.n_layers, clt.d_features, device=ids.device)
-        out = {}
+        mlp_out, reconstruction, out = [], [], {}
         with self.model.envoy.trace(ids):
             for i, layer in enumerate(self.layers):
                 block = blocks[layer]
                 mlp = getattr(block, sites.mlp)
-                if mode == "zero_ablation":
+                if zero:
                     new = torch.zeros_like(mlp.output)
                 else:
                     x = getattr(block, sites.pre_mlp_norm).input  # (batch, seq, d_model)
@@ -114,10 +140,16 @@ class ReplacementModel:
                     if errors is not None:
                         new = new + errors[:, :, i].to(new.device)
                 original = mlp.output
+                if record:
+                    mlp_out.append(original.float().clone())
+                    reconstruction.append(new.float().clone())
                 new[:, 0] = original[:, 0]  # BOS passes through
                 mlp.output = new.to(original.dtype)
             out["logits"] = self.model.envoy.output.logits.save()
-        return out["logits"].float()
+        stack = (lambda parts: torch.stack(parts, 2)) if record else (lambda parts: None)
+        return ReplacementRun(
+            out["logits"].float(), features if record else None, stack(mlp_out), stack(reconstruction)
+        )
 
     @torch.no_grad()
     def reconstruction_errors(self, ids: torch.Tensor) -> torch.Tensor:

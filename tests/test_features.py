@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import make_clt
 
-from cltlab import DiscBuffer, feature_stats, top_contexts
+from cltlab import DiscBuffer, FeatureStatistics, feature_statistics, feature_stats, top_contexts
 
 K = 4
 
@@ -96,3 +98,99 @@ def test_top_contexts_show_the_activating_token(clt, buffer, tiny_gpt2):
     html = contexts._repr_html_()
     assert html.startswith("<table>") and html.count("<mark") == 3
     assert str(contexts).count(f"L2 #{feature}") == 3
+
+
+# ------------------------------------------------------------------------------ all layers, saved and reloaded
+
+
+class CountingBuffer:
+    """A DiscBuffer stand-in that records the size of every read (to check the pass streams in blocks)."""
+
+    def __init__(self, buffer):
+        self.buffer, self.reads = buffer, []
+
+    def __getattr__(self, name):
+        return getattr(self.buffer, name)
+
+    def read(self, start, stop):
+        self.reads.append(stop - start)
+        return self.buffer.read(start, stop)
+
+
+def test_feature_statistics_match_brute_force_on_every_layer(clt, buffer):
+    counting = CountingBuffer(buffer)
+    stats = feature_statistics(clt, counting, k=K, n_bins=24, block_size=64, progress=False)
+    assert max(counting.reads) <= 64 and sum(counting.reads) == 500  # one streaming pass, in blocks
+    assert stats.n_layers == 4 and stats.d_features == 12 and stats.n_tokens == 500 and not stats.reused
+    for layer in range(4):
+        f = brute_force(clt, buffer, layer, 500)
+        active = f > 0
+        assert torch.allclose(stats.frequency[layer], active.float().mean(0))
+        assert torch.allclose(stats.max_activation[layer], f.max(0).values, atol=1e-6)
+        assert torch.allclose(stats.mean_activation[layer], f.sum(0) / active.sum(0).clamp_min(1), atol=1e-5)
+        assert torch.allclose(stats.top_values[layer], f.T.topk(K, dim=1).values, atol=1e-6)
+        for feature in range(12):  # the histogram counts every activation in the bin that holds it
+            values = f[active[:, feature], feature]
+            expected = torch.histogram(values.clamp(1e-3, 999.9), bins=stats.bin_edges).hist
+            assert torch.equal(stats.histogram[layer, feature], expected.int())
+    assert stats.bin_edges[0] == pytest.approx(1e-3) and stats.bin_edges[-1] == pytest.approx(1e3)
+    assert stats.layer(2).histogram.shape == (12, 24)
+    assert stats.is_dead(2, 0) and not stats.is_dead(2, 5)
+
+
+def test_feature_statistics_memory_does_not_grow_with_tokens(clt, buffer):
+    small = feature_statistics(clt, buffer, k=K, max_tokens=100, progress=False)
+    large = feature_statistics(clt, buffer, k=K, progress=False)
+    for name in FeatureStatistics.TENSORS:
+        assert getattr(small, name).shape == getattr(large, name).shape
+    assert small.n_tokens == 100 and (small.top_rows < 100).all()
+
+
+def test_feature_statistics_are_saved_beside_the_clt_and_reloaded(clt, buffer, tmp_path):
+    save_dir = tmp_path / "clt" / "feature_stats"
+    first = feature_statistics(clt, buffer, k=K, save_dir=save_dir, progress=False)
+    assert (save_dir / "stats.safetensors").exists() and (save_dir / "stats.json").exists()
+    counting = CountingBuffer(buffer)
+    again = feature_statistics(clt, counting, k=K, save_dir=save_dir, progress=False)
+    assert again.reused and counting.reads == []  # loaded, not recomputed
+    for name in FeatureStatistics.TENSORS:
+        assert torch.equal(getattr(first, name), getattr(again, name))
+    assert FeatureStatistics.load(save_dir).n_tokens == 500
+    # Other settings or another encoder: computed again (and saved over the old ones).
+    assert not feature_statistics(clt, buffer, k=K + 1, save_dir=save_dir, progress=False).reused
+    other = make_clt(4, 64, 12, normalization=False, threshold_init=0.5, seed=6)
+    other.set_normalization(*buffer.stats)
+    assert not feature_statistics(other, counting, k=K, save_dir=save_dir, progress=False).reused
+    assert sum(counting.reads) == 500
+
+
+def test_saved_statistics_of_another_format_version_say_so(clt, buffer, tmp_path):
+    feature_statistics(clt, buffer, k=K, save_dir=tmp_path, progress=False)
+    meta = json.loads((tmp_path / "stats.json").read_text())
+    (tmp_path / "stats.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(ValueError, match="version 99.*Delete the folder to recompute"):
+        feature_statistics(clt, buffer, k=K, save_dir=tmp_path, progress=False)
+    with pytest.raises(FileNotFoundError, match="No feature statistics in"):
+        FeatureStatistics.load(tmp_path / "missing")
+
+
+def test_order_sorts_live_features_first(clt, buffer):
+    stats = feature_statistics(clt, buffer, k=K, progress=False)
+    assert stats.order(2) == list(range(12))
+    by_frequency = stats.order(2, "frequency")
+    assert set(by_frequency[-3:]) == {0, 1, 2}  # the dead ones come last
+    assert stats.frequency[2, by_frequency].diff().le(0).all()
+    assert stats.order(2, "max_activation")[0] == stats.max_activation[2].argmax().item()
+    with pytest.raises(ValueError, match="by must be one of"):
+        stats.order(2, "l0")
+
+
+def test_contexts_are_the_buffer_windows_of_the_top_rows(clt, buffer):
+    stats = feature_statistics(clt, buffer, k=K, progress=False)
+    feature = stats.order(1, "frequency")[0]
+    contexts = stats.contexts(buffer, 1, feature, before=3, after=2)
+    assert len(contexts) == K
+    for c, value, row in zip(contexts, stats.top_values[1, feature], stats.top_rows[1, feature], strict=True):
+        assert (c.activation, c.row) == (pytest.approx(value.item()), row.item())
+        assert (c.ids, c.index) == tuple(buffer.context(row.item(), before=3, after=2))
+    assert stats.contexts(buffer, 2, 0) == []  # a dead feature has none

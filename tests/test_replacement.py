@@ -235,3 +235,24 @@ def test_evaluate_reads_exactly_n_sequences(tiny_gpt2):
     config = EvalConfig(n_sequences=3, batch_size=2)
     metrics = evaluate(tiny_gpt2, clt, corpus="shakespeare", seq_len=16, config=config, progress=False)
     assert metrics.n_tokens == 3 * (16 - 2)
+
+
+@pytest.mark.parametrize("layer_offset", [0, 1])
+def test_run_records_the_features_and_both_mlp_outputs(tiny_gpt2, layer_offset):
+    clt = clt_for(tiny_gpt2, layer_offset=layer_offset)
+    replacement = ReplacementModel(tiny_gpt2, clt)
+    ids = random_ids(tiny_gpt2, 2, 7, seed=3)
+    run = replacement.run(ids)
+    L = clt.n_layers
+    assert run.features.shape == (2, 7, L, clt.d_features) and run.mlp_out.shape == (2, 7, L, clt.d_model)
+    assert torch.allclose(run.logits, replacement.logits(ids), atol=ATOL)  # the same replacement pass
+    # The first covered layer sees the original residual stream: its MLP output and features are the original's.
+    resid, mlp = hooked_sites(tiny_gpt2, ids, replacement.layers)
+    assert torch.allclose(run.mlp_out[:, :, 0], mlp[:, :, 0], atol=ATOL)
+    assert torch.allclose(run.features[:, :, 0], clt.encode_layer(resid[:, :, 0], 0), atol=ATOL)
+    # What the CLT wrote at every layer is its decoding of the features the run computed.
+    for layer in range(L):
+        assert torch.allclose(
+            run.reconstruction[:, :, layer], clt.decode_layer(run.features, layer), atol=ATOL
+        )
+    assert not torch.allclose(run.mlp_out[:, 1:, -1], mlp[:, 1:, -1], atol=ATOL)  # later layers drift
