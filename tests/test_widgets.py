@@ -144,7 +144,7 @@ def test_comparison_shows_both_models_at_the_last_position(comparison, tiny_gpt2
     rows = re.findall(r"<tr>(.*?)</tr>", comparison.top_tokens.value)[1:]
     assert len(rows) == 5
     top_o, top_r = log_o.argmax().item(), log_r.argmax().item()
-    cells = re.findall(r"<td>(.*?)</td>", rows[0])
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", rows[0])
     assert tiny_gpt2.tokenizer.decode([top_o]) in cells[0] and tiny_gpt2.tokenizer.decode([top_r]) in cells[2]
     assert float(cells[1]) == pytest.approx(log_o.exp().max().item(), rel=1e-2)
     assert list(comparison.figure.data[0].x) == [0, 1, 2, 3] and len(comparison.figure.data[1].y) == 4

@@ -29,15 +29,16 @@ def shaded_tokens(
             f'<span class="{classes}" title="{value:.3f}" data-activation="{value:.4g}" '
             f'style="background-color:rgba({SHADE},{alpha:.2f});{outline}">{html.escape(text)}</span>'
         )
-    return f'<div style="font-family:monospace;white-space:pre;line-height:1.7">{"".join(spans)}</div>'
+    return f'<div style="font-family:monospace;white-space:pre-wrap;line-height:1.7">{"".join(spans)}</div>'
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, css_class: str = "") -> str:
     """A small HTML table; cells are escaped unless they are already ``Markup``."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    cell = '<td style="white-space:nowrap;padding:0 8px">'
     body = "".join(
         "<tr>"
-        + "".join(f"<td>{c if isinstance(c, Markup) else html.escape(str(c))}</td>" for c in row)
+        + "".join(f"{cell}{c if isinstance(c, Markup) else html.escape(str(c))}</td>" for c in row)
         + "</tr>"
         for row in rows
     )
