@@ -1,0 +1,89 @@
+"""features/encode: feature-statistics tokens/s ÷ CLT encode-only tokens/s, same buffer, side by side.
+
+Both passes read the same buffer blocks and encode every layer with ``encode_layer`` (the least any pass over the
+features must do); the statistics pass adds the frequencies, maxima, means, activation histograms and top-k
+rows. The CLT has the default profile's shape on the chosen model, with random weights whose thresholds are set so
+that a ``--density`` fraction of features fire (trained CLTs are sparse; the cost of the histograms and top-k
+grows with the density). Each pass runs ``--repeats`` times, alternating; the best time of each counts.
+Usage: python benchmarks/features.py [--model smollm2-135m] [--tokens 8192] [--d-features 256] [--density 0.05]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import cltlab
+
+
+@torch.no_grad()
+def encode_only(clt: cltlab.CrossLayerTranscoder, buffer: cltlab.DiscBuffer, block_size: int) -> None:
+    for start in range(0, buffer.n_tokens, block_size):
+        resid = buffer.read(start, min(start + block_size, buffer.n_tokens)).resid_mid
+        for layer in range(clt.n_layers):
+            clt.encode_layer(resid[:, layer].float(), layer)
+
+
+@torch.no_grad()
+def random_clt(buffer: cltlab.DiscBuffer, d_features: int, density: float) -> cltlab.CrossLayerTranscoder:
+    """Random weights, the buffer's normalization, thresholds at each feature's (1 - density) quantile."""
+    torch.manual_seed(0)
+    config = cltlab.CLTConfig(
+        n_layers=buffer.n_layers,
+        d_model=buffer.d_model,
+        d_features=d_features,
+        layer_offset=buffer.layer_start,
+    )
+    clt = cltlab.CrossLayerTranscoder(config)
+    clt.set_normalization(*buffer.stats)
+    x = buffer.read(0, min(2048, buffer.n_tokens)).resid_mid.float()  # (rows, n_layers, d_model)
+    pre = clt.preactivations(x)  # (rows, n_layers, d_features)
+    clt.activation.log_threshold.copy_(pre.quantile(1 - density, dim=0).clamp_min(1e-3).log())
+    return clt.eval()
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--d-features", type=int, default=256)
+    parser.add_argument("--density", type=float, default=0.05, help="fraction of features active per token")
+    parser.add_argument("--block-size", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    config = cltlab.HarvestConfig(
+        model=args.model, n_tokens=args.tokens, seq_len=128, batch_size=16, model_dtype="bfloat16"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        cltlab.harvest(config, Path(tmp) / "activations", progress=False)
+        buffer = cltlab.DiscBuffer(Path(tmp) / "activations")
+        clt = random_clt(buffer, args.d_features, args.density)
+        n = buffer.n_tokens
+
+        def stats():
+            return cltlab.feature_statistics(clt, buffer, block_size=args.block_size, progress=False)
+
+        encode_s = stats_s = float("inf")
+        for _ in range(args.repeats):  # alternate, so both see the same machine
+            encode_s = min(encode_s, timed(lambda: encode_only(clt, buffer, args.block_size)))
+            stats_s = min(stats_s, timed(stats))
+        active = stats().frequency.mean().item()
+    print(
+        f"{args.model}: {n:,} tokens × {clt.n_layers} layers × {clt.d_features} features ({active:.1%} active): "
+        f"encode-only {n / encode_s:,.0f} tok/s, feature statistics {n / stats_s:,.0f} tok/s"
+    )
+    print(f"features/encode = {encode_s / stats_s:.2f}")
+
+
+if __name__ == "__main__":
+    main()
