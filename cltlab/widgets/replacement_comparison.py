@@ -147,4 +147,4 @@ def _figure() -> go.FigureWidget:
         margin=dict(t=50, b=40, l=50, r=20),
         legend=dict(orientation="h", y=-0.25),
     )
-    return go.FigureWidget(fig, layout=dict(width=520))
+    return go.FigureWidget(fig, layout=dict(width=460))
