@@ -43,15 +43,23 @@ def main() -> None:
     args = parser.parse_args()
     for name in args.models:
         config = cltlab.HarvestConfig(
-            model=name, n_tokens=args.tokens, seq_len=128, batch_size=16, model_dtype=args.dtype
+            model=name,
+            n_tokens=args.tokens,
+            seq_len=128,
+            batch_size=16,
+            model_dtype=args.dtype,
+            dtype="bfloat16" if args.dtype == "bfloat16" else "float16",
         )
         model = cltlab.load_model(name, dtype=args.dtype)
         forward_tokens_per_second(model, config)  # warm-up
-        forward = forward_tokens_per_second(model, config)
-        with tempfile.TemporaryDirectory() as tmp:
-            result = cltlab.harvest(config, Path(tmp) / "bench.h5", model=model, progress=False)
-        print(f"{name}: forward {forward:,.0f} tok/s, harvest {result.tokens_per_second:,.0f} tok/s")
-        print(f"harvest/forward = {result.tokens_per_second / forward:.2f}")
+        forward, harvested = 0.0, 0.0
+        for _ in range(2):  # interleaved, best of two each: robust to a neighbour's load
+            forward = max(forward, forward_tokens_per_second(model, config))
+            with tempfile.TemporaryDirectory() as tmp:
+                result = cltlab.harvest(config, Path(tmp) / "bench", model=model, progress=False)
+            harvested = max(harvested, result.tokens_per_second)
+        print(f"{name}: forward {forward:,.0f} tok/s, harvest {harvested:,.0f} tok/s ({args.dtype} model)")
+        print(f"harvest/forward = {harvested / forward:.2f}")
 
 
 if __name__ == "__main__":

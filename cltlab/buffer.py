@@ -1,25 +1,22 @@
-"""DiscBuffer: harvested activations in one HDF5 file, read back as shuffled training batches.
+"""DiscBuffer: a harvest folder (see ``store.py``) read back as shuffled training batches at block-read speed.
 
-File layout (format ``cltlab.activations``, version 1)::
+HDF5 reads whole contiguous blocks at page-cache speed and random row gathers at a hundredth of it, so nothing
+here gathers rows. The activation datasets are contiguous, so a block is one byte range of its shard: batches
+are read with one positional ``preadv`` per block and site straight into the batch array (h5py's per-call
+overhead would otherwise cost about half the bandwidth). Rows were shuffled at harvest time within each forward batch (a sequence's tokens are
+scattered over the blocks of its window); an epoch visits the blocks of every shard in a random order, and
+each batch is a run of whole blocks read straight into one preallocated array.
 
-    resid_mid  (n_tokens, n_layers, d_model)  float16/bfloat16-as-uint16/float32, chunked by rows
-    mlp_out    (n_tokens, n_layers, d_model)  same
-    tokens     (n_tokens,)      int32  token id of each row
-    sequence   (n_tokens,)      int64  index of the row's sequence in ``sequences``
-    position   (n_tokens,)      int32  the row's position in that sequence (0 is BOS, never stored)
-    sequences  (n_sequences, seq_len) int32  every harvested sequence, BOS included, for feature contexts
-    stats/     input_mean (n_layers, d_model), input_scale (n_layers, 1), output_mean, output_scale  float32
-    attrs      format, format_version, model, corpus, split, layer_start, layer_stop, d_model, dtype, seq_len,
-               tokenizer, bos_token_id, n_written, complete
-
-Rows are shuffled at harvest time within each forward batch, so a contiguous block of rows already mixes many
-sequences and positions. Reading takes whole contiguous blocks in random order and shuffles each block in
-memory: random row gathers (``ds[sorted_random_indices]``) read HDF5 at a hundredth of block speed.
+Batches are items of a map-style Dataset (``DataLoader(buffer, batch_size=None, shuffle=True)``), so DataLoader
+workers (each opens its own HDF5 handles), prefetching and samplers all apply. ``rank``/``world_size`` split the
+batches between distributed ranks: disjoint parts of equal count that together cover every token once.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,9 +24,7 @@ import h5py
 import numpy as np
 import torch
 
-FORMAT = "cltlab.activations"
-FORMAT_VERSION = 1
-STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}  # bf16 bits as uint16
+from .store import SITES, STORAGE_DTYPES, open_shard, read_manifest
 
 
 class ActivationBatch(NamedTuple):
@@ -65,110 +60,211 @@ class NormStats(NamedTuple):
 
 def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
     """Storage array → tensor of the stored dtype (bfloat16 is kept as its uint16 bits on disk)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    tensor = torch.from_numpy(array)
     return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
 
 
-def to_storage(tensor: torch.Tensor, dtype: str) -> np.ndarray:
-    """Tensor → numpy array in the storage dtype."""
+def to_storage(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Tensor → tensor whose numpy view has the storage dtype."""
     if dtype == "bfloat16":
-        return tensor.to(torch.bfloat16).view(torch.uint16).cpu().numpy()
-    return tensor.to(getattr(torch, dtype)).cpu().numpy()
+        return tensor.to(torch.bfloat16).view(torch.uint16)
+    return tensor.to(getattr(torch, dtype))
 
 
 class DiscBuffer(torch.utils.data.Dataset):
-    """Shuffled batches of harvested activations from an HDF5 file written by ``cltlab.harvest``.
-
-    Item ``i`` is a whole batch (use ``DataLoader(buffer, batch_size=None, shuffle=True)``): the rows of one
-    contiguous block, shuffled in memory. Each DataLoader worker opens its own h5py handle.
+    """Shuffled batches of harvested activations.
 
     Attributes:
-        path: the HDF5 file.
-        batch_size: rows per batch (the last partial block is dropped).
-        info: the file's provenance attributes.
+        path: the harvest folder.
+        batch_size: rows per batch (batches differ by at most one row when the rows do not divide evenly).
+        info: the manifest (provenance: model, corpus, sites, layers, tokenizer, dtype, format version, shards).
         n_tokens, n_layers, d_model, layer_start: shape of the stored activations.
+        block_rows: rows per block read (about 1 MiB per site, dividing ``batch_size``).
     """
 
-    def __init__(self, path: str | Path, *, batch_size: int = 1024, seed: int = 0):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        batch_size: int = 1024,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        block_rows: int | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), not {rank}.")
         self.path = Path(path)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.info = read_info(self.path)
+        self.info = read_manifest(self.path)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.n_tokens = int(self.info["n_written"])
         self.layer_start = int(self.info["layer_start"])
         self.n_layers = int(self.info["layer_stop"]) - self.layer_start
         self.d_model = int(self.info["d_model"])
-        if self.n_tokens < batch_size:
+        self.dtype = self.info["dtype"]
+        if self.n_tokens < batch_size * world_size:
             raise ValueError(
-                f"{self.path} holds {self.n_tokens} tokens, fewer than one batch of {batch_size}."
+                f"{self.path} holds {self.n_tokens} tokens, fewer than one batch of {batch_size} per rank."
             )
-        self._file: h5py.File | None = None
+        self._shard_rows = np.array([s["n_rows"] for s in self.info["shards"]])
+        self._shard_start = np.concatenate(
+            [[0], np.cumsum(self._shard_rows)]
+        )  # global row of each shard's row 0
+        row_bytes = self.n_layers * self.d_model * np.dtype(STORAGE_DTYPES[self.dtype]).itemsize
+        self.block_rows = block_rows or _block_rows(batch_size, row_bytes)
+        self._batches = self._plan()
+        self._files: dict[int, h5py.File] = {}
+        self._raws: dict[int, _RawShard] = {}
+        self._pid = os.getpid()
+        for shard, entry in enumerate(self.info["shards"]):  # find a damaged shard now, not in a worker later
+            f = self._file(shard)
+            if int(f["progress"][0]) != entry["n_rows"] or int(f.attrs["n_rows"]) != entry["n_rows"]:
+                raise ValueError(
+                    f"{f.filename} holds {int(f['progress'][0])} rows but {self.path / 'manifest.json'} lists "
+                    f"{entry['n_rows']}: the harvest folder is inconsistent; harvest it again."
+                )
+        self.close()  # workers and other processes open their own handles
 
-    # h5py handles do not survive fork or pickling: every process opens its own on first use.
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_file"] = None
-        return state
+    # ------------------------------------------------------------------------------------------ the plan
 
-    @property
-    def file(self) -> h5py.File:
-        if self._file is None:
-            self._file = h5py.File(self.path, "r")
-        return self._file
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+    def _plan(self) -> list[list[tuple[int, int, int]]]:
+        """Every batch of this rank as a list of ``(shard, start, stop)`` row ranges."""
+        blocks = [
+            (shard, start, min(start + self.block_rows, int(rows)))
+            for shard, rows in enumerate(self._shard_rows)
+            for start in range(0, int(rows), self.block_rows)
+        ]
+        order = np.random.default_rng(self.seed).permutation(len(blocks))
+        stream = [blocks[i] for i in order]
+        # Cut the block stream into n batches (a multiple of world_size), sizes within one row of each other.
+        n = math.ceil(self.n_tokens / self.batch_size / self.world_size) * self.world_size
+        bounds = [round(j * self.n_tokens / n) for j in range(n + 1)]
+        batches, current, taken, block, offset = [], [], 0, 0, 0
+        for j in range(n):
+            while taken < bounds[j + 1]:
+                shard, start, stop = stream[block]
+                take = min(stop - start - offset, bounds[j + 1] - taken)
+                current.append((shard, start + offset, start + offset + take))
+                taken += take
+                offset += take
+                if start + offset == stop:
+                    block, offset = block + 1, 0
+            batches.append(current)
+            current = []
+        return batches[self.rank :: self.world_size]
 
     def __len__(self) -> int:
-        return self.n_tokens // self.batch_size
+        return len(self._batches)
 
     def __getitem__(self, index: int) -> ActivationBatch:
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range for {len(self)} batches")
-        start = index * self.batch_size
-        resid, mlp = self.read(start, start + self.batch_size)
-        order = torch.randperm(
-            self.batch_size, generator=torch.Generator().manual_seed(self.seed * 100_003 + index)
-        )
-        return ActivationBatch(resid[order], mlp[order])
+        segments = self._batches[index]
+        rows = sum(stop - start for _, start, stop in segments)
+        shape = (rows, self.n_layers, self.d_model)
+        out = [np.empty(shape, STORAGE_DTYPES[self.dtype]) for _ in SITES]
+        at = 0
+        for shard, start, stop in segments:
+            raw = self._raw(shard)
+            for s, array in enumerate(out):
+                # One positional read per block and site, straight into the batch: the datasets are contiguous
+                # (see store.py), so a block of rows is one byte range of the shard file.
+                _read_into(raw.fd, array[at : at + stop - start], raw.offsets[s] + start * raw.row_bytes)
+            at += stop - start
+        return ActivationBatch(*(to_torch(a, self.dtype) for a in out))
+
+    # ------------------------------------------------------------------------------------------ file access
+
+    def _file(self, shard: int) -> h5py.File:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: never use the parent's handles
+            self._files, self._raws, self._pid = {}, {}, os.getpid()
+        if shard not in self._files:
+            self._files[shard] = open_shard(self.path / self.info["shards"][shard]["file"])
+        return self._files[shard]
+
+    def _raw(self, shard: int) -> _RawShard:
+        if os.getpid() != self._pid:
+            self._files, self._raws, self._pid = {}, {}, os.getpid()
+        if shard not in self._raws:
+            f = self._file(shard)
+            offsets = [f[site].id.get_offset() for site in SITES]
+            if None in offsets:
+                raise ValueError(f"{f.filename} stores its activations non-contiguously; harvest it again.")
+            fd = os.open(f.filename, os.O_RDONLY)
+            self._raws[shard] = _RawShard(
+                fd, offsets, self.n_layers * self.d_model * f[SITES[0]].dtype.itemsize
+            )
+        return self._raws[shard]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_files"], state["_raws"] = {}, {}
+        return state
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        for raw in self._raws.values():
+            os.close(raw.fd)
+        self._files, self._raws = {}, {}
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            self.close()
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        if not 0 <= row < self.n_tokens:
+            raise IndexError(f"row {row} out of range for {self.n_tokens} rows")
+        shard = int(np.searchsorted(self._shard_start, row, side="right")) - 1
+        return shard, row - int(self._shard_start[shard])
+
+    def _gather(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Dataset ``name`` for global rows ``[start, stop)``, across shards."""
+        parts = []
+        for shard, rows in enumerate(self._shard_rows):
+            lo, hi = max(start, self._shard_start[shard]), min(stop, self._shard_start[shard] + rows)
+            if lo < hi:
+                base = self._shard_start[shard]
+                parts.append(self._file(shard)[name][lo - base : hi - base])
+        return np.concatenate(parts) if parts else np.empty((0,))
 
     def read(self, start: int, stop: int) -> ActivationBatch:
         """Rows ``[start, stop)`` in file order, in the storage dtype."""
-        dtype = self.info["dtype"]
-        return ActivationBatch(
-            to_torch(self.file["resid_mid"][start:stop], dtype),
-            to_torch(self.file["mlp_out"][start:stop], dtype),
-        )
-
-    @property
-    def stats(self) -> NormStats:
-        group = self.file["stats"]
-        return NormStats(*(torch.from_numpy(group[name][()]) for name in NormStats._fields))
+        return ActivationBatch(*(to_torch(self._gather(site, start, stop), self.dtype) for site in SITES))
 
     def token_info(
         self, start: int = 0, stop: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(tokens, sequence, position)`` arrays for rows ``[start, stop)``."""
         stop = self.n_tokens if stop is None else stop
-        return (
-            self.file["tokens"][start:stop],
-            self.file["sequence"][start:stop],
-            self.file["position"][start:stop],
-        )
+        return tuple(self._gather(name, start, stop) for name in ("tokens", "sequence", "position"))
 
     @property
     def sequences(self) -> np.ndarray:
-        """``(n_sequences, seq_len)`` token ids of every harvested sequence."""
-        return self.file["sequences"][()]
+        """``(n_sequences, seq_len)`` token ids of every harvested sequence, in global sequence order."""
+        return np.concatenate([self._file(i)["sequences"][()] for i in range(len(self._shard_rows))])
 
     def context(self, row: int, *, before: int = 8, after: int = 4) -> TokenContext:
         """The tokens around row ``row`` in its sequence (BOS excluded), for showing where a feature fires."""
-        seq, pos = int(self.file["sequence"][row]), int(self.file["position"][row])
-        ids = self.file["sequences"][seq]
+        shard, local = self._locate(row)
+        f = self._file(shard)
+        seq = int(f["sequence"][local]) - int(f.attrs["first_sequence"])
+        pos = int(f["position"][local])
         start = max(1, pos - before)
-        return TokenContext(ids[start : pos + 1 + after].tolist(), pos - start)
+        return TokenContext(f["sequences"][seq, start : pos + 1 + after].tolist(), pos - start)
+
+    @property
+    def stats(self) -> NormStats:
+        """Mean and RMS scale per layer of both sites, over every stored row."""
+        total = sum(self._file(i)["stats_sum"][()] for i in range(len(self._shard_rows)))  # (2, L, d)
+        squares = sum(self._file(i)["stats_sq"][()] for i in range(len(self._shard_rows)))  # (2, L)
+        mean = total / self.n_tokens
+        variance = (squares / self.n_tokens - (mean**2).sum(-1)) / self.d_model
+        scale = np.sqrt(np.maximum(variance, 1e-24))[..., None]
+        f32 = lambda a: torch.from_numpy(a.astype(np.float32))  # noqa: E731
+        return NormStats(f32(mean[0]), f32(scale[0]), f32(mean[1]), f32(scale[1]))
+
+    # ------------------------------------------------------------------------------------------ checks
 
     def check_compatible(self, n_layers: int, d_model: int, *, what: str = "the CLT") -> None:
         """Raise a clear error when this buffer cannot feed a model of ``n_layers`` × ``d_model``."""
@@ -181,44 +277,40 @@ class DiscBuffer(torch.utils.data.Dataset):
     def summary(self) -> str:
         """One line of provenance."""
         i = self.info
-        size = self.path.stat().st_size / 2**30
+        size = sum((self.path / s["file"]).stat().st_size for s in i["shards"]) / 2**30
         return (
-            f"DiscBuffer {self.path.name}: {self.n_tokens:,} tokens × layers {self.layer_start}–"
-            f"{self.layer_start + self.n_layers - 1} × d_model {self.d_model} ({i['dtype']}, {size:.2f} GiB) "
-            f"of {i['model']} on {i['corpus']}/{i['split']}, seq_len {i['seq_len']}, format v{i['format_version']}"
+            f"DiscBuffer {self.path.name}: {self.n_tokens:,} tokens of {' → '.join(json.loads(i['sites']))} × layers {self.layer_start}–"
+            f"{self.layer_start + self.n_layers - 1} × d_model {self.d_model} ({self.dtype}, {size:.2f} GiB in "
+            f"{len(i['shards'])} shards) of {i['model']} on {i['corpus']}/{i['split']}, seq_len {i['seq_len']}, "
+            f"tokenizer {i['tokenizer']}, format v{i['format_version']}"
         )
 
     def __repr__(self) -> str:
         return self.summary()
 
 
-def read_info(path: str | Path, *, require_complete: bool = True) -> dict:
-    """Validate an activation file and return its attributes; every failure is one clear error."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"No activation buffer at {path}: harvest one first (notebook 01_harvest or `cltlab harvest`)."
-        )
-    try:
-        with h5py.File(path, "r") as f:
-            info = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
-            datasets = set(f.keys())
-    except OSError as err:
-        raise ValueError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {err}") from None
-    if info.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a cltlab activation buffer (format {info.get('format')!r}).")
-    if info.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has buffer format version {info.get('format_version')}; this cltlab reads version "
-            f"{FORMAT_VERSION}. Harvest it again with this version."
-        )
-    missing = {"resid_mid", "mlp_out", "tokens", "stats"} - datasets
-    if missing:
-        raise ValueError(f"{path} lacks {sorted(missing)}: the file is damaged; harvest it again.")
-    if require_complete and not info.get("complete"):
-        raise ValueError(
-            f"{path} is an unfinished harvest ({info.get('n_written', 0)} of {info.get('n_tokens')} tokens); "
-            "run the same harvest again to finish it."
-        )
-    info["config"] = json.loads(info.get("config", "{}"))
-    return info
+class _RawShard(NamedTuple):
+    fd: int
+    """An OS file descriptor of the shard, opened by this process."""
+    offsets: list[int]
+    """Byte offset in the file of each site's contiguous dataset."""
+    row_bytes: int
+    """Bytes of one row of one site."""
+
+
+def _read_into(fd: int, array: np.ndarray, offset: int) -> None:
+    """Fill ``array`` (C-contiguous) from ``fd`` at ``offset`` with positional reads (safe across threads)."""
+    view = memoryview(array).cast("B")
+    while view.nbytes:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            raise ValueError(f"Unexpected end of file at byte {offset}: the shard is truncated.")
+        view, offset = view[n:], offset + n
+
+
+def _block_rows(batch_size: int, row_bytes: int, target: int = 2**20) -> int:
+    """The largest divisor of ``batch_size`` whose block stays within ``target`` bytes per site (at least 1)."""
+    for rows in range(batch_size, 0, -1):
+        if batch_size % rows == 0 and rows * row_bytes <= target:
+            return rows
+    return 1

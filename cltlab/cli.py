@@ -85,12 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("harvest", help="Harvest resid_mid/mlp_out activations into an HDF5 DiscBuffer.")
     common(p)
-    p.add_argument("--out", help="HDF5 file to write (default: <run-dir>/activations.h5).")
+    p.add_argument("--out", help="Harvest folder to write (default: <run-dir>/activations).")
+    p.add_argument(
+        "--job", default="0/1", metavar="I/N",
+        help="Write only shards I, I+N, I+2N, ... so N jobs (e.g. a SLURM array) fill one folder together.",
+    )  # fmt: skip
     add_config_options(p, HarvestConfig, "harvest options")
 
     p = sub.add_parser("train", help="Train a CLT (or per-layer transcoder) on a harvested buffer.")
     common(p)
-    p.add_argument("--buffer", help="HDF5 buffer to train on (default: <run-dir>/activations.h5).")
+    p.add_argument("--buffer", help="Harvest folder to train on (default: <run-dir>/activations).")
     p.add_argument("--resume", action="store_true", help="Continue from <run-dir>/checkpoints/last.ckpt.")
     add_config_options(p, TrainConfig, "training options")
 
@@ -121,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         from .harvest import harvest
 
         config = apply_options(profile.harvest, args)
-        result = harvest(config, args.out or paths.buffer)
-        print(f"harvested {result.n_tokens} tokens into {result.path} ({result.tokens_per_second:.0f} tok/s)")
+        job = tuple(int(v) for v in args.job.split("/"))
+        result = harvest(config, args.out or paths.buffer, job=job)
+        state = "complete" if result.complete else "waiting for the other jobs' shards"
+        print(f"{result.n_tokens} tokens in {result.path} ({state}; {result.seconds:.0f} s)")
     elif args.command == "train":
         from .train import train
 

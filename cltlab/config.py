@@ -32,6 +32,8 @@ class HarvestConfig:
     """Storage dtype of the activations: ``float16`` or ``bfloat16``."""
     model_dtype: str = "float32"
     """Dtype the language model runs in while harvesting."""
+    shard_tokens: int | None = None
+    """Rows per HDF5 shard (rounded down to whole forward batches); None: about 2 GiB per shard."""
     split: str = "train"
     """Corpus split: ``train`` or ``eval`` (every tenth document is held out for evaluation)."""
 
@@ -163,7 +165,12 @@ PROFILES: dict[str, Profile] = {
     "default": Profile(
         name="default",
         harvest=HarvestConfig(
-            model="smollm2-135m", n_tokens=60_000, seq_len=128, batch_size=16, model_dtype="bfloat16"
+            model="smollm2-135m",
+            n_tokens=60_000,
+            seq_len=128,
+            batch_size=16,
+            model_dtype="bfloat16",
+            dtype="bfloat16",
         ),
         train=TrainConfig(
             d_features=256,
@@ -174,6 +181,7 @@ PROFILES: dict[str, Profile] = {
             precision="bf16-mixed",
             log_every=10,
             checkpoint_every=200,
+            num_workers=1,  # one worker process reads and prefetches batches while the CLT trains
         ),
         eval=EvalConfig(n_sequences=32, batch_size=8),
     ),

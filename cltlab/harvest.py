@@ -1,17 +1,30 @@
-"""Harvest ``resid_mid`` and ``mlp_out`` of a range of layers with nnsight into a DiscBuffer file.
+"""Harvest ``resid_mid`` and ``mlp_out`` of a range of layers with nnsight into a DiscBuffer folder.
 
-The trace stops right after the last needed MLP, so the rest of the model and the LM head never run.
+The trace stops right after the last needed MLP, so the rest of the model and the LM head never run. The
+activations stay in the storage dtype from the device on; a background thread shuffles and writes them (and on
+a GPU the device→host copy runs on a side stream), so the model does not wait on the disk.
+
 BOS positions are not stored (their activations are outliers a transcoder should not spend features on; the
 replacement model passes them through unchanged). Rows are shuffled within each forward batch before writing.
+
+The harvest is resumable: progress is recorded in each shard (see ``store.py``), so a harvest killed at any
+moment and started again with the same arguments continues where it stopped and ends with exactly the rows an
+uninterrupted run writes. Different arguments are refused. A large harvest can be split into jobs
+(``job=(i, n)`` writes every n-th shard), each adding its shards to the same folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import functools
 import json
 import logging
+import math
+import os
+import queue
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,10 +34,22 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .buffer import FORMAT, FORMAT_VERSION, STORAGE_DTYPES, read_info, to_storage
+from .buffer import to_storage, to_torch
 from .config import HarvestConfig
 from .corpus import token_sequences
 from .models import LoadedModel, load_model
+from .store import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    SITES,
+    STORAGE_DTYPES,
+    create_shard,
+    mismatches,
+    open_shard,
+    shard_name,
+    write_manifest,
+)
 
 log = logging.getLogger("cltlab")
 
@@ -66,13 +91,15 @@ class HarvestResult(NamedTuple):
     """What ``harvest`` did."""
 
     path: Path
-    """The finished HDF5 file."""
+    """The harvest folder."""
     n_tokens: int
-    """Rows stored."""
+    """Rows stored in the folder so far (all of them once the harvest is complete)."""
     seconds: float
-    """Wall time of this call (0 when an identical finished file was reused)."""
+    """Wall time of this call (0 when an identical finished harvest was reused)."""
     reused: bool
-    """True when a finished file with the same arguments was already there."""
+    """True when a finished harvest with the same arguments was already there."""
+    complete: bool
+    """True when every shard of the harvest is written (False while other jobs still have shards to write)."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -80,23 +107,180 @@ class HarvestResult(NamedTuple):
 
 
 def _provenance(config: HarvestConfig, model: LoadedModel, layer_start: int, layer_stop: int) -> dict:
+    rows_per_batch = config.batch_size * (config.seq_len - 1)
+    row_bytes = (
+        2 * (layer_stop - layer_start) * model.d_model * np.dtype(STORAGE_DTYPES[config.dtype]).itemsize
+    )
+    shard_tokens = config.shard_tokens or max(rows_per_batch, 2**31 // row_bytes)  # ~2 GiB shards by default
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": config.model,
         "corpus": config.corpus,
         "split": config.split,
+        "sites": json.dumps(list(SITES)),
         "layer_start": layer_start,
         "layer_stop": layer_stop,
         "d_model": model.d_model,
         "dtype": config.dtype,
+        "model_dtype": config.model_dtype,
         "seq_len": config.seq_len,
+        "batch_size": config.batch_size,
         "n_tokens": config.n_tokens,
+        "shard_batches": max(1, shard_tokens // rows_per_batch),
         "tokenizer": f"{type(model.tokenizer).__name__}(vocab={len(model.tokenizer)})",
         "bos_token_id": model.bos_token_id,
         "config": json.dumps(dataclasses.asdict(config)),
         "cltlab_version": __version__,
     }
+
+
+class _Writer:
+    """Runs write jobs in order on a daemon thread; an error there is raised in the harvesting thread."""
+
+    def __init__(self, depth: int = 2):
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="cltlab-harvest-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if self._error is None:  # after an error, keep draining so the producer never blocks
+                try:
+                    job()
+                except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+                    self._error = err
+
+    def put(self, job: Callable[[], None]) -> None:
+        self.raise_error()
+        self._queue.put(job)
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"The harvest writer failed: {self._error}") from self._error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self.raise_error()
+
+
+class _Shard:
+    """One shard being written: its file, the row it has reached, and running statistics.
+
+    The statistics live in memory while the shard is written and go to the file when it is finished; a resumed
+    shard recomputes them from its stored rows, batch by batch in the same arithmetic, so they come out
+    bit-identical to an uninterrupted run's whatever moment the harvest was killed at.
+    """
+
+    def __init__(self, f: h5py.File, partial: Path, final: Path, rows_per_batch: int):
+        self.f, self.partial, self.final = f, partial, final
+        self.rows, self.batches = (int(v) for v in f["progress"][()])
+        self.sums, self.squares = np.zeros(f["stats_sum"].shape), np.zeros(f["stats_sq"].shape)
+        dtype = f.attrs["dtype"]
+        for start in range(0, self.rows, rows_per_batch):
+            for s, site in enumerate(SITES):
+                self._add_stats(s, to_torch(f[site][start : min(start + rows_per_batch, self.rows)], dtype))
+
+    def _add_stats(self, site: int, x: torch.Tensor) -> None:
+        # float32 within a batch (no float copy of the batch is made), float64 across batches.
+        self.sums[site] += x.sum(0, dtype=torch.float32).double().numpy()
+        norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)  # (rows, n_layers)
+        self.squares[site] += norms.square().sum(0, dtype=torch.float64).numpy()
+
+    def write(self, batch: int, ids: torch.Tensor, acts: tuple[torch.Tensor, ...], take: int, ready) -> None:
+        """Shuffle batch ``batch`` (global index) within itself and write its first ``take`` rows."""
+        if ready is not None:
+            ready.synchronize()  # the device→host copy
+        B, T = ids.shape
+        # Rows (sequence b, position p >= 1) of the batch, in a seeded random order: (take,) indices into B·T.
+        order = torch.randperm(B * (T - 1), generator=torch.Generator().manual_seed(batch))[:take]
+        index = (order // (T - 1)) * T + 1 + order % (T - 1)
+        rows = np.s_[self.rows : self.rows + take]
+        for s, (site, x) in enumerate(zip(SITES, acts, strict=True)):
+            x = x.reshape(B * T, *x.shape[2:])[index]  # (take, n_layers, d_model), one gather
+            self.f[site].write_direct(x.numpy(), dest_sel=rows)
+            self._add_stats(s, x.view(torch.bfloat16) if x.dtype == torch.uint16 else x)
+        self.f["tokens"].write_direct(ids.reshape(-1)[index].to(torch.int32).numpy(), dest_sel=rows)
+        self.f["sequence"].write_direct((batch * B + index // T).numpy(), dest_sel=rows)
+        self.f["position"].write_direct((index % T).to(torch.int32).numpy(), dest_sel=rows)
+        first = (batch - int(self.f.attrs["first_batch"])) * B
+        self.f["sequences"].write_direct(ids.to(torch.int32).numpy(), dest_sel=np.s_[first : first + B])
+        self.f.flush()  # the rows first, then the progress that vouches for them
+        self.rows, self.batches = self.rows + take, self.batches + 1
+        self.f["progress"][...] = (self.rows, self.batches)
+        self.f.flush()
+
+    def finish(self) -> None:
+        self.f["stats_sum"][...] = self.sums
+        self.f["stats_sq"][...] = self.squares
+        self.f.close()
+        os.replace(self.partial, self.final)
+
+
+def _open_shard_for_writing(
+    directory: Path, provenance: dict, index: int, n_rows: int, n_batches: int
+) -> _Shard:
+    rows_per_batch = provenance["batch_size"] * (provenance["seq_len"] - 1)
+    final = directory / shard_name(index)
+    partial = final.with_name(final.name + ".partial")
+    first_batch = index * provenance["shard_batches"]
+    if partial.exists():
+        try:
+            shard = _Shard(open_shard(partial, "r+"), partial, final, rows_per_batch)
+            log.info("Resuming %s at row %d", partial.name, shard.rows)
+            return shard
+        except ValueError as err:  # killed before the shard's creation was flushed: start the shard again
+            log.warning("Starting %s again: %s", partial.name, err)
+            partial.unlink()
+    f = create_shard(
+        partial, provenance, index=index, first_batch=first_batch, n_rows=n_rows,
+        n_sequences=n_batches * provenance["batch_size"],
+    )  # fmt: skip
+    return _Shard(f, partial, final, rows_per_batch)
+
+
+def _check_existing(directory: Path, provenance: dict) -> dict | None:
+    """Refuse a folder holding a different harvest; return its manifest if it has one."""
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file; a harvest writes a folder. Choose another path.")
+    manifest = None
+    if (directory / MANIFEST).exists():
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{directory / MANIFEST} is not valid JSON ({err}); delete it and run the harvest again "
+                "(finished shards are kept)."
+            ) from None
+        found = [(directory / MANIFEST, mismatches(manifest, provenance))]
+    else:
+        found = []
+    for path in sorted(directory.glob("shard-*.h5*")):
+        try:
+            with h5py.File(path, "r") as f:
+                found.append((path, mismatches(dict(f.attrs), provenance)))
+        except OSError:
+            continue  # an unreadable partial shard is simply started again
+    for path, changed in found:
+        if changed:
+            raise ValueError(
+                f"{path} was harvested with different arguments ({', '.join(changed)}); "
+                "delete the folder or choose another path."
+            )
+    return manifest
+
+
+def _to_host(tensor: torch.Tensor, stream) -> torch.Tensor:
+    """Start the copy of a device tensor into pinned host memory on ``stream`` (a no-op on the CPU)."""
+    if stream is None:
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    with torch.cuda.stream(stream):
+        host.copy_(tensor, non_blocking=True)
+    tensor.record_stream(stream)
+    return host
 
 
 def harvest(
@@ -105,106 +289,75 @@ def harvest(
     *,
     model: LoadedModel | None = None,
     device: str | None = None,
+    job: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> HarvestResult:
-    """Harvest ``config.n_tokens`` rows of activations into ``path``.
+    """Harvest ``config.n_tokens`` rows of activations into the folder ``path`` (resuming if it was interrupted).
 
-    A finished file with the same arguments is reused; a file with different arguments is never overwritten.
+    ``job=(i, n)`` writes only shards i, i+n, i+2n, ... so n jobs (on one machine or many sharing a file system)
+    can harvest one folder together; each job's result says whether the folder is complete yet.
     """
     path = Path(path)
+    job_index, n_jobs = job
+    if not 0 <= job_index < n_jobs:
+        raise ValueError(f"job must be (i, n) with 0 <= i < n, not {job}.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model or load_model(config.model, dtype=config.model_dtype, device=device)
     layer_start, layer_stop = config.layers or (0, model.n_layers)
     if layer_stop > model.n_layers:
         raise ValueError(f"layers {config.layers} exceed the {model.n_layers} layers of {config.model!r}.")
-    meta = _provenance(config, model, layer_start, layer_stop)
-    if path.exists():
-        existing = read_info(path, require_complete=False)
-        same = all(existing.get(k) == v for k, v in meta.items() if k not in ("config", "cltlab_version"))
-        if not same:
-            changed = [
-                k for k, v in meta.items() if k not in ("config", "cltlab_version") and existing.get(k) != v
-            ]
-            raise ValueError(
-                f"{path} was harvested with different arguments ({', '.join(changed)}); "
-                "delete it or choose another path."
-            )
-        if existing.get("complete"):
-            log.info("Reusing finished harvest %s", path)
-            return HarvestResult(path, int(existing["n_written"]), 0.0, True)
-        path.unlink()  # an unfinished first-version file: start again
+    provenance = _provenance(config, model, layer_start, layer_stop)
+    manifest = _check_existing(path, provenance)
+    if manifest is not None and manifest.get("complete"):
+        log.info("Reusing finished harvest %s", path)
+        return HarvestResult(path, int(manifest["n_written"]), 0.0, True, True)
 
     start_time = time.perf_counter()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n, L, d, T = config.n_tokens, layer_stop - layer_start, model.d_model, config.seq_len
-    rows_per_batch = config.batch_size * (T - 1)
-    n_sequences = -(-n // rows_per_batch) * config.batch_size  # every sequence of every batch used
-    storage = STORAGE_DTYPES[config.dtype]
-    chunk_rows = int(np.clip(2**21 // (L * d * np.dtype(storage).itemsize), 1, n))  # ~2 MiB chunks
-    sums = torch.zeros(2, L, d, dtype=torch.float64)  # Σx per site
-    squares = torch.zeros(2, L, dtype=torch.float64)  # Σ‖x‖² per site
-    generator = torch.Generator().manual_seed(0)
-    batches = token_sequences(
-        config.corpus,
-        model.tokenizer,
-        seq_len=T,
-        bos_token_id=model.bos_token_id,
-        split=config.split,
-        batch_size=config.batch_size,
-    )
-    with h5py.File(path, "w") as f:
-        for key, value in meta.items():
-            f.attrs[key] = value
-        f.attrs["complete"] = False
-        f.attrs["n_written"] = 0
-        for site in ("resid_mid", "mlp_out"):
-            f.create_dataset(site, shape=(n, L, d), dtype=storage, chunks=(chunk_rows, L, d))
-        f.create_dataset("tokens", shape=(n,), dtype=np.int32)
-        f.create_dataset("sequence", shape=(n,), dtype=np.int64)
-        f.create_dataset("position", shape=(n,), dtype=np.int32)
-        f.create_dataset("sequences", shape=(n_sequences, T), dtype=np.int32)
-        written = 0
-        bar = tqdm(total=n, unit="tok", desc=f"harvest {config.model}", disable=not progress)
-        for batch_index in itertools.count():
-            if written >= n:
-                break
-            ids = next(batches, None)
-            if ids is None:
-                raise ValueError(
-                    f"Corpus {config.corpus!r} ({config.split}) ran out after {written} of {n} tokens; ask for fewer."
-                )
-            acts = trace_sites(model, ids, layer_start, layer_stop)
-            take = min(rows_per_batch, n - written)
-            order = torch.randperm(rows_per_batch, generator=generator)[:take]  # pre-shuffle within the batch
-            rows = slice(written, written + take)
-            first_seq = batch_index * config.batch_size
-            for s, site in enumerate((acts.resid_mid, acts.mlp_out)):
-                flat = site[:, 1:].reshape(rows_per_batch, L, d)[
-                    order
-                ]  # (take, n_layers, d_model), BOS dropped
-                f[SiteActivations._fields[s]][rows] = to_storage(flat, config.dtype)
-                flat64 = flat.double().cpu()
-                sums[s] += flat64.sum(0)
-                squares[s] += flat64.pow(2).sum((0, 2))
-            seq_ids = torch.arange(first_seq, first_seq + config.batch_size).repeat_interleave(T - 1)
-            positions = torch.arange(1, T).repeat(config.batch_size)
-            f["tokens"][rows] = ids[:, 1:].reshape(-1)[order].numpy()
-            f["sequence"][rows] = seq_ids[order].numpy()
-            f["position"][rows] = positions[order].numpy()
-            f["sequences"][first_seq : first_seq + config.batch_size] = ids.numpy()
-            written += take
-            f.attrs["n_written"] = written
-            bar.update(take)
+    path.mkdir(parents=True, exist_ok=True)
+    n, T, B = config.n_tokens, config.seq_len, config.batch_size
+    rows_per_batch = B * (T - 1)
+    n_batches = math.ceil(n / rows_per_batch)
+    per_shard = provenance["shard_batches"]
+    n_shards = math.ceil(n_batches / per_shard)
+    todo = [i for i in range(job_index, n_shards, n_jobs) if not (path / shard_name(i)).exists()]
+    stream = torch.cuda.Stream() if model.device.type == "cuda" else None
+    batches = enumerate(
+        token_sequences(config.corpus, model.tokenizer, seq_len=T, bos_token_id=model.bos_token_id,
+                        split=config.split, batch_size=B)
+    )  # fmt: skip
+    writer = _Writer()
+    bar = tqdm(total=0, unit="tok", desc=f"harvest {config.model}", disable=not progress)
+    written = 0
+    try:
+        for index in todo:
+            first, last = index * per_shard, min((index + 1) * per_shard, n_batches)
+            shard_rows = min(n, last * rows_per_batch) - first * rows_per_batch
+            shard = _open_shard_for_writing(path, provenance, index, shard_rows, last - first)
+            bar.total += shard_rows - shard.rows
+            bar.refresh()
+            for number in range(first + shard.batches, last):
+                batch, ids = next(batches, (None, None))
+                while batch is not None and batch < number:  # skip what earlier shards or runs already hold
+                    batch, ids = next(batches, (None, None))
+                if batch is None:
+                    raise ValueError(
+                        f"Corpus {config.corpus!r} ({config.split}) ran out before batch {number} of {n_batches}; "
+                        "ask for fewer tokens."
+                    )
+                acts = trace_sites(model, ids, layer_start, layer_stop)
+                host = [_to_host(to_storage(x, config.dtype), stream) for x in (acts.resid_mid, acts.mlp_out)]
+                ready = torch.cuda.Event() if stream is not None else None
+                if ready is not None:
+                    ready.record(stream)
+                take = min(rows_per_batch, n - number * rows_per_batch)
+                writer.put(functools.partial(shard.write, number, ids, tuple(host), take, ready))
+                written += take
+                bar.update(take)
+            writer.put(shard.finish)
+    finally:
         bar.close()
-        stats = f.create_group("stats")
-        for s, prefix in enumerate(("input", "output")):
-            mean = sums[s] / n  # (n_layers, d_model)
-            variance = (
-                squares[s] / n - mean.pow(2).sum(-1)
-            ) / d  # per-element variance, averaged over d_model
-            stats[f"{prefix}_mean"] = mean.float().numpy()
-            stats[f"{prefix}_scale"] = variance.clamp_min(1e-12).sqrt().float().reshape(L, 1).numpy()
-        f.attrs["complete"] = True
+        writer.close()
+    manifest = write_manifest(path, provenance, n_shards)
     seconds = time.perf_counter() - start_time
-    log.info("Harvested %d tokens in %.1f s into %s", n, seconds, path)
-    return HarvestResult(path, n, seconds, False)
+    log.info("Harvested %d tokens in %.1f s into %s", written, seconds, path)
+    return HarvestResult(path, int(manifest["n_written"]), seconds, False, bool(manifest["complete"]))

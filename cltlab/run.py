@@ -24,8 +24,8 @@ class RunPaths:
 
     @property
     def buffer(self) -> Path:
-        """Harvested activations (HDF5)."""
-        return self.root / "activations.h5"
+        """Harvested activations (a folder of HDF5 shards and a manifest)."""
+        return self.root / "activations"
 
     @property
     def clt(self) -> Path:

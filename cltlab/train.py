@@ -185,6 +185,7 @@ def train(
         shuffle=True,
         num_workers=config.num_workers,
         persistent_workers=config.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
     )
     trainer = make_trainer(config, run_dir, **trainer_overrides)
     last = run_dir / "checkpoints" / "last.ckpt"

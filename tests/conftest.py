@@ -12,7 +12,12 @@ import torch
 from cltlab import HarvestConfig, harvest
 from cltlab.models import ARCHITECTURES, LoadedModel, gpt2_tokenizer, load_model
 
-BUFFER_CONFIG = dict(model="tiny-gpt2", n_tokens=500, seq_len=32, batch_size=4, dtype="float32")
+# 500 rows from forward batches of 4 × 31 = 124 rows (the 5th batch stores only 4), two batches per shard:
+# three shards of 248, 248 and 4 rows.
+BUFFER_CONFIG = dict(
+    model="tiny-gpt2", n_tokens=500, seq_len=32, batch_size=4, dtype="float32", shard_tokens=248
+)
+BUFFER_SHARD_ROWS = [248, 248, 4]
 
 
 @pytest.fixture(scope="session")
@@ -48,8 +53,14 @@ def harvest_config() -> HarvestConfig:
 
 @pytest.fixture(scope="session")
 def buffer_path(tmp_path_factory, tiny_gpt2, harvest_config):
-    """A finished float32 harvest of all 4 layers of tiny-gpt2: 500 rows, sequences of 32 tokens."""
-    path = tmp_path_factory.mktemp("buffer") / "acts.h5"
+    """A finished float32 harvest folder of all 4 layers of tiny-gpt2: 500 rows in 3 shards, sequences of 32."""
+    path = tmp_path_factory.mktemp("buffer") / "acts"
     result = harvest(harvest_config, path, model=tiny_gpt2, device="cpu", progress=False)
-    assert result.path == path and result.n_tokens == 500 and not result.reused
+    assert result.path == path and result.n_tokens == 500 and not result.reused and result.complete
+    assert sorted(p.name for p in path.iterdir()) == [
+        "manifest.json",
+        "shard-00000.h5",
+        "shard-00001.h5",
+        "shard-00002.h5",
+    ]
     return path

@@ -64,8 +64,8 @@ def test_cli_harvest_train_evaluate(tmp_path, capsys):
         "1:3",
     ]
     assert main(["harvest", "--profile", "ci", "--run-dir", str(run), *small]) == 0
-    assert "harvested 62 tokens into" in capsys.readouterr().out
-    buffer = DiscBuffer(run / "activations.h5", batch_size=62)
+    assert "62 tokens in" in (out := capsys.readouterr().out) and "(complete;" in out
+    buffer = DiscBuffer(run / "activations", batch_size=62)
     assert (buffer.n_tokens, buffer.layer_start, buffer.n_layers) == (62, 1, 2)
     buffer.close()
 

@@ -1,20 +1,32 @@
-"""Harvest: what nnsight stores equals plain PyTorch hooks; provenance, reuse and refusal of existing files."""
+"""Harvest: what nnsight stores equals plain PyTorch hooks; the folder layout; reuse, refusal, jobs, and resuming
+after a SIGKILL with exactly the rows of an uninterrupted run."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
+import json
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import BUFFER_CONFIG, BUFFER_SHARD_ROWS
 from helpers import hooked_sites, random_ids
 
 from cltlab import DiscBuffer, HarvestConfig, harvest
 from cltlab.corpus import token_sequences
 from cltlab.harvest import trace_sites
 from cltlab.models import LoadedModel
+from cltlab.store import open_shard
 
 
 def harvested_sequences(model: LoadedModel, config: HarvestConfig, n_sequences: int) -> torch.Tensor:
@@ -28,78 +40,162 @@ def harvested_sequences(model: LoadedModel, config: HarvestConfig, n_sequences: 
         batch_size=config.batch_size,
     )
     n_batches = -(-n_sequences // config.batch_size)
-    return torch.cat(list(itertools.islice(batches, n_batches)))
+    return torch.cat(list(itertools.islice(batches, n_batches)))[:n_sequences]
 
 
-def test_file_layout_and_provenance(buffer_path, harvest_config, tiny_gpt2):
-    with h5py.File(buffer_path, "r") as f:
-        attrs = dict(f.attrs)
-        assert f["resid_mid"].shape == f["mlp_out"].shape == (500, 4, 64)
-        assert f["resid_mid"].dtype == np.float32
-        assert f["tokens"].shape == f["sequence"].shape == f["position"].shape == (500,)
-        assert f["sequences"].shape[1] == 32
-        assert sorted(f["stats"]) == ["input_mean", "input_scale", "output_mean", "output_scale"]
-        positions = f["position"][()]
-    assert attrs["format"] == "cltlab.activations" and attrs["format_version"] == 1
-    assert attrs["model"] == "tiny-gpt2" and attrs["corpus"] == "shakespeare" and attrs["split"] == "train"
-    assert (attrs["layer_start"], attrs["layer_stop"], attrs["d_model"]) == (0, 4, 64)
-    assert attrs["n_written"] == attrs["n_tokens"] == 500 and bool(attrs["complete"])
-    assert attrs["bos_token_id"] == tiny_gpt2.bos_token_id and attrs["seq_len"] == 32
-    # BOS (position 0) is never stored.
-    assert positions.min() == 1 and positions.max() == 31
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file of a folder, by name, with its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def plain(value):
+    return value.tolist() if isinstance(value, np.ndarray | np.generic) else value
+
+
+def differing_keys(a: dict, b: dict) -> list[str]:
+    return [key for key in sorted(set(a) | set(b)) if plain(a.get(key)) != plain(b.get(key))]
+
+
+def differences(folder: Path, reference: Path) -> list[str]:
+    """Where two harvest folders differ: file names, manifest, and every attribute and dataset of every shard."""
+    names, expected = sorted(p.name for p in folder.iterdir()), sorted(p.name for p in reference.iterdir())
+    if names != expected:
+        return [f"files {names} != {expected}"]
+    manifests = [json.loads((f / "manifest.json").read_text()) for f in (folder, reference)]
+    out = [f"manifest[{key!r}]" for key in differing_keys(*manifests)]
+    for name in names:
+        if not name.endswith(".h5"):
+            continue
+        with h5py.File(folder / name, "r") as a, h5py.File(reference / name, "r") as b:
+            out += [f"{name} attrs[{key!r}]" for key in differing_keys(dict(a.attrs), dict(b.attrs))]
+            for key in sorted(set(a) | set(b)):
+                x, y = (a[key][()] if key in a else None), (b[key][()] if key in b else None)
+                if (
+                    x is None
+                    or y is None
+                    or x.dtype != y.dtype
+                    or x.shape != y.shape
+                    or not np.array_equal(x, y)
+                ):
+                    out.append(f"{name}:{key}")
+    return out
+
+
+def batches_on_disk(folder: Path) -> int:
+    """Forward batches that the shards of a folder (finished or partial) vouch for with their ``progress``."""
+    done = 0
+    for path in folder.glob("shard-*.h5*"):
+        try:
+            with open_shard(path) as f:
+                done += int(f["progress"][1])
+        except ValueError:  # a partial shard killed before its creation reached the disk: started again
+            pass
+    return done
+
+
+def finished_shards(folder: Path) -> dict[str, tuple[int, int]]:
+    """Inode and modification time of each finished shard: unchanged unless the file was written again."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("shard-*.h5")}
+
+
+@pytest.fixture
+def count_forwards(monkeypatch) -> list[int]:
+    """Counts the forward batches ``harvest`` runs (one ``trace_sites`` call each)."""
+    calls = []
+
+    def counting(model, ids, *args, **kwargs):
+        calls.append(len(ids))
+        return trace_sites(model, ids, *args, **kwargs)
+
+    # The module, not the ``harvest`` function that cltlab/__init__ exports under the same name.
+    monkeypatch.setattr(importlib.import_module("cltlab.harvest"), "trace_sites", counting)
+    return calls
+
+
+# ------------------------------------------------------------------------------------------------ what is stored
+
+
+def test_folder_layout_and_provenance(buffer_path, tiny_gpt2):
+    manifest = json.loads((buffer_path / "manifest.json").read_text())
+    assert manifest["format"] == "cltlab.activations" and manifest["format_version"] == 2
+    assert (manifest["model"], manifest["corpus"], manifest["split"]) == ("tiny-gpt2", "shakespeare", "train")
+    assert (manifest["layer_start"], manifest["layer_stop"], manifest["d_model"]) == (0, 4, 64)
+    assert (manifest["seq_len"], manifest["batch_size"], manifest["dtype"]) == (32, 4, "float32")
+    assert manifest["bos_token_id"] == tiny_gpt2.bos_token_id
+    assert json.loads(manifest["sites"]) == ["resid_mid", "mlp_out"]
+    assert manifest["n_written"] == manifest["n_tokens"] == 500 and manifest["complete"] is True
+    assert (manifest["n_shards"], manifest["shard_batches"]) == (3, 2)
+    assert manifest["shards"] == [
+        {"file": "shard-00000.h5", "n_rows": 248, "first_sequence": 0},
+        {"file": "shard-00001.h5", "n_rows": 248, "first_sequence": 8},
+        {"file": "shard-00002.h5", "n_rows": 4, "first_sequence": 16},
+    ]
+    for index, (rows, batches) in enumerate(zip(BUFFER_SHARD_ROWS, [2, 2, 1], strict=True)):
+        with h5py.File(buffer_path / f"shard-{index:05d}.h5", "r") as f:
+            attrs = dict(f.attrs)
+            assert (attrs["shard_index"], attrs["first_batch"], attrs["n_rows"]) == (index, 2 * index, rows)
+            assert attrs["model"] == "tiny-gpt2" and attrs["format_version"] == 2
+            assert f["resid_mid"].shape == f["mlp_out"].shape == (rows, 4, 64)
+            assert f["resid_mid"].dtype == f["mlp_out"].dtype == np.float32
+            assert f["tokens"].shape == f["sequence"].shape == f["position"].shape == (rows,)
+            assert f["sequences"].shape == (4 * batches, 32)
+            assert tuple(f["progress"][()]) == (rows, batches)
+            positions = f["position"][()]
+            # BOS (position 0) is never stored.
+            assert positions.min() >= 1 and positions.max() <= 31
 
 
 def test_harvest_equals_plain_forward_hooks(buffer_path, harvest_config, tiny_gpt2):
-    with h5py.File(buffer_path, "r") as f:
-        resid, mlp = f["resid_mid"][()], f["mlp_out"][()]
-        tokens, sequence, position = f["tokens"][()], f["sequence"][()], f["position"][()]
+    buffer = DiscBuffer(buffer_path, batch_size=100)
+    rows = buffer.read(0, 500)
+    tokens, sequence, position = buffer.token_info()
     ids = harvested_sequences(tiny_gpt2, harvest_config, int(sequence.max()) + 1)
     hooked_resid, hooked_mlp = hooked_sites(tiny_gpt2, ids, range(4))  # (n_sequences, 32, 4, 64)
     assert np.array_equal(tokens, ids[sequence, position].numpy())
-    assert np.array_equal(resid, hooked_resid[sequence, position].numpy())
-    assert np.array_equal(mlp, hooked_mlp[sequence, position].numpy())
+    assert torch.equal(rows.resid_mid, hooked_resid[sequence, position])
+    assert torch.equal(rows.mlp_out, hooked_mlp[sequence, position])
     # Each (sequence, position) is stored at most once.
     assert len(set(zip(sequence.tolist(), position.tolist(), strict=True))) == 500
 
 
-def test_rows_point_into_the_stored_sequences(buffer_path):
-    """Every row's ``sequence`` index must name a row of the file's ``sequences``, with the row's token there."""
-    with h5py.File(buffer_path, "r") as f:
-        tokens, sequence, position = f["tokens"][()], f["sequence"][()], f["position"][()]
-        sequences = f["sequences"][()]
-    out_of_range = sorted(set(sequence[sequence >= len(sequences)].tolist()))
-    assert not out_of_range, (
-        f"rows reference sequences {out_of_range} but the file stores only {len(sequences)} sequences"
-    )
-    assert np.array_equal(sequences[sequence, position], tokens)
+def test_rows_point_into_their_shards_sequences(buffer_path):
+    """Every row's ``sequence`` names a row of its own shard's ``sequences``, with the row's token there."""
+    for shard in sorted(buffer_path.glob("shard-*.h5")):
+        with h5py.File(shard, "r") as f:
+            tokens, sequence, position = f["tokens"][()], f["sequence"][()], f["position"][()]
+            sequences, first = f["sequences"][()], int(f.attrs["first_sequence"])
+        local = sequence - first
+        assert local.min() >= 0 and local.max() < len(sequences), shard.name
+        assert np.array_equal(sequences[local, position], tokens), shard.name
 
 
 def test_stored_sequences_are_the_harvested_ones(buffer_path, harvest_config, tiny_gpt2):
-    with h5py.File(buffer_path, "r") as f:
-        sequences = f["sequences"][()]
+    sequences = DiscBuffer(buffer_path, batch_size=100).sequences
+    assert sequences.shape == (20, 32)
     ids = harvested_sequences(tiny_gpt2, harvest_config, len(sequences))
-    assert np.array_equal(sequences, ids[: len(sequences)].numpy())
+    assert np.array_equal(sequences, ids.numpy())
     assert (sequences[:, 0] == tiny_gpt2.bos_token_id).all()
 
 
 def test_rows_are_shuffled_within_forward_batches(buffer_path):
-    with h5py.File(buffer_path, "r") as f:
-        sequence, position = f["sequence"][()], f["position"][()]
+    _, sequence, position = DiscBuffer(buffer_path, batch_size=100).token_info()
     file_order = sequence * 32 + position
     assert not np.array_equal(file_order, np.sort(file_order))
-    # ...but only within a forward batch of 4 sequences (124 rows): the first block holds sequences 0-3.
+    # ...but only within a forward batch of 4 sequences (124 rows); the 5th batch keeps 4 of its rows.
+    for batch in range(5):
+        rows = slice(124 * batch, min(124 * (batch + 1), 500))
+        assert set(sequence[rows].tolist()) <= set(range(4 * batch, 4 * batch + 4)), batch
     assert set(sequence[:124].tolist()) == {0, 1, 2, 3}
 
 
-def test_normalization_stats_match_the_rows(buffer_path):
-    with h5py.File(buffer_path, "r") as f:
-        for site, prefix in [("resid_mid", "input"), ("mlp_out", "output")]:
-            rows = torch.from_numpy(f[site][()]).double()  # (n_tokens, n_layers, d_model)
-            mean = rows.mean(0)
-            scale = ((rows - mean).pow(2).sum(-1).mean(0) / rows.shape[-1]).sqrt()  # (n_layers,)
-            assert np.allclose(f["stats"][f"{prefix}_mean"][()], mean.numpy(), rtol=1e-5, atol=1e-6)
-            assert f["stats"][f"{prefix}_scale"].shape == (4, 1)
-            assert np.allclose(f["stats"][f"{prefix}_scale"][()][:, 0], scale.numpy(), rtol=1e-4)
+def test_shard_statistics_are_the_sums_over_their_rows(buffer_path):
+    for shard in sorted(buffer_path.glob("shard-*.h5")):
+        with h5py.File(shard, "r") as f:
+            for s, site in enumerate(["resid_mid", "mlp_out"]):
+                rows = f[site][()].astype(np.float64)  # (n_rows, n_layers, d_model)
+                # Summed in float32 within a forward batch, so equal to float32 precision.
+                assert np.allclose(f["stats_sum"][s], rows.sum(0), rtol=1e-5, atol=1e-5), (shard.name, site)
+                assert np.allclose(f["stats_sq"][s], (rows**2).sum((0, 2)), rtol=1e-5), (shard.name, site)
 
 
 def test_trace_sites_equals_hooks_on_llama(tiny_llama):
@@ -121,7 +217,7 @@ def test_trace_sites_layer_range_on_gpt2(tiny_gpt2):
 
 def test_layer_sub_range_harvest(tmp_path, buffer_path, harvest_config, tiny_gpt2):
     config = HarvestConfig(**{**vars(harvest_config), "layers": (1, 3)})
-    result = harvest(config, tmp_path / "sub.h5", model=tiny_gpt2, progress=False)
+    result = harvest(config, tmp_path / "sub", model=tiny_gpt2, progress=False)
     buffer = DiscBuffer(result.path, batch_size=100)
     assert (buffer.layer_start, buffer.n_layers, buffer.d_model, buffer.n_tokens) == (1, 2, 64, 500)
     full = DiscBuffer(buffer_path, batch_size=100)
@@ -134,93 +230,31 @@ def test_layer_sub_range_harvest(tmp_path, buffer_path, harvest_config, tiny_gpt
         assert torch.allclose(a, b[1:3], rtol=1e-6)
 
 
-def test_bfloat16_storage_round_trips(tmp_path, tiny_gpt2):
-    config = HarvestConfig(model="tiny-gpt2", n_tokens=62, seq_len=32, batch_size=2, dtype="bfloat16")
-    result = harvest(config, tmp_path / "bf16.h5", model=tiny_gpt2, progress=False)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_storage_round_trips(tmp_path, tiny_gpt2, dtype):
+    config = HarvestConfig(
+        model="tiny-gpt2", n_tokens=62, seq_len=32, batch_size=1, dtype=dtype, shard_tokens=31
+    )
+    result = harvest(config, tmp_path / dtype, model=tiny_gpt2, progress=False)
+    assert len(json.loads((result.path / "manifest.json").read_text())["shards"]) == 2
+    with h5py.File(result.path / "shard-00000.h5", "r") as f:
+        assert f["resid_mid"].dtype == {"bfloat16": np.uint16, "float16": np.float16}[dtype]
     buffer = DiscBuffer(result.path, batch_size=62)
     rows = buffer.read(0, 62)
-    assert rows.resid_mid.dtype == torch.bfloat16
+    assert rows.resid_mid.dtype == rows.mlp_out.dtype == getattr(torch, dtype)
     tokens, sequence, position = buffer.token_info()
     ids = torch.from_numpy(buffer.sequences).long()
     resid, mlp = hooked_sites(tiny_gpt2, ids, range(4))
-    assert torch.equal(rows.resid_mid, resid[sequence, position].to(torch.bfloat16))
-    assert torch.equal(rows.mlp_out, mlp[sequence, position].to(torch.bfloat16))
-
-
-def test_finished_harvest_is_reused(tmp_path, tiny_gpt2):
-    config = HarvestConfig(model="tiny-gpt2", n_tokens=62, seq_len=32, batch_size=2, dtype="float32")
-    path = tmp_path / "small.h5"
-    first = harvest(config, path, model=tiny_gpt2, progress=False)
-    assert not first.reused and first.seconds > 0 and first.tokens_per_second > 0
-    before = path.read_bytes()
-    again = harvest(config, path, model=tiny_gpt2, progress=False)
-    assert again.reused and again.n_tokens == 62 and again.seconds == 0.0
-    assert path.read_bytes() == before
-
-
-def test_unfinished_harvest_is_redone(tmp_path, tiny_gpt2):
-    config = HarvestConfig(model="tiny-gpt2", n_tokens=62, seq_len=32, batch_size=2, dtype="float32")
-    path = tmp_path / "small.h5"
-    harvest(config, path, model=tiny_gpt2, progress=False)
-    with h5py.File(path, "r+") as f:
-        expected = f["resid_mid"][()]
-        f.attrs["complete"] = False
-        f.attrs["n_written"] = 31
-        f["resid_mid"][31:] = 0
-    result = harvest(config, path, model=tiny_gpt2, progress=False)
-    assert not result.reused
-    with h5py.File(path, "r") as f:
-        assert bool(f.attrs["complete"]) and f.attrs["n_written"] == 62
-        assert np.array_equal(f["resid_mid"][()], expected)
-
-
-def test_existing_file_with_other_arguments_is_refused_and_untouched(tmp_path, buffer_path, tiny_gpt2):
-    path = tmp_path / "acts.h5"
-    shutil.copy(buffer_path, path)
-    before = path.read_bytes()
-    other = HarvestConfig(model="tiny-gpt2", n_tokens=400, seq_len=16, batch_size=4, dtype="float32")
-    with pytest.raises(
-        ValueError,
-        match=r"acts\.h5 was harvested with different arguments \(.*\); delete it or choose another path",
-    ) as excinfo:
-        harvest(other, path, model=tiny_gpt2, progress=False)
-    changed = str(excinfo.value).split("(")[1].split(")")[0].split(", ")
-    assert sorted(changed) == ["n_tokens", "seq_len"]  # exactly the arguments that differ
-    assert path.read_bytes() == before
-    sub_range = HarvestConfig(
-        model="tiny-gpt2", n_tokens=500, seq_len=32, batch_size=4, dtype="float32", layers=(0, 2)
-    )
-    with pytest.raises(ValueError, match=r"different arguments \(layer_stop\)"):
-        harvest(sub_range, path, model=tiny_gpt2, progress=False)
-    assert path.read_bytes() == before
-
-
-def test_existing_file_that_is_not_hdf5_is_refused_and_untouched(tmp_path, harvest_config, tiny_gpt2):
-    path = tmp_path / "notes.h5"
-    path.write_text("my notes, not activations")
-    with pytest.raises(ValueError, match=r"notes\.h5 is not a readable HDF5 file"):
-        harvest(harvest_config, path, model=tiny_gpt2, progress=False)
-    assert path.read_text() == "my notes, not activations"
-
-
-def test_layers_beyond_the_model_are_refused(tmp_path, tiny_gpt2):
-    config = HarvestConfig(model="tiny-gpt2", n_tokens=62, seq_len=32, batch_size=2, layers=(2, 6))
-    with pytest.raises(ValueError, match=r"layers \(2, 6\) exceed the 4 layers of 'tiny-gpt2'"):
-        harvest(config, tmp_path / "x.h5", model=tiny_gpt2, progress=False)
-    assert not (tmp_path / "x.h5").exists()
-
-
-def test_corpus_too_small_is_a_clear_error(tmp_path, tiny_gpt2):
-    corpus = tmp_path / "tiny.txt"
-    corpus.write_text("\n\n".join(f"a short document number {i}" for i in range(9)))
-    config = HarvestConfig(model="tiny-gpt2", corpus=str(corpus), n_tokens=1000, seq_len=8, batch_size=2)
-    with pytest.raises(ValueError, match=r"ran out after \d+ of 1000 tokens; ask for fewer"):
-        harvest(config, tmp_path / "x.h5", model=tiny_gpt2, progress=False)
+    assert torch.equal(rows.resid_mid, resid[sequence, position].to(getattr(torch, dtype)))
+    assert torch.equal(rows.mlp_out, mlp[sequence, position].to(getattr(torch, dtype)))
+    # The statistics are sums over the stored (rounded) values.
+    stats = buffer.stats
+    assert torch.allclose(stats.input_mean, rows.resid_mid.double().mean(0).float(), rtol=1e-5, atol=1e-6)
 
 
 def test_harvest_a_llama_model(tmp_path, tiny_llama):
     config = HarvestConfig(model="tiny-llama", n_tokens=45, seq_len=16, batch_size=3, dtype="float32")
-    result = harvest(config, tmp_path / "llama.h5", model=tiny_llama, progress=False)
+    result = harvest(config, tmp_path / "llama", model=tiny_llama, progress=False)
     buffer = DiscBuffer(result.path, batch_size=45)
     assert (buffer.n_layers, buffer.d_model, buffer.n_tokens) == (3, 32, 45)
     tokens, sequence, position = buffer.token_info()
@@ -229,3 +263,291 @@ def test_harvest_a_llama_model(tmp_path, tiny_llama):
     rows = buffer.read(0, 45)
     assert torch.equal(rows.resid_mid, resid[sequence, position])
     assert torch.equal(rows.mlp_out, mlp[sequence, position])
+
+
+# ------------------------------------------------------------------------------------------------ reuse and refusal
+
+
+def test_finished_harvest_is_reused(tmp_path, tiny_gpt2, count_forwards):
+    config = HarvestConfig(model="tiny-gpt2", n_tokens=62, seq_len=32, batch_size=2, dtype="float32")
+    path = tmp_path / "small"
+    first = harvest(config, path, model=tiny_gpt2, progress=False)
+    assert first.path == path and first.n_tokens == 62 and first.complete and not first.reused
+    assert first.seconds > 0 and first.tokens_per_second > 0 and len(count_forwards) == 1
+    before = snapshot(path)
+    again = harvest(config, path, model=tiny_gpt2, progress=False)
+    assert again.reused and again.complete and again.n_tokens == 62 and again.seconds == 0.0
+    assert len(count_forwards) == 1  # nothing run again
+    assert snapshot(path) == before
+
+
+@pytest.fixture(scope="module")
+def half_done(tmp_path_factory, harvest_config, tiny_gpt2) -> Path:
+    """The session buffer's harvest with only job 0 of 2 done: shards 0 and 2 of 3, no shard 1."""
+    path = tmp_path_factory.mktemp("jobs") / "acts"
+    result = harvest(harvest_config, path, model=tiny_gpt2, job=(0, 2), progress=False)
+    assert not result.complete and result.n_tokens == 248 + 4
+    return path
+
+
+CHANGES = {
+    "model": dict(model="tiny-llama"),
+    "layers": dict(layers=(0, 2)),
+    "dtype": dict(dtype="float16"),
+    "seq_len": dict(seq_len=16),
+    "n_tokens": dict(n_tokens=400),
+    "batch_size": dict(batch_size=2),
+    "split": dict(split="eval"),
+    "model_dtype": dict(model_dtype="bfloat16"),
+}
+CHANGED_FIELD = {"layers": "layer_stop"}
+
+
+@pytest.mark.parametrize("state", ["complete", "unfinished"])
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_existing_harvest_with_other_arguments_is_refused_and_untouched(
+    tmp_path, buffer_path, half_done, tiny_gpt2, tiny_llama, state, change
+):
+    path = tmp_path / "acts"
+    shutil.copytree(buffer_path if state == "complete" else half_done, path)
+    before = snapshot(path)
+    config = HarvestConfig(**{**BUFFER_CONFIG, **CHANGES[change]})
+    model = tiny_llama if change == "model" else tiny_gpt2
+    with pytest.raises(
+        ValueError, match=r"was harvested with different arguments \((.*)\); delete the folder"
+    ) as info:
+        harvest(config, path, model=model, progress=False)
+    changed = str(info.value).split("different arguments (")[1].split(")")[0].split(", ")
+    assert CHANGED_FIELD.get(change, change) in changed
+    assert snapshot(path) == before
+
+
+def test_changed_shard_size_is_refused(tmp_path, buffer_path, tiny_gpt2):
+    path = tmp_path / "acts"
+    shutil.copytree(buffer_path, path)
+    before = snapshot(path)
+    config = HarvestConfig(**{**BUFFER_CONFIG, "shard_tokens": 124})
+    with pytest.raises(ValueError, match=r"different arguments \(.*shard_(tokens|batches).*\)"):
+        harvest(config, path, model=tiny_gpt2, progress=False)
+    assert snapshot(path) == before
+
+
+def test_path_that_is_a_file_is_refused_and_untouched(tmp_path, harvest_config, tiny_gpt2):
+    path = tmp_path / "notes.h5"
+    path.write_text("my notes, not activations")
+    with pytest.raises(ValueError, match=r"notes\.h5 is a file; a harvest writes a folder"):
+        harvest(harvest_config, path, model=tiny_gpt2, progress=False)
+    assert path.read_text() == "my notes, not activations"
+
+
+def test_corrupt_manifest_is_a_clear_error(tmp_path, half_done, harvest_config, tiny_gpt2):
+    path = tmp_path / "acts"
+    shutil.copytree(half_done, path)
+    (path / "manifest.json").write_text('{"format": "cltlab.activations", "shards": [')
+    before = snapshot(path)
+    with pytest.raises(ValueError, match=r"acts/manifest\.json"):
+        harvest(harvest_config, path, model=tiny_gpt2, progress=False)
+    assert snapshot(path) == before
+
+
+def test_layers_beyond_the_model_are_refused(tmp_path, tiny_gpt2):
+    config = HarvestConfig(model="tiny-gpt2", n_tokens=62, seq_len=32, batch_size=2, layers=(2, 6))
+    with pytest.raises(ValueError, match=r"layers \(2, 6\) exceed the 4 layers of 'tiny-gpt2'"):
+        harvest(config, tmp_path / "x", model=tiny_gpt2, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_corpus_too_small_is_a_clear_error(tmp_path, tiny_gpt2):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("\n\n".join(f"a short document number {i}" for i in range(9)))
+    config = HarvestConfig(model="tiny-gpt2", corpus=str(corpus), n_tokens=1000, seq_len=8, batch_size=2)
+    with pytest.raises(
+        ValueError, match=r"tiny\.txt' \(train\) ran out before batch \d+ of 72; ask for fewer tokens"
+    ):
+        harvest(config, tmp_path / "x", model=tiny_gpt2, progress=False)
+    with pytest.raises((FileNotFoundError, ValueError), match="harvest"):
+        DiscBuffer(tmp_path / "x", batch_size=2)
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+
+def test_jobs_fill_one_folder(tmp_path, half_done, buffer_path, harvest_config, tiny_gpt2, count_forwards):
+    path = tmp_path / "acts"
+    shutil.copytree(half_done, path)
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "shard-00000.h5", "shard-00002.h5"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert (manifest["complete"], manifest["n_written"], len(manifest["shards"])) == (False, 252, 2)
+    with pytest.raises(
+        ValueError, match=r"acts is an unfinished harvest \(2 of 3 shards, 252 of 500 tokens\)"
+    ):
+        DiscBuffer(path, batch_size=100)
+    second = harvest(harvest_config, path, model=tiny_gpt2, job=(1, 2), progress=False)
+    assert second.complete and not second.reused and second.n_tokens == 500
+    assert len(count_forwards) == 2  # only shard 1's two forward batches
+    assert differences(path, buffer_path) == []
+    assert len(DiscBuffer(path, batch_size=100)) == 5
+    again = harvest(harvest_config, path, model=tiny_gpt2, job=(0, 2), progress=False)
+    assert again.reused and again.complete and len(count_forwards) == 2
+
+
+@pytest.mark.parametrize("job", [(2, 2), (-1, 2), (0, 0)])
+def test_bad_job_is_refused(tmp_path, harvest_config, tiny_gpt2, job):
+    with pytest.raises(
+        ValueError, match=rf"job must be \(i, n\) with 0 <= i < n, not \({job[0]}, {job[1]}\)"
+    ):
+        harvest(harvest_config, tmp_path / "x", model=tiny_gpt2, job=job, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------------ SIGKILL and resume
+
+# 15,000 rows from 121 forward batches of 124 rows (about a second on a CPU), 32 batches per shard: 4 shards.
+KILL_CONFIG = dict(
+    model="tiny-gpt2", n_tokens=15_000, seq_len=32, batch_size=4, dtype="float32", shard_tokens=4_000
+)
+KILL_BATCHES = 121
+
+# Runs KILL_CONFIG in a fresh interpreter. Prints "<shard file> <batches>" after each progress update; in the
+# "before-progress" mode it kills itself just before writing progress <batches> of <shard file> (after the
+# batch's rows and statistics), in the "before-rename" mode just before renaming <shard file> to its final name.
+CHILD = r"""
+import json, os, signal, sys
+import h5py, numpy as np, torch
+path, mode, target, threads, config = sys.argv[1:6]
+torch.set_num_threads(int(threads))
+from cltlab import HarvestConfig, harvest
+from cltlab.models import load_model
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+setitem = h5py.Dataset.__setitem__
+def watched_setitem(self, key, value):
+    if self.name == "/progress" and np.ndim(value) == 1:
+        shard = os.path.basename(self.file.filename)
+        if mode == "before-progress" and target == f"{shard}:{int(value[1])}":
+            die()
+        setitem(self, key, value)
+        print(shard, int(value[1]), flush=True)
+    else:
+        setitem(self, key, value)
+h5py.Dataset.__setitem__ = watched_setitem
+
+replace = os.replace
+def watched_replace(src, dst, **kwargs):
+    if mode == "before-rename" and os.path.basename(src) == target:
+        die()
+    return replace(src, dst, **kwargs)
+os.replace = watched_replace
+
+harvest(HarvestConfig(**json.loads(config)), path, model=load_model("tiny-gpt2"), device="cpu", progress=False)
+"""
+
+
+def run_child(folder: Path, mode: str, target: str = "", *, kill_when=None, delay: float = 0.0) -> None:
+    """Harvest KILL_CONFIG into ``folder`` in a subprocess that must end by SIGKILL: its own (``mode``) or ours,
+    ``delay`` seconds after ``kill_when(shard, batches)`` first holds for a progress line it prints."""
+    stderr = folder.with_name(folder.name + ".stderr")
+    args = [str(folder), mode, target, str(torch.get_num_threads()), json.dumps(KILL_CONFIG)]
+    with open(stderr, "w") as err:
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, stderr=err, text=True
+        )
+    watchdog = threading.Timer(120, child.kill)
+    watchdog.start()
+    try:
+        for line in child.stdout:
+            shard, batches = line.split()
+            if kill_when is not None and kill_when(shard, int(batches)):
+                time.sleep(delay)
+                child.send_signal(signal.SIGKILL)
+                break
+        child.wait()
+    finally:
+        watchdog.cancel()
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL, (
+        f"the harvest was to be killed ({mode} {target}, delay {delay:.3f} s) but exited with "
+        f"{child.returncode}:\n{stderr.read_text()[-3000:]}"
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_gpt2) -> Path:
+    path = tmp_path_factory.mktemp("uninterrupted") / "acts"
+    result = harvest(HarvestConfig(**KILL_CONFIG), path, model=tiny_gpt2, device="cpu", progress=False)
+    assert result.complete and result.n_tokens == 15_000
+    assert [s["n_rows"] for s in json.loads((path / "manifest.json").read_text())["shards"]] == [
+        3968,
+        3968,
+        3968,
+        3096,
+    ]
+    return path
+
+
+def resume(folder: Path, model: LoadedModel, forwards: list[int]) -> int:
+    """Harvest again into a killed folder; check it ran exactly the batches the disk did not vouch for."""
+    done = batches_on_disk(folder)
+    result = harvest(HarvestConfig(**KILL_CONFIG), folder, model=model, device="cpu", progress=False)
+    assert result.complete and not result.reused and result.n_tokens == 15_000
+    assert len(forwards) == KILL_BATCHES - done, f"{done} batches were on disk"
+    return done
+
+
+KILL_POINTS = {
+    # Shard 0 (of 32 batches) has written 3; the kill lands mid-first-shard.
+    "mid-first-shard": lambda shard, batches: shard == "shard-00000.h5.partial" and batches >= 3,
+    # Shards 0 and 1 are finished and shard 2 has written 3 batches.
+    "third-shard": lambda shard, batches: shard == "shard-00002.h5.partial" and batches >= 3,
+}
+
+
+@pytest.mark.parametrize("kill_point", sorted(KILL_POINTS))
+def test_resume_after_sigkill_equals_an_uninterrupted_run(
+    tmp_path, tiny_gpt2, uninterrupted, count_forwards, kill_point
+):
+    folder = tmp_path / "acts"
+    delay = random.uniform(0.0, 0.1)
+    run_child(folder, "watch", kill_when=KILL_POINTS[kill_point], delay=delay)
+    finished = finished_shards(folder)
+    if kill_point == "third-shard":
+        assert {"shard-00000.h5", "shard-00001.h5"} <= set(finished)
+    before = snapshot(folder)
+    with pytest.raises((FileNotFoundError, ValueError)):
+        DiscBuffer(folder, batch_size=100)  # not usable until finished
+    # Refused with other arguments, and left exactly as the kill left it.
+    with pytest.raises(ValueError, match=r"different arguments \(.*n_tokens.*\)"):
+        harvest(HarvestConfig(**{**KILL_CONFIG, "n_tokens": 14_000}), folder, model=tiny_gpt2, progress=False)
+    assert snapshot(folder) == before
+
+    done = resume(folder, tiny_gpt2, count_forwards)
+    assert done >= (2 if kill_point == "mid-first-shard" else 64 + 2), f"killed {delay:.3f} s after the mark"
+    # Finished shards were kept as they were, not written again.
+    assert {name: ident for name, ident in finished_shards(folder).items() if name in finished} == finished
+    assert differences(folder, uninterrupted) == [], f"killed {delay:.3f} s after the mark"
+
+
+def test_resume_after_sigkills_at_the_commit_points(tmp_path, tiny_gpt2, uninterrupted, count_forwards):
+    """Killed between a batch's rows and its progress, then (resuming) just before a shard's rename."""
+    folder = tmp_path / "acts"
+    run_child(folder, "before-progress", "shard-00000.h5.partial:3")
+    assert batches_on_disk(folder) == 2
+    run_child(folder, "before-rename", "shard-00001.h5.partial")
+    assert not (folder / "shard-00001.h5").exists() and (folder / "shard-00000.h5").exists()
+    assert batches_on_disk(folder) >= 64
+    resume(folder, tiny_gpt2, count_forwards)
+    assert differences(folder, uninterrupted) == []
+
+
+def test_resume_when_only_the_manifest_is_missing(tmp_path, tiny_gpt2, uninterrupted, count_forwards):
+    """The state a kill leaves just before the manifest is written: every shard finished, no manifest."""
+    folder = tmp_path / "acts"
+    shutil.copytree(uninterrupted, folder)
+    (folder / "manifest.json").unlink()
+    shards = {p.name: p.read_bytes() for p in folder.glob("shard-*.h5")}
+    result = harvest(HarvestConfig(**KILL_CONFIG), folder, model=tiny_gpt2, progress=False)
+    assert result.complete and result.n_tokens == 15_000 and not count_forwards
+    assert {p.name: p.read_bytes() for p in folder.glob("shard-*.h5")} == shards
+    assert differences(folder, uninterrupted) == []

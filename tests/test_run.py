@@ -31,7 +31,7 @@ def test_run_paths_precedence(monkeypatch, tmp_path):
 
 def test_run_paths_layout(tmp_path):
     paths = run_paths("ci", tmp_path)
-    assert paths.buffer == tmp_path / "activations.h5"
+    assert paths.buffer == tmp_path / "activations"
     assert paths.clt == tmp_path / "clt"
     assert paths.circuit_tracer == tmp_path / "circuit_tracer"
     assert paths.metrics == tmp_path / "metrics.json"
