@@ -37,6 +37,11 @@ FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+VISIBLE_PROMPTS = (
+    "[...[...document.querySelectorAll('.jp-NotebookPanel')].find(p => !p.classList.contains('lm-mod-hidden'))"
+    ".querySelectorAll('.jp-CodeCell .jp-InputPrompt')]"
+)
+"""The input prompts of the notebook on screen, as a JavaScript array expression."""
 TIMEOUT_MS = int(os.environ.get("CLTLAB_BROWSER_TIMEOUT_MS", 120_000))
 
 pytestmark = pytest.mark.skipif(
@@ -139,17 +144,26 @@ def run_all(page, url: str, token: str, notebook: str) -> None:
     panel.locator(".jp-Cell").first.wait_for()
     panel.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for()  # its kernel started
     panel.locator(".jp-Cell").first.click()  # focus this notebook: the Run menu acts on the focused one
-    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^Run$")).click()
-    page.locator(".lm-Menu-itemLabel", has_text=re.compile("^Run All Cells$")).click()
+    run_all_item = page.locator(
+        ".lm-Menu-item:not(.lm-mod-disabled)",
+        has=page.locator(".lm-Menu-itemLabel", has_text=re.compile("^Run All Cells$")),
+    )
+    for attempt in range(3):  # the menu item can be clicked before the lab has wired it to this notebook
+        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^Run$")).click()
+        run_all_item.click()
+        try:
+            page.wait_for_function(
+                f"() => {VISIBLE_PROMPTS}.some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))", timeout=15_000
+            )
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            page.keyboard.press("Escape")
     # Every code cell gets an execution count: "[n]:" replaces the "[*]:" of a running or queued cell.
     try:
         page.wait_for_function(
-            """() => {
-                const panel = [...document.querySelectorAll('.jp-NotebookPanel')]
-                    .find(p => !p.classList.contains('lm-mod-hidden'));
-                const prompts = [...panel.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
-                return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
-            }"""
+            f"() => {VISIBLE_PROMPTS}.length > 0 && {VISIBLE_PROMPTS}.every(p => /\\[\\d+\\]/.test(p.textContent))"
         )
     except Exception:
         page.screenshot(path=str(SCREENSHOTS / f"failed-{notebook}.png"), full_page=True)
