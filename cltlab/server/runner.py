@@ -1,0 +1,213 @@
+"""``serve``: the activation server in a daemon thread of this process (a Jupyter kernel, or ``cltlab serve``).
+
+uvicorn runs on its own event loop in a daemon thread; ``serve`` binds the socket itself (so a busy port or a
+bad address fails in the caller, and ``port=0`` picks a free port) and returns once the server accepts
+connections. ``stop()`` ends the server, frees the port and unlinks the shared memory; it is idempotent and
+also runs at interpreter exit. Errors in the server thread, the live harvester or a request are logged to the
+``cltlab`` logger as they happen and re-raised by ``raise_errors()`` and ``stop()``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ipaddress
+import logging
+import socket
+import threading
+import time
+import weakref
+from pathlib import Path
+
+from ..buffer import DiscBuffer
+from .app import ServerState, create_app
+from .sources import DiscSource, LiveSource
+
+log = logging.getLogger("cltlab")
+
+_RUNNING: weakref.WeakSet[ServerHandle] = weakref.WeakSet()
+_ATEXIT = False
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def as_source(source, live=None):
+    """A DiscSource or LiveSource from what ``serve`` was given."""
+    if isinstance(source, DiscSource | LiveSource):
+        return source
+    if isinstance(source, DiscBuffer):
+        return DiscSource(source.path, seed=source.seed)
+    if isinstance(source, str | Path):
+        return DiscSource(source)
+    if hasattr(source, "envoy_blocks"):  # a LoadedModel: live mode
+        options = {}
+        if live is not None:
+            options = dict(
+                corpus=live.corpus, seq_len=live.seq_len, batch_size=live.batch_size, layers=live.layers,
+                dtype=live.dtype, split=live.split,
+            )  # fmt: skip
+        return LiveSource(source, **options)
+    raise TypeError(
+        f"serve() takes a harvest folder, a DiscBuffer, a LoadedModel (live mode) or a source, not {type(source).__name__}."
+    )
+
+
+class ServerHandle:
+    """A running activation server.
+
+    Attributes:
+        url: base URL, e.g. ``http://127.0.0.1:8765``.
+        host, port: where it listens.
+        token: the bearer token clients must send (None on loopback without one).
+        source: what it serves (``DiscSource`` or ``LiveSource``).
+    """
+
+    def __init__(self, state: ServerState, sock: socket.socket, host: str, *, log_level: str = "warning"):
+        import uvicorn
+
+        self._state, self._socket, self.source, self.token = state, sock, state.source, state.token
+        self.host, self.port = host, sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{self.port}"
+        config = uvicorn.Config(
+            create_app(state),
+            log_level=log_level,
+            lifespan="off",
+            access_log=False,
+            timeout_graceful_shutdown=2,
+        )
+        self._server = uvicorn.Server(config)
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=f"cltlab-server-{self.port}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._server.run(sockets=[self._socket])
+        except BaseException as err:  # noqa: BLE001 - re-raised by raise_errors()
+            log.error("The activation server at %s stopped: %s", self.url, err)
+            self._error = err
+
+    def _wait_started(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"The activation server did not start: {self._error or 'timed out'}")
+            time.sleep(0.01)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
+
+    @property
+    def stats(self) -> dict:
+        """Batches and bytes served, seconds up, GB/s, buffer fill, errors so far."""
+        return self._state.stats()
+
+    @property
+    def errors(self) -> list[BaseException]:
+        """Errors of the server thread, the source and requests, oldest first."""
+        found = [e for e in (self._error, getattr(self.source, "error", None)) if e is not None]
+        return found + list(self._state.errors)
+
+    def raise_errors(self) -> None:
+        """Raise the first error the server ran into, if any."""
+        if self.errors:
+            raise RuntimeError(
+                f"The activation server at {self.url} failed: {self.errors[0]}"
+            ) from self.errors[0]
+
+    def stop(self) -> None:
+        """Stop serving, free the port and the shared memory; then raise the first error the server ran into."""
+        if not self._stopped:
+            self._stopped = True
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
+            if self._thread.is_alive():
+                self._server.force_exit = True
+                self._thread.join(timeout=5)
+            self._socket.close()
+            self._state.close()
+            self.source.close()
+            _RUNNING.discard(self)
+            log.info("Stopped the activation server at %s", self.url)
+        self.raise_errors()
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"ActivationServer({self.url}, {state}, {self.source.info.description})"
+
+
+def _stop_all() -> None:
+    for handle in list(_RUNNING):
+        try:
+            handle.stop()
+        except Exception as err:  # noqa: BLE001 - at exit, report and go on
+            log.warning("While stopping %s: %s", handle.url, err)
+
+
+def serve(
+    source,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    token: str | None = None,
+    live=None,
+    shared_memory: bool = True,
+    max_batch_size: int = 65536,
+    max_json_values: int = 65536,
+    max_stream_batches: int = 1_000_000,
+    log_level: str = "warning",
+) -> ServerHandle:
+    """Start an activation server in a daemon thread and return its handle once it accepts connections.
+
+    ``source``: a harvest folder or DiscBuffer (disc mode), or a LoadedModel (live mode; ``live`` is a
+    HarvestConfig giving corpus, seq_len, forward batch size, layers and dtype). ``port=0`` picks a free port.
+    Binding anything but loopback requires a ``token``. ``max_json_values`` caps ``/activations`` (values per site).
+    """
+    if not is_loopback(host) and not token:
+        raise ValueError(
+            f"Binding {host!r} exposes the server beyond this machine; pass token=... (clients send it as "
+            "'Authorization: Bearer <token>') or bind 127.0.0.1."
+        )
+    global _ATEXIT
+    source = as_source(source, live)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as err:
+        sock.close()
+        source.close()
+        raise OSError(
+            f"Cannot listen on {host}:{port} ({err.strerror}); choose another port or port=0."
+        ) from err
+    state = ServerState(
+        source, token=token, max_batch_size=max_batch_size, max_json_values=max_json_values,
+        max_stream_batches=max_stream_batches, shared_memory=shared_memory,
+    )  # fmt: skip
+    handle = ServerHandle(state, sock, host, log_level=log_level)
+    _RUNNING.add(handle)
+    if not _ATEXIT:  # registered on first use, not at import
+        atexit.register(_stop_all)
+        _ATEXIT = True
+    handle._wait_started()
+    log.info("Serving %s at %s", source.info.description, handle.url)
+    return handle

@@ -1,0 +1,314 @@
+"""What an activation server serves: batches from a DiscBuffer (disc mode) or from a model running now (live mode).
+
+A batch on the wire is the ``resid_mid`` rows followed by the ``mlp_out`` rows, both ``(rows, n_layers, d_model)``
+in the storage dtype (bfloat16 as its 2-byte bits), back to back in one byte buffer.
+
+- **Disc mode** (``DiscSource``): batch ``index`` of size ``batch_size`` is ``DiscBuffer(path,
+  batch_size=batch_size, seed=seed)[index % len(buffer)]``, byte for byte. Requests without an index take the
+  next index of a shared cursor (one per batch size), so concurrent clients get disjoint batches.
+- **Live mode** (``LiveSource``): a harvester thread runs the model on the corpus and appends rows to a bounded
+  ring as batches are taken. Its rows are, in order: for each forward batch ``ids`` ``(B, T)`` of
+  ``token_sequences(corpus, ..., batch_size=B)``, sequence by sequence, positions ``1..T-1`` (BOS not served),
+  i.e. ``trace_sites(model, ids, ...)[:, 1:].reshape(-1, n_layers, d_model)``. Batches are consecutive runs of
+  these rows; batch ``k`` is the k-th batch taken. Nothing touches the disc.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ..buffer import DiscBuffer, NormStats, _read_into, to_storage
+from ..store import STORAGE_DTYPES
+
+log = logging.getLogger("cltlab")
+
+
+class SourceError(ValueError):
+    """A request the source cannot satisfy (bad batch size, an index in live mode); the server answers 4xx."""
+
+
+class NoData(RuntimeError):
+    """No batch became available in time (live mode still warming up); the server answers 503."""
+
+
+class Batch(NamedTuple):
+    """One batch as bytes, ready to send."""
+
+    index: int
+    """Its index in the source's batch sequence (see the module docstring)."""
+    rows: int
+    """Rows in the batch."""
+    data: np.ndarray
+    """``(2 * rows * row_bytes,)`` uint8: resid_mid then mlp_out, in the storage dtype."""
+
+
+class SourceInfo(NamedTuple):
+    """What a source holds."""
+
+    kind: str
+    """``disc`` or ``live``."""
+    description: str
+    """One line of provenance."""
+    n_layers: int
+    """Layers per row."""
+    d_model: int
+    """Width of each layer's vector."""
+    layer_start: int
+    """Index in the model of the first layer."""
+    dtype: str
+    """Storage dtype: ``float32``, ``float16`` or ``bfloat16`` (sent as its uint16 bits)."""
+    n_tokens: int | None
+    """Rows in the source (None in live mode: unbounded)."""
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row of one site."""
+        return self.n_layers * self.d_model * np.dtype(STORAGE_DTYPES[self.dtype]).itemsize
+
+
+class DiscSource:
+    """Serves a harvest folder; see the module docstring for which batch an index is."""
+
+    def __init__(self, path: str | Path, *, seed: int = 0, max_buffers: int = 8):
+        self.path, self.seed, self.max_buffers = Path(path), seed, max_buffers
+        probe = DiscBuffer(self.path, batch_size=1)
+        self.info = SourceInfo(
+            "disc",
+            probe.summary(),
+            probe.n_layers,
+            probe.d_model,
+            probe.layer_start,
+            probe.dtype,
+            probe.n_tokens,
+        )
+        self._stats = probe.stats
+        probe.close()
+        self._buffers: collections.OrderedDict[int, DiscBuffer] = collections.OrderedDict()
+        self._cursors: collections.Counter[int] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def buffer(self, batch_size: int) -> DiscBuffer:
+        """The DiscBuffer behind batches of ``batch_size`` (a few are kept open)."""
+        with self._lock:
+            if batch_size not in self._buffers:
+                if not 1 <= batch_size <= self.info.n_tokens:
+                    raise SourceError(
+                        f"batch_size must be between 1 and the {self.info.n_tokens} rows of the buffer, not {batch_size}."
+                    )
+                buffer = DiscBuffer(self.path, batch_size=batch_size, seed=self.seed)
+                for shard in range(len(buffer.info["shards"])):
+                    buffer._raw(
+                        shard
+                    )  # open every shard now: reads from many threads then never race to open
+                self._buffers[batch_size] = buffer
+                while len(self._buffers) > self.max_buffers:
+                    self._buffers.popitem(last=False)[1].close()
+            self._buffers.move_to_end(batch_size)
+            return self._buffers[batch_size]
+
+    def rows(self, batch_size: int, index: int) -> int:
+        """Rows of batch ``index`` (DiscBuffer batches differ by at most one row)."""
+        buffer = self.buffer(batch_size)
+        return sum(stop - start for _, start, stop in buffer._batches[index % len(buffer)])
+
+    def take(self, batch_size: int, index: int | None = None, out: np.ndarray | None = None) -> Batch:
+        """Batch ``index`` (the cursor's next one when None), read straight into ``out`` when it is large enough."""
+        buffer = self.buffer(batch_size)
+        if index is None:
+            with self._lock:
+                index = self._cursors[batch_size]
+                self._cursors[batch_size] += 1
+        elif index < 0:
+            raise SourceError(f"index must be >= 0, not {index}.")
+        segments = buffer._batches[index % len(buffer)]
+        rows = sum(stop - start for _, start, stop in segments)
+        row_bytes = self.info.row_bytes
+        size = 2 * rows * row_bytes
+        data = out[:size] if out is not None and out.nbytes >= size else np.empty(size, np.uint8)
+        at = 0
+        # The same positional block reads as DiscBuffer.__getitem__, into the caller's memory (e.g. shared memory).
+        for shard, start, stop in segments:
+            raw = buffer._raw(shard)
+            for site in range(2):
+                base = site * rows * row_bytes + at * row_bytes
+                _read_into(
+                    raw.fd,
+                    data[base : base + (stop - start) * row_bytes],
+                    raw.offsets[site] + start * raw.row_bytes,
+                )
+            at += stop - start
+        return Batch(index, rows, data)
+
+    @property
+    def stats(self) -> NormStats:
+        """Normalization statistics of the whole buffer."""
+        return self._stats
+
+    def fill(self) -> float:
+        """Fraction of the source ready to serve (a DiscBuffer is always full)."""
+        return 1.0
+
+    def close(self) -> None:
+        with self._lock:
+            for buffer in self._buffers.values():
+                buffer.close()
+            self._buffers.clear()
+
+
+class LiveSource:
+    """A model harvested on demand into a bounded in-memory ring; see the module docstring for the row order."""
+
+    def __init__(
+        self,
+        model,
+        *,
+        corpus: str = "shakespeare",
+        seq_len: int = 128,
+        batch_size: int = 16,
+        layers: tuple[int, int] | None = None,
+        dtype: str = "float32",
+        split: str = "train",
+        capacity: int = 65536,
+        repeat: bool = True,
+    ):
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, not {dtype!r}.")
+        self.model, self.corpus, self.seq_len, self.forward_batch = model, corpus, seq_len, batch_size
+        self.layer_start, self.layer_stop = layers or (0, model.n_layers)
+        self.split, self.capacity, self.repeat = split, capacity, repeat
+        self.info = SourceInfo(
+            "live",
+            f"live {model.name} on {corpus}/{split}, seq_len {seq_len}, layers {self.layer_start}–{self.layer_stop - 1}",
+            self.layer_stop - self.layer_start, model.d_model, self.layer_start, dtype, None,
+        )  # fmt: skip
+        self._chunks: collections.deque[np.ndarray] = (
+            collections.deque()
+        )  # each (2, rows, n_layers * d_model)
+        self._offset = 0  # rows of the first chunk already taken
+        self._rows = 0  # rows ready
+        self._taken = 0  # batches taken
+        self._sums = np.zeros((2, self.info.n_layers, self.info.d_model))
+        self._squares = np.zeros((2, self.info.n_layers))
+        self._harvested = 0
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._harvest, name="cltlab-live-harvester", daemon=True)
+        self._thread.start()
+
+    def _batches(self):
+        from ..corpus import token_sequences
+
+        while True:
+            yield from token_sequences(
+                self.corpus, self.model.tokenizer, seq_len=self.seq_len, bos_token_id=self.model.bos_token_id,
+                split=self.split, batch_size=self.forward_batch,
+            )  # fmt: skip
+            if not self.repeat:
+                return
+
+    def _harvest(self) -> None:
+        from ..harvest import trace_sites
+
+        try:
+            for ids in self._batches():
+                acts = trace_sites(self.model, ids, self.layer_start, self.layer_stop)
+                sites = [x[:, 1:].reshape(-1, self.info.n_layers, self.info.d_model).cpu() for x in acts[:2]]
+                self._add_stats(sites)
+                chunk = np.stack([to_storage(x, self.info.dtype).numpy() for x in sites])
+                chunk = chunk.reshape(2, chunk.shape[1], -1)
+                with self._cond:
+                    while self._rows >= self.capacity and not self._stop.is_set():
+                        self._cond.wait(0.1)
+                    if self._stop.is_set():
+                        return
+                    self._chunks.append(chunk)
+                    self._rows += chunk.shape[1]
+                    self._cond.notify_all()
+        except BaseException as err:  # noqa: BLE001 - surfaced by take() and the server handle
+            log.error("The live harvester stopped: %s", err)
+            self.error = err
+            with self._cond:
+                self._cond.notify_all()
+
+    def _add_stats(self, sites: list[torch.Tensor]) -> None:
+        for s, x in enumerate(sites):
+            self._sums[s] += x.sum(0, dtype=torch.float32).double().numpy()
+            self._squares[s] += torch.linalg.vector_norm(x.float(), dim=-1).square().sum(0).double().numpy()
+        self._harvested += sites[0].shape[0]
+
+    def take(
+        self, batch_size: int, index: int | None = None, out: np.ndarray | None = None, timeout: float = 30.0
+    ) -> Batch:
+        """The next ``batch_size`` rows (waits up to ``timeout`` seconds for the harvester)."""
+        if index is not None:
+            raise SourceError(
+                "index is not available in live mode: each live batch is served once, in order."
+            )
+        if not 1 <= batch_size <= self.capacity:
+            raise SourceError(
+                f"batch_size must be between 1 and the ring's capacity {self.capacity}, not {batch_size}."
+            )
+        row_bytes = self.info.row_bytes
+        size = 2 * batch_size * row_bytes
+        data = out[:size] if out is not None and out.nbytes >= size else np.empty(size, np.uint8)
+        sites = data.view(np.dtype(STORAGE_DTYPES[self.info.dtype])).reshape(2, batch_size, -1)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._rows < batch_size:
+                if self.error is not None:
+                    raise RuntimeError(f"The live harvester failed: {self.error}") from self.error
+                if not self._thread.is_alive() or self._stop.is_set():
+                    raise NoData("The live harvester has stopped (the corpus ended); no more batches.")
+                if (
+                    not self._cond.wait(max(0.0, deadline - time.monotonic()))
+                    and time.monotonic() >= deadline
+                ):
+                    raise NoData(f"No live batch of {batch_size} rows was ready within {timeout:.0f} s.")
+            at = 0
+            while at < batch_size:
+                chunk = self._chunks[0]
+                take = min(batch_size - at, chunk.shape[1] - self._offset)
+                sites[:, at : at + take] = chunk[:, self._offset : self._offset + take]
+                at, self._offset = at + take, self._offset + take
+                if self._offset == chunk.shape[1]:
+                    self._chunks.popleft()
+                    self._offset = 0
+            self._rows -= batch_size
+            index, self._taken = self._taken, self._taken + 1
+            self._cond.notify_all()
+        return Batch(index, batch_size, data)
+
+    def rows(self, batch_size: int, index: int) -> int:
+        return batch_size
+
+    @property
+    def stats(self) -> NormStats | None:
+        """Normalization statistics of the rows harvested so far (None before the first forward batch)."""
+        with self._cond:
+            n = self._harvested
+            if n == 0:
+                return None
+            mean = self._sums / n
+            variance = (self._squares / n - (mean**2).sum(-1)) / self.info.d_model
+        scale = np.sqrt(np.maximum(variance, 1e-24))[..., None]
+        f32 = lambda a: torch.from_numpy(a.astype(np.float32))  # noqa: E731
+        return NormStats(f32(mean[0]), f32(scale[0]), f32(mean[1]), f32(scale[1]))
+
+    def fill(self) -> float:
+        """Fraction of the ring's capacity holding rows ready to serve."""
+        return min(1.0, self._rows / self.capacity)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
