@@ -16,9 +16,11 @@ from .jumprelu import JumpReLU  # noqa: E402
 from .models import load_model  # noqa: E402
 from .replacement import ReplacementModel, evaluate  # noqa: E402
 from .run import RunPaths, run_paths  # noqa: E402
+from .server import ActivationClient, serve  # noqa: E402
 from .train import train  # noqa: E402
 
 __all__ = [
+    "ActivationClient",
     "CLTConfig",
     "CrossLayerTranscoder",
     "DiscBuffer",
@@ -42,6 +44,7 @@ __all__ = [
     "load_model",
     "plots",
     "run_paths",
+    "serve",
     "top_contexts",
     "train",
 ]

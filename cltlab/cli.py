@@ -1,4 +1,4 @@
-"""Command line for batch jobs: ``cltlab harvest | train | evaluate | run`` (also ``python -m cltlab``).
+"""Command line for batch jobs: ``cltlab harvest | train | evaluate | serve | run`` (also ``python -m cltlab``).
 
 Every option of a stage defaults to the chosen profile's value; the options are the fields of the config
 dataclasses in ``cltlab/config.py`` and their help is those fields' docstrings.
@@ -106,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(p, EvalConfig, "evaluation options")
 
     p = sub.add_parser(
+        "serve", help="Serve a harvest folder to ActivationClients over HTTP and shared memory."
+    )
+    common(p)
+    p.add_argument("--buffer", help="Harvest folder to serve (default: <run-dir>/activations).")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="Address to bind; anything but loopback needs --token."
+    )
+    p.add_argument("--port", type=int, default=8765, help="Port to listen on (0: any free port).")
+    p.add_argument("--token", help="Bearer token clients must send (default: $CLTLAB_TOKEN).")
+    p.add_argument("--seconds", type=float, help="Stop after this many seconds (default: until Ctrl-C).")
+
+    p = sub.add_parser(
         "run", help="The main job: execute notebooks 01-04 headlessly; keep them as the report."
     )
     common(p)
@@ -152,6 +164,25 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(metrics.summary())
         print(f"metrics written to {paths.save_metrics(metrics)}")
+    elif args.command == "serve":
+        import os
+
+        from .server import serve
+
+        handle = serve(
+            args.buffer or paths.buffer,
+            args.host,
+            args.port,
+            token=args.token or os.environ.get("CLTLAB_TOKEN"),
+        )
+        print(f"serving {handle.source.info.description} at {handle.url} (Ctrl-C stops)", flush=True)
+        try:
+            while handle.running and (args.seconds is None or time.perf_counter() - start < args.seconds):
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            handle.stop()
     elif args.command == "run":
         from .run import run_notebooks
 

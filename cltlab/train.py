@@ -158,16 +158,23 @@ class TrainResult(NamedTuple):
 
 def train(
     config: TrainConfig,
-    buffer_path: str | Path,
+    buffer_path: str | Path | torch.utils.data.IterableDataset,
     run_dir: str | Path,
     *,
     resume: bool = False,
     **trainer_overrides,
 ) -> TrainResult:
-    """Train a CLT (or a per-layer transcoder) on a harvested buffer; save it to ``<run_dir>/clt``."""
+    """Train a CLT (or a per-layer transcoder) on a harvested buffer; save it to ``<run_dir>/clt``.
+
+    ``buffer_path`` may also be an IterableDataset with ``n_layers``, ``d_model``, ``layer_start`` and ``stats``,
+    e.g. ``cltlab.ActivationClient(url).dataset(batch_size)`` reading from an activation server.
+    """
     run_dir = Path(run_dir)
     L.seed_everything(config.seed, verbose=False)
-    buffer = DiscBuffer(buffer_path, batch_size=config.batch_size, seed=config.seed)
+    streamed = isinstance(buffer_path, torch.utils.data.IterableDataset)
+    buffer = (
+        buffer_path if streamed else DiscBuffer(buffer_path, batch_size=config.batch_size, seed=config.seed)
+    )
     clt_config = CLTConfig(
         n_layers=buffer.n_layers,
         d_model=buffer.d_model,
@@ -182,7 +189,7 @@ def train(
     loader = torch.utils.data.DataLoader(
         buffer,
         batch_size=None,
-        shuffle=True,
+        shuffle=not streamed,  # a stream comes in the server's order
         num_workers=config.num_workers,
         persistent_workers=config.num_workers > 0,
         pin_memory=torch.cuda.is_available(),

@@ -1,0 +1,231 @@
+"""The activation server: exact bytes on every path, concurrency, bad requests, tokens, stop/restart, live mode."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+import cltlab
+from cltlab import DiscBuffer, TrainConfig
+from cltlab.corpus import token_sequences
+from cltlab.harvest import trace_sites
+from cltlab.server import ActivationClient, LiveSource, serve
+
+B = 100  # rows per batch: the 500-row buffer holds 5 batches
+
+
+@pytest.fixture(scope="module")
+def server(buffer_path):
+    with serve(buffer_path) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def reference(buffer_path):
+    """Every batch of size B, as the DiscBuffer reads it."""
+    buffer = DiscBuffer(buffer_path, batch_size=B)
+    return [buffer[i] for i in range(len(buffer))]
+
+
+def assert_exact(batch, reference):
+    expected = reference[batch.index % len(reference)]
+    assert torch.equal(batch.resid_mid, expected.resid_mid) and torch.equal(batch.mlp_out, expected.mlp_out)
+
+
+def test_exports_and_import_starts_nothing():
+    assert {"serve", "ActivationClient"} <= set(cltlab.__all__)
+    assert not [t for t in threading.enumerate() if t.name.startswith("cltlab-server")]
+
+
+def test_info_health_and_openapi(server, buffer_path):
+    client = ActivationClient(server.url)
+    info = client.info()
+    assert (info["kind"], info["n_layers"], info["d_model"], info["dtype"], info["n_tokens"]) == (
+        "disc", 4, 64, "float32", 500,
+    )  # fmt: skip
+    assert torch.allclose(
+        client.normalization.input_mean, DiscBuffer(buffer_path, batch_size=B).stats.input_mean
+    )
+    assert client.health() == {"status": "ok", "error": None, "fill": 1.0}
+    paths = set(httpx.get(f"{server.url}/openapi.json").json()["paths"])
+    assert {
+        "/health",
+        "/info",
+        "/stats",
+        "/activations",
+        "/activations/tensor",
+        "/activations/stream",
+    } <= paths
+
+
+def test_json_tensor_and_stream_bytes_equal_the_buffer(server, reference):
+    client = ActivationClient(server.url)
+    for index in (0, 3, 7):  # 7 wraps around to batch 2
+        assert_exact(client.tensor(B, index=index), reference)
+        data = client.json(B, index=index)
+        expected = reference[index % len(reference)]
+        assert data["shape"] == [B, 4, 64]
+        assert torch.equal(torch.tensor(data["resid_mid"]), expected.resid_mid)
+        assert torch.equal(torch.tensor(data["mlp_out"]), expected.mlp_out)
+    streamed = list(client.stream(B, 7, index=0, transport="http"))
+    assert [b.index for b in streamed] == list(range(7))
+    for batch in streamed:
+        assert_exact(batch, reference)
+    before = server.stats["batches"]
+    shared = list(client.stream(B, 6, transport="shm"))
+    assert len(shared) == 6 and len({b.index for b in shared}) == 6
+    for batch in shared:
+        assert_exact(batch, reference)
+    assert server.stats["batches"] == before + 6 and client.same_host
+
+
+def test_eight_concurrent_clients_get_whole_exact_batches(server, reference):
+    received, failures = [], []
+
+    def work(k: int) -> None:
+        client = ActivationClient(server.url)
+        deadline = time.monotonic() + 1.5
+        try:
+            while time.monotonic() < deadline:
+                if k % 3 == 0:
+                    batches = [client.tensor(B)]
+                else:
+                    batches = list(client.stream(B, 4, transport="shm" if k % 3 == 1 else "http"))
+                for batch in batches:
+                    assert batch.resid_mid.shape == (B, 4, 64)
+                    assert_exact(batch, reference)
+                received.extend(batches)
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            failures.append(err)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not failures and len(received) >= 8
+    assert server.errors == []
+
+
+def test_server_survives_a_client_that_disconnects_mid_stream(server, reference):
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port))
+    connection.request("GET", f"/activations/stream?batch_size={B}&max_batches=1000")
+    response = connection.getresponse()
+    assert response.status == 200 and len(response.read(5000)) == 5000
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    client = ActivationClient(server.url)
+    assert client.health()["status"] == "ok"
+    assert_exact(client.tensor(B, index=1), reference)
+
+
+@pytest.mark.parametrize(
+    "query, status",
+    [
+        ("/activations/tensor?batch_size=0", 422),
+        ("/activations/tensor?batch_size=abc", 422),
+        ("/activations/tensor?batch_size=501", 400),  # more than the buffer holds
+        ("/activations/tensor?batch_size=10&index=-1", 422),
+        ("/activations/tensor?batch_size=10000000", 422),  # over the server's limit
+        ("/activations?batch_size=400", 413),  # over the JSON cap
+        ("/activations/stream?batch_size=10&max_batches=0", 422),
+        ("/activations/stream?batch_size=10&max_batches=99999999", 400),
+        ("/shm/lease?batch_size=-3", 422),
+        ("/shm/release?batch_size=10&slot=x", 422),
+    ],
+)
+def test_bad_parameters_get_a_4xx_with_a_message(server, query, status):
+    response = httpx.get(f"{server.url}{query}")
+    assert response.status_code == status and response.json()["detail"]
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok" and server.errors == []
+
+
+def test_a_token_is_required_off_loopback_and_checked(buffer_path):
+    with pytest.raises(ValueError, match="token"):
+        serve(buffer_path, host="0.0.0.0")  # refused before anything is bound
+    with serve(buffer_path, token="s3cret") as handle:
+        assert httpx.get(f"{handle.url}/health").status_code == 401
+        assert httpx.get(f"{handle.url}/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        client = ActivationClient(handle.url, token="s3cret")
+        assert client.health()["status"] == "ok" and client.tensor(B).resid_mid.shape == (B, 4, 64)
+
+
+def test_stop_frees_the_port_and_shared_memory_and_serving_again_works(buffer_path, reference):
+    handle = serve(buffer_path)
+    client = ActivationClient(handle.url)
+    assert len(list(client.stream(B, 2, transport="shm"))) == 2
+    segment = next(iter(handle._state.rings.values())).name
+    assert Path("/dev/shm", segment).exists()
+    handle.stop()
+    handle.stop()  # idempotent
+    assert not Path("/dev/shm", segment).exists() and not handle.running
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", handle.port), timeout=2)  # nobody listens any more
+    with socket.socket() as sock:  # and the port can be bound again (SO_REUSEADDR: closed connections linger)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", handle.port))
+        sock.listen()
+    with serve(buffer_path, port=handle.port) as again:
+        assert_exact(ActivationClient(again.url).tensor(B, index=4), reference)
+
+
+def test_client_reconnects_when_the_server_restarts(buffer_path, reference):
+    handle = serve(buffer_path)
+    port = handle.port
+    client = ActivationClient(handle.url, retry_s=20)
+    stream = client.stream(B, 4, index=0, transport="http")
+    first = next(stream)
+    handle.stop()
+    with serve(buffer_path, port=port):
+        rest = list(stream)
+    assert [b.index for b in [first, *rest]] == [0, 1, 2, 3]
+    for batch in rest:
+        assert_exact(batch, reference)
+
+
+def test_dataset_splits_batches_across_dataloader_workers(server, reference):
+    dataset = ActivationClient(server.url).dataset(B, max_batches=6)
+    assert (dataset.n_layers, dataset.d_model, dataset.layer_start) == (4, 64, 0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+    batches = list(loader)
+    assert len(batches) == 6 and len({int(b.index) for b in batches}) == 6
+    for batch in batches:
+        assert_exact(batch, reference)
+
+
+def test_training_reads_from_the_server(server, tmp_path):
+    config = dataclasses.replace(
+        TrainConfig(), d_features=16, max_steps=3, batch_size=B, wandb=False, log_every=1
+    )
+    dataset = ActivationClient(server.url).dataset(B)
+    result = cltlab.train(config, dataset, tmp_path, enable_progress_bar=False)
+    assert result.clt.n_layers == 4 and (result.clt_dir / "config.json").exists()
+
+
+def test_live_mode_serves_the_rows_of_a_direct_harvest(tiny_gpt2):
+    seq_len, forward, rows = 16, 2, 24  # 30 rows per forward batch: batches straddle forward batches
+    ids = list(token_sequences("shakespeare", tiny_gpt2.tokenizer, seq_len=seq_len,
+                               bos_token_id=tiny_gpt2.bos_token_id, batch_size=forward))[:3]  # fmt: skip
+    direct = [trace_sites(tiny_gpt2, x, 0, 4) for x in ids]  # before the live harvester uses the model
+    expected = [torch.cat([a[i][:, 1:].reshape(-1, 4, 64) for a in direct]) for i in range(2)]
+    source = LiveSource(tiny_gpt2, seq_len=seq_len, batch_size=forward, capacity=64, repeat=False)
+    with serve(source) as handle:
+        client = ActivationClient(handle.url)
+        info = client.wait_for_data(timeout=30)
+        assert info["kind"] == "live" and info["n_tokens"] is None and info["normalization"] is not None
+        batches = list(client.stream(rows, 3, transport="http"))
+        assert [b.index for b in batches] == [0, 1, 2]
+        assert torch.equal(torch.cat([b.resid_mid for b in batches]), expected[0][: 3 * rows])
+        assert torch.equal(torch.cat([b.mlp_out for b in batches]), expected[1][: 3 * rows])
+        assert httpx.get(f"{handle.url}/activations/tensor?batch_size=4&index=0").status_code == 400
