@@ -31,7 +31,7 @@ def forward_tokens_per_second(model, config: cltlab.HarvestConfig) -> float:
     start = time.perf_counter()
     with torch.no_grad():
         for batch in ids:
-            model.model(batch.to(model.device))
+            model.model(batch.to(model.device), use_cache=False)
     return len(ids) * rows_per_batch / (time.perf_counter() - start)
 
 

@@ -255,11 +255,13 @@ class DiscBuffer(torch.utils.data.Dataset):
 
     @property
     def stats(self) -> NormStats:
-        """Mean and RMS scale per layer of both sites, over every stored row."""
-        total = sum(self._file(i)["stats_sum"][()] for i in range(len(self._shard_rows)))  # (2, L, d)
-        squares = sum(self._file(i)["stats_sq"][()] for i in range(len(self._shard_rows)))  # (2, L)
-        mean = total / self.n_tokens
-        variance = (squares / self.n_tokens - (mean**2).sum(-1)) / self.d_model
+        """Mean and RMS scale per layer of both sites, estimated at harvest time (every 8th stored row)."""
+        shards = [self._file(i) for i in range(len(self._shard_rows))]
+        total = sum(f["stats_sum"][()] for f in shards)  # (2, L, d)
+        squares = sum(f["stats_sq"][()] for f in shards)  # (2, L)
+        n = sum(int(f["stats_rows"][()]) for f in shards)
+        mean = total / n
+        variance = (squares / n - (mean**2).sum(-1)) / self.d_model
         scale = np.sqrt(np.maximum(variance, 1e-24))[..., None]
         f32 = lambda a: torch.from_numpy(a.astype(np.float32))  # noqa: E731
         return NormStats(f32(mean[0]), f32(scale[0]), f32(mean[1]), f32(scale[1]))

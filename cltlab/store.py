@@ -13,8 +13,9 @@ A shard holds, with every dataset contiguous and allocated when the shard is cre
     sequence   (n_rows,)        int64   global index of the row's sequence
     position   (n_rows,)        int32   position in that sequence (0 is BOS, never stored)
     sequences  (n_sequences, seq_len)  int32  the shard's sequences, BOS included (global index = first_sequence + i)
-    stats_sum  (2, n_layers, d_model) float64  Σx of resid_mid and mlp_out over the rows written
-    stats_sq   (2, n_layers)          float64  Σ‖x‖²
+    stats_sum  (2, n_layers, d_model) float64  Σx of resid_mid and mlp_out over every 8th row (see harvest.py)
+    stats_sq   (2, n_layers)          float64  Σ‖x‖² over the same rows
+    stats_rows ()                     int64    how many rows those sums cover
     progress   (2,)             int64   rows written, forward batches written
 
 Because all space is allocated up front and progress is a dataset overwritten in place, writing a batch never
@@ -74,8 +75,9 @@ def create_shard(
     _create(f, "sequences", (n_sequences, T), np.int32)
     _create(f, "stats_sum", (2, L, d), np.float64)
     _create(f, "stats_sq", (2, L), np.float64)
+    _create(f, "stats_rows", (), np.int64)
     _create(f, "progress", (2,), np.int64)
-    for name in ("stats_sum", "stats_sq", "progress"):
+    for name in ("stats_sum", "stats_sq", "stats_rows", "progress"):
         f[name][...] = 0
     f.flush()
     return f

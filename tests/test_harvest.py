@@ -24,7 +24,7 @@ from helpers import hooked_sites, random_ids
 
 from cltlab import DiscBuffer, HarvestConfig, harvest
 from cltlab.corpus import token_sequences
-from cltlab.harvest import trace_sites
+from cltlab.harvest import STATS_STRIDE, trace_sites
 from cltlab.models import LoadedModel
 from cltlab.store import open_shard
 
@@ -188,11 +188,12 @@ def test_rows_are_shuffled_within_forward_batches(buffer_path):
     assert set(sequence[:124].tolist()) == {0, 1, 2, 3}
 
 
-def test_shard_statistics_are_the_sums_over_their_rows(buffer_path):
+def test_shard_statistics_are_the_sums_over_every_eighth_row(buffer_path):
     for shard in sorted(buffer_path.glob("shard-*.h5")):
         with h5py.File(shard, "r") as f:
+            assert f["stats_rows"][()] == len(range(0, f.attrs["n_rows"], STATS_STRIDE))
             for s, site in enumerate(["resid_mid", "mlp_out"]):
-                rows = f[site][()].astype(np.float64)  # (n_rows, n_layers, d_model)
+                rows = f[site][::STATS_STRIDE].astype(np.float64)  # (n_rows / 8, n_layers, d_model)
                 # Summed in float32 within a forward batch, so equal to float32 precision.
                 assert np.allclose(f["stats_sum"][s], rows.sum(0), rtol=1e-5, atol=1e-5), (shard.name, site)
                 assert np.allclose(f["stats_sq"][s], (rows**2).sum((0, 2)), rtol=1e-5), (shard.name, site)
@@ -247,9 +248,12 @@ def test_half_precision_storage_round_trips(tmp_path, tiny_gpt2, dtype):
     resid, mlp = hooked_sites(tiny_gpt2, ids, range(4))
     assert torch.equal(rows.resid_mid, resid[sequence, position].to(getattr(torch, dtype)))
     assert torch.equal(rows.mlp_out, mlp[sequence, position].to(getattr(torch, dtype)))
-    # The statistics are sums over the stored (rounded) values.
+    # The statistics are sums over the stored (rounded) values of every 8th row of each 31-row shard.
+    picked = [*range(0, 31, STATS_STRIDE), *range(31, 62, STATS_STRIDE)]
     stats = buffer.stats
-    assert torch.allclose(stats.input_mean, rows.resid_mid.double().mean(0).float(), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(
+        stats.input_mean, rows.resid_mid[picked].double().mean(0).float(), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_harvest_a_llama_model(tmp_path, tiny_llama):

@@ -79,6 +79,7 @@ def test_new_shard_is_allocated_up_front_with_zero_progress(tmp_path, dtype, sto
             "sequences": ((2 * B, T), np.int32),
             "stats_sum": ((2, L, D), np.float64),
             "stats_sq": ((2, L), np.float64),
+            "stats_rows": ((), np.int64),
             "progress": ((2,), np.int64),
         }
         assert sorted(f) == sorted(shapes)
