@@ -1,0 +1,65 @@
+"""stream/direct and shm/direct: activation-server GB/s received by a client ÷ DiscBuffer direct-read GB/s.
+
+A one-shard harvest folder shaped like smollm2-135m (30 layers × d_model 576, bfloat16; see benchmarks/buffer.py)
+is filled with random data and read once to warm the page cache. Then, side by side in this run, best of three
+each: one epoch of DiscBuffer batches read directly; the same number of batches received by an ActivationClient
+over ``/activations/stream`` (HTTP on loopback); and over the shared-memory ring. The server runs in this process,
+as it does in a notebook's kernel.
+Usage: python benchmarks/server.py [--rows 16384] [--batch-size 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from buffer import best_of, make_folder
+
+from cltlab import ActivationClient, DiscBuffer, serve
+
+
+def consume(batches) -> None:
+    """Take each batch and let it go, as a training loop does."""
+    for _ in batches:
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=16384)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--d-model", type=int, default=576)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        make_folder(folder, args.rows, args.layers, args.d_model)
+        buffer = DiscBuffer(folder, batch_size=args.batch_size)
+        n = len(buffer)
+        nbytes = sum(
+            a.numel() * a.element_size() for i in range(n) for a in buffer[i]
+        )  # also warms the cache
+        direct = best_of(3, lambda: consume(buffer[i] for i in range(n)))
+        with serve(folder) as handle:
+            client = ActivationClient(handle.url)
+            list(client.stream(args.batch_size, 2, transport="http"))  # warm up both paths
+            list(client.stream(args.batch_size, 2, transport="shm"))
+            stream = best_of(3, lambda: consume(client.stream(args.batch_size, n, transport="http")))
+            shm = best_of(3, lambda: consume(client.stream(args.batch_size, n, transport="shm")))
+            client.close()
+    gb = nbytes / 1e9
+    print(f"{n} batches of {args.batch_size} rows, {gb:.2f} GB per pass")
+    print(f"DiscBuffer direct: {gb / direct:.2f} GB/s")
+    print(f"server /activations/stream: {gb / stream:.2f} GB/s")
+    print(f"server shared memory: {gb / shm:.2f} GB/s")
+    print(f"stream/direct = {direct / stream:.2f}")
+    print(f"shm/direct = {direct / shm:.2f}")
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    main()
