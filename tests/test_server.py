@@ -229,3 +229,28 @@ def test_live_mode_serves_the_rows_of_a_direct_harvest(tiny_gpt2):
         assert torch.equal(torch.cat([b.resid_mid for b in batches]), expected[0][: 3 * rows])
         assert torch.equal(torch.cat([b.mlp_out for b in batches]), expected[1][: 3 * rows])
         assert httpx.get(f"{handle.url}/activations/tensor?batch_size=4&index=0").status_code == 400
+
+
+def test_serve_builds_a_live_source_from_a_model_and_harvest_config(tiny_gpt2):
+    from cltlab.server.runner import as_source
+
+    source = as_source(
+        tiny_gpt2, cltlab.HarvestConfig(model="tiny-gpt2", seq_len=8, batch_size=1, layers=(1, 3))
+    )
+    try:
+        assert (source.seq_len, source.forward_batch, source.info.n_layers, source.info.layer_start) == (
+            8,
+            1,
+            2,
+            1,
+        )
+        assert source.take(7).rows == 7
+    finally:
+        source.close()
+
+
+def test_cli_serves_a_folder(buffer_path, capsys):
+    from cltlab.cli import main
+
+    assert main(["serve", "--buffer", str(buffer_path), "--port", "0", "--seconds", "0.3"]) == 0
+    assert "serving DiscBuffer" in capsys.readouterr().out
