@@ -76,6 +76,15 @@ def trace_sites(
 
     Without ``with_logits`` the run stops right after the last needed MLP.
     """
+    resid, mlp, logits = _trace_layers(model, ids, layer_start, layer_stop, with_logits)
+    return SiteActivations(torch.stack(resid, 2), torch.stack(mlp, 2), logits)
+
+
+@torch.no_grad()
+def _trace_layers(
+    model: LoadedModel, ids: torch.Tensor, layer_start: int, layer_stop: int, with_logits: bool
+):
+    """The sites as per-layer lists of ``(batch, seq, d_model)`` tensors, and the logits or None."""
     blocks = model.envoy_blocks()
     resid, mlp, out = [], [], {}
     with model.envoy.trace(ids.to(model.device), use_cache=False) as tracer:
@@ -87,7 +96,7 @@ def trace_sites(
             out["logits"] = model.envoy.output.logits.save()
         else:
             tracer.stop()  # nothing after the last needed MLP runs
-    return SiteActivations(torch.stack(resid, 2), torch.stack(mlp, 2), out.get("logits"))
+    return resid, mlp, out.get("logits")
 
 
 class HarvestResult(NamedTuple):
@@ -199,8 +208,13 @@ class _Shard:
         norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)  # (rows, n_layers)
         self.squares[site] += norms.square().sum(0, dtype=torch.float64).numpy()
 
-    def write(self, batch: int, ids: torch.Tensor, acts: tuple[torch.Tensor, ...], take: int, ready) -> None:
-        """Shuffle batch ``batch`` (global index) within itself and write its first ``take`` rows."""
+    def write(
+        self, batch: int, ids: torch.Tensor, acts: tuple[list[torch.Tensor], ...], take: int, ready
+    ) -> None:
+        """Shuffle batch ``batch`` (global index) within itself and write its first ``take`` rows.
+
+        ``acts`` holds, per site, the per-layer ``(batch, seq, d_model)`` tensors in the storage dtype.
+        """
         if ready is not None:
             ready.synchronize()  # the device→host copy
         B, T = ids.shape
@@ -208,8 +222,11 @@ class _Shard:
         order = torch.randperm(B * (T - 1), generator=torch.Generator().manual_seed(batch))[:take]
         index = (order // (T - 1)) * T + 1 + order % (T - 1)
         rows = np.s_[self.rows : self.rows + take]
-        for s, (site, x) in enumerate(zip(SITES, acts, strict=True)):
-            x = x.reshape(B * T, *x.shape[2:])[index]  # (take, n_layers, d_model), one gather
+        for s, (site, layers) in enumerate(zip(SITES, acts, strict=True)):
+            # Gather the shuffled rows layer by layer straight into (take, n_layers, d_model): no stacked copy.
+            x = torch.empty(take, len(layers), layers[0].shape[-1], dtype=layers[0].dtype)
+            for layer, values in enumerate(layers):
+                x[:, layer] = values.reshape(B * T, -1)[index]
             self.f[site].write_direct(x.numpy(), dest_sel=rows)
             self._add_stats(s, x.view(torch.bfloat16) if x.dtype == torch.uint16 else x, self.rows)
         self.f["tokens"].write_direct(ids.reshape(-1)[index].to(torch.int32).numpy(), dest_sel=rows)
@@ -355,13 +372,15 @@ def harvest(
                         f"Corpus {config.corpus!r} ({config.split}) ran out before batch {number} of {n_batches}; "
                         "ask for fewer tokens."
                     )
-                acts = trace_sites(model, ids, layer_start, layer_stop)
-                host = [_to_host(to_storage(x, config.dtype), stream) for x in (acts.resid_mid, acts.mlp_out)]
+                resid, mlp, _ = _trace_layers(model, ids, layer_start, layer_stop, with_logits=False)
+                host = tuple(
+                    [_to_host(to_storage(x, config.dtype), stream) for x in site] for site in (resid, mlp)
+                )
                 ready = torch.cuda.Event() if stream is not None else None
                 if ready is not None:
                     ready.record(stream)
                 take = min(rows_per_batch, n - number * rows_per_batch)
-                writer.put(functools.partial(shard.write, number, ids, tuple(host), take, ready))
+                writer.put(functools.partial(shard.write, number, ids, host, take, ready))
                 written += take
                 bar.update(take)
             writer.put(shard.finish)

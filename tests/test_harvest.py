@@ -100,15 +100,17 @@ def finished_shards(folder: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture
 def count_forwards(monkeypatch) -> list[int]:
-    """Counts the forward batches ``harvest`` runs (one ``trace_sites`` call each)."""
+    """Counts the forward batches ``harvest`` runs (one ``_trace_layers`` call each)."""
     calls = []
+    # The module, not the ``harvest`` function that cltlab/__init__ exports under the same name.
+    module = importlib.import_module("cltlab.harvest")
+    trace = module._trace_layers
 
     def counting(model, ids, *args, **kwargs):
         calls.append(len(ids))
-        return trace_sites(model, ids, *args, **kwargs)
+        return trace(model, ids, *args, **kwargs)
 
-    # The module, not the ``harvest`` function that cltlab/__init__ exports under the same name.
-    monkeypatch.setattr(importlib.import_module("cltlab.harvest"), "trace_sites", counting)
+    monkeypatch.setattr(module, "_trace_layers", counting)
     return calls
 
 
