@@ -110,8 +110,8 @@ class DiscBuffer(torch.utils.data.Dataset):
         self._shard_start = np.concatenate(
             [[0], np.cumsum(self._shard_rows)]
         )  # global row of each shard's row 0
-        row_bytes = self.n_layers * self.d_model * np.dtype(STORAGE_DTYPES[self.dtype]).itemsize
-        self.block_rows = block_rows or _block_rows(batch_size, row_bytes)
+        self._row_bytes = self.n_layers * self.d_model * np.dtype(STORAGE_DTYPES[self.dtype]).itemsize
+        self.block_rows = block_rows or _block_rows(batch_size, self._row_bytes)
         self._batches = self._plan()
         self._files: dict[int, h5py.File] = {}
         self._raws: dict[int, _RawShard] = {}
@@ -157,21 +157,48 @@ class DiscBuffer(torch.utils.data.Dataset):
         return len(self._batches)
 
     def __getitem__(self, index: int) -> ActivationBatch:
+        rows = self.batch_rows(index)
+        out = tuple(np.empty((rows, self.n_layers, self.d_model), STORAGE_DTYPES[self.dtype]) for _ in SITES)
+        self.read_batch_into(index, out)
+        return ActivationBatch(*(to_torch(a, self.dtype) for a in out))
+
+    def batch_rows(self, index: int) -> int:
+        """Rows in batch ``index``."""
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range for {len(self)} batches")
-        segments = self._batches[index]
-        rows = sum(stop - start for _, start, stop in segments)
-        shape = (rows, self.n_layers, self.d_model)
-        out = [np.empty(shape, STORAGE_DTYPES[self.dtype]) for _ in SITES]
+        return sum(stop - start for _, start, stop in self._batches[index])
+
+    def read_batch_into(self, index: int, out: tuple[np.ndarray, np.ndarray]) -> None:
+        """Read batch ``index`` into two C-contiguous arrays (``resid_mid``, ``mlp_out``) of its size in bytes.
+
+        The arrays may be views of someone else's memory (the activation server passes shared memory).
+        """
+        rows = self.batch_rows(index)
+        for array in out:
+            if not array.flags.c_contiguous or array.nbytes != rows * self._row_bytes:
+                raise ValueError(
+                    f"read_batch_into needs two C-contiguous arrays of {rows * self._row_bytes} bytes."
+                )
         at = 0
-        for shard, start, stop in segments:
+        for shard, start, stop in self._batches[index]:
             raw = self._raw(shard)
             for s, array in enumerate(out):
                 # One positional read per block and site, straight into the batch: the datasets are contiguous
                 # (see store.py), so a block of rows is one byte range of the shard file.
-                _read_into(raw.fd, array[at : at + stop - start], raw.offsets[s] + start * raw.row_bytes)
+                flat = array.reshape(-1).view(np.uint8)
+                size = (stop - start) * raw.row_bytes
+                _read_into(
+                    raw.fd,
+                    flat[at * raw.row_bytes : at * raw.row_bytes + size],
+                    raw.offsets[s] + start * raw.row_bytes,
+                )
             at += stop - start
-        return ActivationBatch(*(to_torch(a, self.dtype) for a in out))
+
+    def open(self) -> DiscBuffer:
+        """Open every shard now (so that threads reading at once never race to open one); returns self."""
+        for shard in range(len(self._shard_rows)):
+            self._raw(shard)
+        return self
 
     # ------------------------------------------------------------------------------------------ file access
 

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..buffer import DiscBuffer, NormStats, _read_into, to_storage
+from ..buffer import DiscBuffer, NormStats, to_storage
 from ..store import STORAGE_DTYPES
 
 log = logging.getLogger("cltlab")
@@ -103,12 +103,9 @@ class DiscSource:
                     raise SourceError(
                         f"batch_size must be between 1 and the {self.info.n_tokens} rows of the buffer, not {batch_size}."
                     )
-                buffer = DiscBuffer(self.path, batch_size=batch_size, seed=self.seed)
-                for shard in range(len(buffer.info["shards"])):
-                    buffer._raw(
-                        shard
-                    )  # open every shard now: reads from many threads then never race to open
-                self._buffers[batch_size] = buffer
+                self._buffers[batch_size] = DiscBuffer(
+                    self.path, batch_size=batch_size, seed=self.seed
+                ).open()
                 while len(self._buffers) > self.max_buffers:
                     self._buffers.popitem(last=False)[1].close()
             self._buffers.move_to_end(batch_size)
@@ -117,7 +114,7 @@ class DiscSource:
     def rows(self, batch_size: int, index: int) -> int:
         """Rows of batch ``index`` (DiscBuffer batches differ by at most one row)."""
         buffer = self.buffer(batch_size)
-        return sum(stop - start for _, start, stop in buffer._batches[index % len(buffer)])
+        return buffer.batch_rows(index % len(buffer))
 
     def take(self, batch_size: int, index: int | None = None, out: np.ndarray | None = None) -> Batch:
         """Batch ``index`` (the cursor's next one when None), read straight into ``out`` when it is large enough."""
@@ -128,23 +125,14 @@ class DiscSource:
                 self._cursors[batch_size] += 1
         elif index < 0:
             raise SourceError(f"index must be >= 0, not {index}.")
-        segments = buffer._batches[index % len(buffer)]
-        rows = sum(stop - start for _, start, stop in segments)
-        row_bytes = self.info.row_bytes
-        size = 2 * rows * row_bytes
-        data = out[:size] if out is not None and out.nbytes >= size else np.empty(size, np.uint8)
-        at = 0
-        # The same positional block reads as DiscBuffer.__getitem__, into the caller's memory (e.g. shared memory).
-        for shard, start, stop in segments:
-            raw = buffer._raw(shard)
-            for site in range(2):
-                base = site * rows * row_bytes + at * row_bytes
-                _read_into(
-                    raw.fd,
-                    data[base : base + (stop - start) * row_bytes],
-                    raw.offsets[site] + start * raw.row_bytes,
-                )
-            at += stop - start
+        rows = buffer.batch_rows(index % len(buffer))
+        site_bytes = rows * self.info.row_bytes
+        data = (
+            out[: 2 * site_bytes]
+            if out is not None and out.nbytes >= 2 * site_bytes
+            else np.empty(2 * site_bytes, np.uint8)
+        )
+        buffer.read_batch_into(index % len(buffer), (data[:site_bytes], data[site_bytes:]))
         return Batch(index, rows, data)
 
     @property
