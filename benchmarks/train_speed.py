@@ -1,0 +1,115 @@
+"""Training-step speed of the CLT, measured side by side in one run (bf16 autocast on the CPU or GPU).
+
+- ``ours/seed_masked``: steps/s of our per-source-layer decoder ÷ steps/s of a dense masked [L, L, F, d]
+  decoder (the seed's layout) of the same sizes, both with the same encoder, loss terms and Adam.
+- ``step_flops/matmul_flops``: achieved FLOP/s of a whole training step (6 · tokens · weights, encoder and
+  decoder) ÷ FLOP/s of the bare bf16 matmuls of the same shapes (forward, input and weight gradients).
+
+Usage: python benchmarks/train_speed.py [--layers 30 --d-model 576 --features 256 --batch 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from cltlab import CLTConfig, CrossLayerTranscoder
+
+
+class SeedMaskedDecoder(torch.nn.Module):
+    """The seed's layout: W_dec (L, L, F, d) with the lower triangle masked away (all FLOPs still done)."""
+
+    def __init__(self, clt: CrossLayerTranscoder):
+        super().__init__()
+        L, F, d = clt.n_layers, clt.d_features, clt.d_model
+        self.W_dec = torch.nn.Parameter(torch.randn(L, L, F, d) / (L * d) ** 0.5)
+        self.register_buffer("mask", torch.ones(L, L).triu())  # source s writes to targets t >= s
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (batch, L, F) -> (batch, L, d)
+        return torch.einsum("bsf,stfd->btd", features, self.W_dec * self.mask[..., None, None])
+
+
+def step_time(clt: CrossLayerTranscoder, decoder, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+    params = list(clt.parameters()) + (list(decoder.parameters()) if decoder is not None else [])
+    optimizer = torch.optim.Adam(params, lr=1e-4, fused=True)
+    device = x.device.type
+
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            if decoder is None:
+                loss = clt.loss(x, y, sparsity_coef=1e-4).total
+            else:
+                features = clt.encode(x)
+                loss = (decoder(features) - y).float().pow(2).mean() + 1e-4 * features.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def matmul_time(clt: CrossLayerTranscoder, batch: int, device: str, repeats: int) -> float:
+    """One step's worth of bare bf16 matmuls: encoder and every decoder block, forward and both gradients."""
+    L, F, d = clt.n_layers, clt.d_features, clt.d_model
+    bf16 = dict(dtype=torch.bfloat16, device=device)
+    shapes = [(d, F)] * L + [(F, clt.n_targets(s) * d) for s in range(L)]
+    tensors = [
+        (torch.randn(batch, k, **bf16), torch.randn(k, n, **bf16), torch.randn(batch, n, **bf16))
+        for k, n in shapes
+    ]
+
+    def run() -> None:
+        for a, w, g in tensors:
+            a @ w  # forward
+            g @ w.T  # input gradient
+            a.T @ g  # weight gradient
+
+    run()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--d-model", type=int, default=576)
+    parser.add_argument("--features", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    config = CLTConfig(n_layers=args.layers, d_model=args.d_model, d_features=args.features)
+    clt = CrossLayerTranscoder(config).to(device)
+    x = torch.randn(args.batch, args.layers, args.d_model, device=device)
+    y = torch.randn(args.batch, args.layers, args.d_model, device=device)
+    ours = step_time(clt, None, x, y, args.steps)
+    seed = step_time(clt, SeedMaskedDecoder(clt).to(device), x, y, args.steps)
+    decoder_weights = sum(W.numel() for W in clt.W_dec)
+    flops = 6 * args.batch * (clt.W_enc.numel() + decoder_weights)
+    bare = matmul_time(clt, args.batch, device, args.steps)
+    print(f"{device}: L={args.layers} d={args.d_model} F={args.features} batch={args.batch}")
+    print(
+        f"our step {ours * 1e3:.0f} ms ({args.batch / ours:,.0f} tok/s), seed masked step {seed * 1e3:.0f} ms"
+    )
+    print(f"step {flops / ours / 1e12:.3f} TFLOP/s, bare bf16 matmuls {flops / bare / 1e12:.3f} TFLOP/s")
+    print(f"ours/seed_masked = {seed / ours:.2f}")
+    print(f"step_flops/matmul_flops = {bare / ours:.2f}")
+
+
+if __name__ == "__main__":
+    main()
