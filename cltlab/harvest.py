@@ -305,6 +305,9 @@ def _to_host(tensor: torch.Tensor, stream) -> torch.Tensor:
     if stream is None:
         return tensor
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    stream.wait_stream(
+        torch.cuda.current_stream(tensor.device)
+    )  # the tensor must be computed before it is copied
     with torch.cuda.stream(stream):
         host.copy_(tensor, non_blocking=True)
     tensor.record_stream(stream)
