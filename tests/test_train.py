@@ -120,3 +120,24 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, buffer_path):
     assert steps == [4, 5]  # the second call went on from step 4 rather than starting over
     # ...and the curves the plots read still hold steps 0-3 from the first call.
     assert [step for step, _ in plots.read_metrics(result.log_dir)["loss"]] == list(range(6))
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path, buffer_path, monkeypatch):
+    from cltlab.clt import CrossLayerTranscoder as CLT
+
+    loss, calls = CLT.loss, []
+
+    def nan_from_step_6(self, *args, **kwargs):  # steps 0-5 train normally, step 6 returns a NaN loss
+        calls.append(1)
+        out = loss(self, *args, **kwargs)
+        return out._replace(total=out.total * float("nan")) if len(calls) > 6 else out
+
+    monkeypatch.setattr(CLT, "loss", nan_from_step_6)
+    config = TrainConfig(
+        max_steps=20, batch_size=128, d_features=16, wandb=False, log_every=1, checkpoint_every=5
+    )
+    with pytest.raises(FloatingPointError, match="Loss became nan at step 6; lower the learning rate"):
+        train(config, buffer_path, tmp_path / "run", enable_progress_bar=False)
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert any("step=5" in name for name in saved)  # the last good checkpoint is kept
+    assert not any("step=10" in name for name in saved)
