@@ -225,7 +225,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def decoder_norms(self) -> torch.Tensor:
         """``(n_layers, d_features)``: norm of each feature's decoder vectors, all targets concatenated."""
-        return torch.stack([W.pow(2).sum((1, 2)).sqrt() for W in self.W_dec])
+        return torch.stack([torch.linalg.vector_norm(W, dim=(1, 2)) for W in self.W_dec])  # no squared copy
 
     def loss(
         self,
