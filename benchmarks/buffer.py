@@ -52,13 +52,18 @@ def best_of(n: int, fn) -> float:
     return min(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def shape_arguments(description: str) -> argparse.Namespace:
+    """The synthetic folder's shape from the command line (shared with benchmarks/server.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--rows", type=int, default=16384)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--d-model", type=int, default=576)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = shape_arguments(__doc__)
     with tempfile.TemporaryDirectory() as tmp:
         shard = make_folder(Path(tmp), args.rows, args.layers, args.d_model)
         size = shard.stat().st_size

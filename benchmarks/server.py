@@ -10,13 +10,12 @@ Usage: python benchmarks/server.py [--rows 16384] [--batch-size 1024]
 
 from __future__ import annotations
 
-import argparse
 import logging
 import tempfile
 import time
 from pathlib import Path
 
-from buffer import best_of, make_folder
+from buffer import best_of, make_folder, shape_arguments
 
 from cltlab import ActivationClient, DiscBuffer, serve
 
@@ -28,12 +27,7 @@ def consume(batches) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rows", type=int, default=16384)
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--d-model", type=int, default=576)
-    args = parser.parse_args()
+    args = shape_arguments(__doc__)
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -10,7 +10,6 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import json
 import logging
 import sys
 import time
@@ -187,19 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         from .run import run_notebooks
 
         run_notebooks(args.profile, paths.root)
-        metrics = json.loads(paths.metrics.read_text())
-        nmse = " ".join(f"{v:.3f}" for v in metrics["nmse"])
-        l0 = " ".join(f"{v:.1f}" for v in metrics["l0"])
         print(f"\n=== cltlab main job: profile {args.profile}, run folder {paths.root} ===")
-        print(
-            f"CE recovered {metrics['ce_recovered']:.4f}  KL {metrics['kl']:.4f}  top-1 agreement "
-            f"{metrics['top1_agreement']:.4f}  mean L0 {metrics['mean_l0']:.1f}"
-        )
-        print(
-            f"CE original {metrics['ce_original']:.4f}  replacement {metrics['ce_replacement']:.4f}  "
-            f"zero-ablation {metrics['ce_zero_ablation']:.4f}"
-        )
-        print(f"NMSE per layer: {nmse}\nL0 per layer:   {l0}")
+        print(paths.load_metrics().summary())
         print(f"report: {paths.report}  (executed notebooks + HTML)")
     print(f"[{args.command} took {time.perf_counter() - start:.0f} s]")
     return 0

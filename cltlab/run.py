@@ -52,6 +52,13 @@ class RunPaths:
         self.metrics.write_text(json.dumps(metrics.to_dict(), indent=2))
         return self.metrics
 
+    def load_metrics(self):
+        """The ``ReplacementMetrics`` that ``save_metrics`` wrote."""
+        from .replacement import ReplacementMetrics
+
+        saved = json.loads(self.metrics.read_text())
+        return ReplacementMetrics(**{name: saved[name] for name in ReplacementMetrics._fields})
+
 
 def run_paths(profile: str, run_dir: str | Path | None = None) -> RunPaths:
     """The run folder: ``run_dir`` if given, else ``$CLTLAB_RUN_DIR``, else ``runs/<profile>``."""

@@ -81,3 +81,11 @@ def test_failing_notebook_still_lands_in_the_report(tmp_path):
 def test_missing_notebook_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"Notebook .*nope\.ipynb not found; pass notebooks_dir="):
         run_notebooks("ci", tmp_path / "run", notebooks=("nope.ipynb",), notebooks_dir=tmp_path)
+
+
+def test_saved_metrics_load_back_as_the_same_metrics(tmp_path):
+    metrics = ReplacementMetrics(3.0, 3.5, 5.0, 0.75, 0.1, 0.9, [0.2, 0.4], [3.0, 5.0], 100)
+    paths = run_paths("ci", tmp_path)
+    paths.save_metrics(metrics)
+    assert paths.load_metrics() == metrics
+    assert "CE recovered 0.7500" in paths.load_metrics().summary()
