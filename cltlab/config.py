@@ -50,6 +50,9 @@ class HarvestConfig:
                 )
 
 
+ACTIVATIONS = ("jumprelu", "topk", "batchtopk")
+
+
 @dataclass
 class CLTConfig:
     """Shape and activation function of a cross-layer transcoder."""
@@ -69,12 +72,21 @@ class CLTConfig:
     """Width of the rectangle kernel behind the threshold's pseudo-gradient."""
     layer_offset: int = 0
     """Index in the model of the first covered layer."""
+    activation: str = "jumprelu"
+    """``jumprelu`` (learned thresholds), ``topk`` (the k largest per token and layer) or ``batchtopk`` (the
+    k · batch largest per layer over the batch)."""
+    k: int = 32
+    """Active features per token and layer for ``topk`` and ``batchtopk``."""
 
     def __post_init__(self) -> None:
         if min(self.n_layers, self.d_model, self.d_features) <= 0:
             raise ValueError("n_layers, d_model and d_features must be positive.")
         if self.bandwidth <= 0 or self.threshold_init <= 0:
             raise ValueError("bandwidth and threshold_init must be positive.")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}.")
+        if not 0 < self.k <= self.d_features:
+            raise ValueError(f"k must be between 1 and d_features={self.d_features}, not {self.k}.")
 
 
 @dataclass
@@ -90,7 +102,11 @@ class TrainConfig:
     batch_size: int = 1024
     """Tokens per step."""
     lr: float = 2e-4
-    """Peak Adam learning rate (linear decay over the last 20% of steps)."""
+    """Peak Adam learning rate."""
+    lr_warmup_steps: int = 0
+    """Steps of linear learning-rate warm-up from 0."""
+    lr_decay: float = 0.2
+    """Final fraction of training over which the learning rate decays linearly to 0."""
     sparsity_coef: float = 2e-4
     """λ of the tanh sparsity penalty Σ tanh(c·‖W_dec,i‖·f_i), reached after the warm-up."""
     sparsity_c: float = 4.0
@@ -103,10 +119,24 @@ class TrainConfig:
     """Initial JumpReLU threshold."""
     bandwidth: float = 0.1
     """JumpReLU rectangle-kernel bandwidth."""
+    activation: str = "jumprelu"
+    """``jumprelu``, ``topk`` or ``batchtopk`` (see ``CLTConfig.activation``)."""
+    k: int = 32
+    """Active features per token and layer for ``topk`` / ``batchtopk``."""
+    decoding: str = "auto"
+    """``dense``, ``sparse`` (gather the active features' decoder rows) or ``auto`` (sparse when few fire)."""
     precision: str = "32-true"
     """Lightning precision: ``32-true``, ``bf16-mixed``, ``16-mixed``."""
+    compile: bool = False
+    """Wrap the CLT's encoder and loss in ``torch.compile``."""
     accelerator: str = "auto"
     """Lightning accelerator: ``auto`` picks a GPU when there is one."""
+    devices: int | str = 1
+    """Lightning devices per node: a count, ``"auto"`` or a list spec such as ``"0,1"``."""
+    num_nodes: int = 1
+    """Machines to train on (with torchrun or SLURM setting up the processes)."""
+    strategy: str = "auto"
+    """Lightning strategy: ``auto``, ``ddp``, ``fsdp`` (CLTs too large for one device), ``ddp_spawn`` ..."""
     log_every: int = 10
     """Steps between logged metrics."""
     checkpoint_every: int = 500
@@ -119,6 +149,16 @@ class TrainConfig:
     """DataLoader workers."""
     seed: int = 0
     """Seed for initialisation and data order."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps <= 0 or self.batch_size <= 0 or self.d_features <= 0:
+            raise ValueError("max_steps, batch_size and d_features must be positive.")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}.")
+        if self.decoding not in ("auto", "dense", "sparse"):
+            raise ValueError(f"decoding must be auto, dense or sparse, not {self.decoding!r}.")
+        if not 0.0 <= self.lr_decay <= 1.0 or self.lr_warmup_steps < 0:
+            raise ValueError("lr_decay must be in [0, 1] and lr_warmup_steps non-negative.")
 
 
 @dataclass
