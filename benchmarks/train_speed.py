@@ -4,6 +4,8 @@
   decoder (the seed's layout) of the same sizes, both with the same encoder, loss terms and Adam.
 - ``step_flops/matmul_flops``: achieved FLOP/s of a whole training step (6 · tokens · weights, encoder and
   decoder) ÷ FLOP/s of the bare bf16 matmuls of the same shapes (forward, input and weight gradients).
+- ``sparse/dense``: steps/s with sparse decoding ÷ steps/s with dense decoding, with the JumpReLU thresholds set
+  so that ``--density`` (default 2%) of the features fire, as in a trained CLT.
 
 Usage: python benchmarks/train_speed.py [--layers 30 --d-model 576 --features 256 --batch 512]
 """
@@ -31,7 +33,9 @@ class SeedMaskedDecoder(torch.nn.Module):
         return torch.einsum("bsf,stfd->btd", features, self.W_dec * self.mask[..., None, None])
 
 
-def step_time(clt: CrossLayerTranscoder, decoder, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+def step_time(
+    clt: CrossLayerTranscoder, decoder, x: torch.Tensor, y: torch.Tensor, steps: int, decoding: str = "dense"
+) -> float:
     params = list(clt.parameters()) + (list(decoder.parameters()) if decoder is not None else [])
     optimizer = torch.optim.Adam(params, lr=1e-4, fused=True)
     device = x.device.type
@@ -39,7 +43,7 @@ def step_time(clt: CrossLayerTranscoder, decoder, x: torch.Tensor, y: torch.Tens
     def step() -> None:
         with torch.autocast(device, dtype=torch.bfloat16):
             if decoder is None:
-                loss = clt.loss(x, y, sparsity_coef=1e-4).total
+                loss = clt.loss(x, y, sparsity_coef=1e-4, decoding=decoding).total
             else:
                 features = clt.encode(x)
                 loss = (decoder(features) - y).float().pow(2).mean() + 1e-4 * features.sum()
@@ -83,6 +87,14 @@ def matmul_time(clt: CrossLayerTranscoder, batch: int, device: str, repeats: int
     return (time.perf_counter() - start) / repeats
 
 
+@torch.no_grad()
+def set_density(clt: CrossLayerTranscoder, x: torch.Tensor, density: float) -> None:
+    """Set every threshold to the (1 − density) quantile of its layer's pre-activations on ``x``."""
+    pre = clt.preactivations(x).transpose(0, 1).flatten(1)  # (n_layers, batch · d_features)
+    theta = torch.quantile(pre.float(), 1 - density, dim=1).clamp_min(1e-3)
+    clt.activation.log_threshold.copy_(theta.log()[:, None].expand_as(clt.activation.log_threshold))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layers", type=int, default=30)
@@ -90,6 +102,7 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=256)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--density", type=float, default=0.02, help="L0/F for the sparse/dense comparison")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -102,13 +115,22 @@ def main() -> None:
     decoder_weights = sum(W.numel() for W in clt.W_dec)
     flops = 6 * args.batch * (clt.W_enc.numel() + decoder_weights)
     bare = matmul_time(clt, args.batch, device, args.steps)
+    set_density(clt, x, args.density)
+    with torch.no_grad():
+        density = (clt.encode(x) > 0).float().mean().item()
+    dense = step_time(clt, None, x, y, args.steps, decoding="dense")
+    sparse = step_time(clt, None, x, y, args.steps, decoding="auto")
     print(f"{device}: L={args.layers} d={args.d_model} F={args.features} batch={args.batch}")
     print(
         f"our step {ours * 1e3:.0f} ms ({args.batch / ours:,.0f} tok/s), seed masked step {seed * 1e3:.0f} ms"
     )
     print(f"step {flops / ours / 1e12:.3f} TFLOP/s, bare bf16 matmuls {flops / bare / 1e12:.3f} TFLOP/s")
+    print(
+        f"at L0/F = {density:.3f}: dense decoding {dense * 1e3:.0f} ms/step, sparse (auto) {sparse * 1e3:.0f} ms/step"
+    )
     print(f"ours/seed_masked = {seed / ours:.2f}")
     print(f"step_flops/matmul_flops = {bare / ours:.2f}")
+    print(f"sparse/dense = {dense / sparse:.2f}")
 
 
 if __name__ == "__main__":

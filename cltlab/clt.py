@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import decoding
+from .activations import batch_topk, batchtopk_thresholds, topk
 from .config import CLTConfig
 from .jumprelu import JumpReLU
 
@@ -56,44 +58,6 @@ class CLTLoss(NamedTuple):
     """``(n_layers,)`` mean number of active features per token, per layer."""
     active: torch.Tensor
     """``(n_layers, d_features)`` bool: which features fired in this batch."""
-
-
-class _Decode(torch.autograd.Function):
-    """Σ_source features[:, source] @ W_dec[source], each product written straight into its slice of the output.
-
-    Autograd's in-place ``out[:, a:b] += ...`` costs a zero-filled full-size gradient copy per source in the
-    backward pass (30 of them for a 30-layer CLT); here every product reads and writes strided views instead.
-    Computes in the dtype of ``features`` (the autocast dtype under mixed precision).
-    """
-
-    @staticmethod
-    def forward(ctx, features: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
-        batch, L, F = features.shape
-        d = weights[0].shape[-1]
-        flat = [W.reshape(F, -1).to(features.dtype) for W in weights]  # (d_features, n_targets · d_model)
-        out = torch.zeros(batch, L * d, dtype=features.dtype, device=features.device)
-        with torch.autocast(features.device.type, enabled=False):
-            for source, W in enumerate(flat):
-                out[:, source * d : source * d + W.shape[1]].addmm_(features[:, source], W)
-        ctx.save_for_backward(features, *flat)
-        ctx.weight_meta = [(W.shape, W.dtype) for W in weights]
-        return out.view(batch, L, d)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        features, *flat = ctx.saved_tensors
-        batch, L, F = features.shape
-        d = grad_out.shape[-1]
-        grad = grad_out.reshape(batch, L * d).to(features.dtype)
-        grad_features = torch.zeros_like(features) if ctx.needs_input_grad[0] else None
-        grad_weights = []
-        for source, (W, (shape, dtype)) in enumerate(zip(flat, ctx.weight_meta, strict=True)):
-            g = grad[:, source * d : source * d + W.shape[1]]  # (batch, n_targets · d_model), a strided view
-            if grad_features is not None:
-                grad_features[:, source] = g @ W.T
-            needed = ctx.needs_input_grad[1 + source]
-            grad_weights.append((features[:, source].T @ g).to(dtype).view(shape) if needed else None)
-        return grad_features, *grad_weights
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -183,23 +147,69 @@ class CrossLayerTranscoder(nn.Module):
         x = (x.to(self.W_enc.dtype) - self.input_mean) / self.input_scale  # (batch, n_layers, d_model)
         return torch.einsum("bld,ldf->blf", x, self.W_enc) + self.b_enc
 
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """Pre-activations ``(batch, n_layers, d_features)`` → features, with the configured activation."""
+        if self.config.activation == "topk":
+            return topk(pre, self.config.k)
+        if self.config.activation == "batchtopk":
+            return batch_topk(pre, self.config.k)
+        return self.activation(pre)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Raw ``resid_mid`` ``(batch, n_layers, d_model)`` → features ``(batch, n_layers, d_features)``."""
-        return self.activation(self.preactivations(x))
+        return self.activate(self.preactivations(x))
 
     def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Raw ``resid_mid`` of one layer ``(..., d_model)`` → its features ``(..., d_features)``."""
         x = (x.to(self.W_enc.dtype) - self.input_mean[layer]) / self.input_scale[layer]
         pre = x @ self.W_enc[layer] + self.b_enc[layer]
+        if self.config.activation == "topk":
+            return topk(pre, self.config.k)
+        if self.config.activation == "batchtopk":
+            return batch_topk(pre.reshape(-1, self.d_features), self.config.k).view(pre.shape)
         return pre * (pre > self.activation.threshold[layer])  # the JumpReLU, for one layer
+
+    @torch.no_grad()
+    def to_jumprelu(self, inputs) -> CrossLayerTranscoder:
+        """A JumpReLU copy of this BatchTopK (or TopK) transcoder, for inference.
+
+        Each layer's threshold is the mean, over the batches of raw ``resid_mid`` that ``inputs`` yields, of the
+        smallest activation BatchTopK kept; every other weight is shared by value.
+        """
+        if self.config.activation == "jumprelu":
+            raise ValueError(
+                "to_jumprelu converts a topk or batchtopk transcoder; this one is already jumprelu."
+            )
+        theta = batchtopk_thresholds((self.preactivations(x) for x in inputs), self.config.k)
+        converted = type(self)(dataclasses.replace(self.config, activation="jumprelu"))
+        converted.load_state_dict(self.state_dict())
+        log_theta = theta.clamp_min(1e-6).log()[:, None].expand_as(converted.activation.log_threshold)
+        converted.activation.log_threshold.copy_(log_theta)
+        return converted.to(self.W_enc.device).train(self.training)
+
+    def gradient_support(self, pre: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Bool ``(batch, n_layers, d_features)``: where the activation passes a gradient back to its input or θ.
+
+        JumpReLU: above θ (the input gradient) and within ε/2 below it (the threshold's pseudo-gradient).
+        TopK / BatchTopK: the kept entries.
+        """
+        if self.config.activation != "jumprelu":
+            return features > 0
+        return pre > self.activation.threshold - self.activation.bandwidth / 2
 
     # ------------------------------------------------------------------------------------------- decoding
 
-    def decode_normalized(self, features: torch.Tensor) -> torch.Tensor:
-        """Features ``(batch, n_layers, d_features)`` → normalized reconstruction ``(batch, n_layers, d_model)``."""
+    def decode_normalized(
+        self, features: torch.Tensor, *, needed: torch.Tensor | None = None, mode: str = "dense"
+    ) -> torch.Tensor:
+        """Features ``(batch, n_layers, d_features)`` → normalized reconstruction ``(batch, n_layers, d_model)``.
+
+        ``mode`` ``sparse`` or ``auto`` decodes from the active features only (see ``cltlab.decoding``); it then
+        needs ``needed``, the bool mask of entries whose gradient the caller uses (``gradient_support``).
+        """
         device = features.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features.dtype
-        return _Decode.apply(features.to(dtype), *self.W_dec) + self.b_dec
+        return decoding.decode(features.to(dtype), list(self.W_dec), needed=needed, mode=mode) + self.b_dec
 
     def decode(self, features: torch.Tensor) -> torch.Tensor:
         """Features ``(batch, n_layers, d_features)`` → raw ``mlp_out`` reconstruction ``(batch, n_layers, d_model)``."""
@@ -218,7 +228,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> CLTOutput:
         pre = self.preactivations(x)
-        features = self.activation(pre)
+        features = self.activate(pre)
         return CLTOutput(features, self.decode(features), pre)
 
     # ----------------------------------------------------------------------------------------------- loss
@@ -235,19 +245,27 @@ class CrossLayerTranscoder(nn.Module):
         sparsity_coef: float,
         sparsity_c: float = 4.0,
         preact_coef: float = 3e-6,
+        decoding: str = "dense",
     ) -> CLTLoss:
-        """The training loss on raw ``resid_mid`` x and raw ``mlp_out`` y, both ``(batch, n_layers, d_model)``."""
+        """The training loss on raw ``resid_mid`` x and raw ``mlp_out`` y, both ``(batch, n_layers, d_model)``.
+
+        ``decoding``: ``dense``, ``sparse`` or ``auto`` (sparse for the source layers where few features fire);
+        all three give the same loss and gradients. TopK / BatchTopK transcoders have no pre-activation loss.
+        """
         self._check(y, "mlp_out")
         pre = self.preactivations(x)  # (batch, n_layers, d_features)
-        features = self.activation(pre)
-        recon = self.decode_normalized(features)  # (batch, n_layers, d_model)
+        features = self.activate(pre)
+        needed = self.gradient_support(pre, features) if decoding != "dense" else None
+        recon = self.decode_normalized(features, needed=needed, mode=decoding)  # (batch, n_layers, d_model)
         target = (y.to(recon.dtype) - self.output_mean) / self.output_scale
         err = (recon - target).pow(2)
         mse = err.mean()
         norms = self.decoder_norms()  # (n_layers, d_features)
         sparsity = torch.tanh(sparsity_c * norms * features).sum((1, 2)).mean()
-        threshold = self.activation.threshold
-        preact = (torch.relu(threshold - pre) * norms).sum((1, 2)).mean()
+        if self.config.activation == "jumprelu":
+            preact = (torch.relu(self.activation.threshold - pre) * norms).sum((1, 2)).mean()
+        else:
+            preact = pre.new_zeros(())
         with torch.no_grad():
             variance = (target - target.mean(0)).pow(2).sum((0, 2)).clamp_min(1e-12)
             nmse = err.sum((0, 2)) / variance

@@ -76,7 +76,7 @@ class CLTConfig:
     """``jumprelu`` (learned thresholds), ``topk`` (the k largest per token and layer) or ``batchtopk`` (the
     k · batch largest per layer over the batch)."""
     k: int = 32
-    """Active features per token and layer for ``topk`` and ``batchtopk``."""
+    """Active features per token and layer for ``topk`` and ``batchtopk`` (unused by ``jumprelu``)."""
 
     def __post_init__(self) -> None:
         if min(self.n_layers, self.d_model, self.d_features) <= 0:
@@ -85,7 +85,7 @@ class CLTConfig:
             raise ValueError("bandwidth and threshold_init must be positive.")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}.")
-        if not 0 < self.k <= self.d_features:
+        if self.activation != "jumprelu" and not 0 < self.k <= self.d_features:
             raise ValueError(f"k must be between 1 and d_features={self.d_features}, not {self.k}.")
 
 

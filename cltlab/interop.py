@@ -26,6 +26,11 @@ from .config import CLTConfig
 @torch.no_grad()
 def export_circuit_tracer(clt: CrossLayerTranscoder, directory: str | Path) -> Path:
     """Write ``clt`` in circuit-tracer's layout (float32, normalization folded in)."""
+    if clt.config.activation != "jumprelu":
+        raise ValueError(
+            f"circuit-tracer reads JumpReLU transcoders; convert this {clt.config.activation} one first "
+            "with clt.to_jumprelu(batches)."
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     L = clt.n_layers

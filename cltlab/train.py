@@ -8,6 +8,7 @@ by default and offline unless you are logged in (``wandb login`` or ``WANDB_API_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger
 from .buffer import ActivationBatch, DiscBuffer
 from .clt import CrossLayerTranscoder
 from .config import CLTConfig, TrainConfig
+from .data import ActivationData
 
 log = logging.getLogger("cltlab")
 
@@ -36,6 +38,8 @@ class CLTModule(L.LightningModule):
         # Tokens since each feature last fired, for the dead-feature fraction.
         self.register_buffer("tokens_since_active", torch.zeros(self.clt.n_layers, self.clt.d_features))
         self.register_buffer("tokens_seen", torch.zeros(()))
+        # torch.compile fuses the loss's elementwise passes; the decoder's autograd Function stays eager.
+        self.loss_fn = torch.compile(self.clt.loss) if self.cfg.compile else self.clt.loss
 
     def sparsity_coef(self) -> float:
         """λ, ramped linearly from 0 over the warm-up fraction of training."""
@@ -49,8 +53,13 @@ class CLTModule(L.LightningModule):
     def training_step(self, batch: ActivationBatch, batch_idx: int) -> torch.Tensor:
         x, y = batch.resid_mid.float(), batch.mlp_out.float()  # (batch, n_layers, d_model)
         lam = self.sparsity_coef()
-        out = self.clt.loss(
-            x, y, sparsity_coef=lam, sparsity_c=self.cfg.sparsity_c, preact_coef=self.cfg.preact_coef
+        out = self.loss_fn(
+            x,
+            y,
+            sparsity_coef=lam,
+            sparsity_c=self.cfg.sparsity_c,
+            preact_coef=self.cfg.preact_coef,
+            decoding=self.cfg.decoding,
         )
         if not torch.isfinite(out.total):
             raise FloatingPointError(
@@ -88,17 +97,23 @@ class CLTModule(L.LightningModule):
         optimizer = torch.optim.Adam(
             self.clt.parameters(), lr=self.cfg.lr, fused=True
         )  # fused on CPU and GPU
-        decay_start = int(0.8 * self.cfg.max_steps)
-
-        def schedule(step: int) -> float:  # constant, then linear decay to 0 over the last 20%
-            return (
-                1.0
-                if step < decay_start
-                else max(0.0, (self.cfg.max_steps - step) / (self.cfg.max_steps - decay_start))
-            )
-
+        schedule = functools.partial(
+            lr_factor,
+            max_steps=self.cfg.max_steps,
+            warmup_steps=self.cfg.lr_warmup_steps,
+            decay=self.cfg.lr_decay,
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_factor(step: int, *, max_steps: int, warmup_steps: int, decay: float) -> float:
+    """Learning-rate multiplier: linear warm-up from 0 over ``warmup_steps``, constant, then linear decay to 0 over
+    the last ``decay`` fraction of ``max_steps``."""
+    decay_steps = int(decay * max_steps)
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    cool = min(1.0, max(0.0, (max_steps - step) / decay_steps)) if decay_steps > 0 else 1.0
+    return warm * cool
 
 
 def wandb_logged_in() -> bool:
@@ -109,8 +124,23 @@ def wandb_logged_in() -> bool:
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def strategy_for(name: str):
+    """The Lightning strategy called ``name``. FSDP gets ``use_orig_params`` so that ``CLTModule``'s optimizer,
+    built from ``self.clt.parameters()``, sees the CLT's own parameters (each rank holding a shard of each)."""
+    if name in ("fsdp", "fsdp_cpu_offload"):
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return FSDPStrategy(use_orig_params=True, cpu_offload=name == "fsdp_cpu_offload")
+    return name
+
+
 def make_trainer(config: TrainConfig, run_dir: str | Path, **overrides) -> L.Trainer:
-    """A Lightning Trainer for ``config``: device chosen automatically, CSV (+ W&B) logs and checkpoints under ``run_dir``."""
+    """A Lightning Trainer for ``config``: device chosen automatically, CSV (+ W&B) logs and checkpoints under ``run_dir``.
+
+    ``devices``, ``num_nodes`` and ``strategy`` come from the config (Lightning recognises processes started by
+    torchrun or SLURM from their environment); rank 0 writes the checkpoints and logs. ``callbacks`` in
+    ``overrides`` join the checkpoint callback; any other override replaces that Trainer argument.
+    """
     run_dir = Path(run_dir)
     loggers = [CSVLogger(run_dir, name="logs")]  # one version_N folder per call; see plots.read_metrics
     if config.wandb:
@@ -131,10 +161,13 @@ def make_trainer(config: TrainConfig, run_dir: str | Path, **overrides) -> L.Tra
         max_steps=config.max_steps,
         max_epochs=-1,
         accelerator=config.accelerator,
-        devices=1,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=strategy_for(config.strategy),
+        use_distributed_sampler=False,  # ActivationData already gives each rank its own part of the buffer
         precision=config.precision,
         logger=loggers,
-        callbacks=[checkpoints],
+        callbacks=[checkpoints, *overrides.pop("callbacks", [])],
         log_every_n_steps=config.log_every,
         enable_model_summary=False,
         default_root_dir=run_dir,
@@ -146,14 +179,16 @@ def make_trainer(config: TrainConfig, run_dir: str | Path, **overrides) -> L.Tra
 class TrainResult(NamedTuple):
     """What ``train`` produced."""
 
-    clt: CrossLayerTranscoder
-    """The trained transcoder (on the CPU, eval mode)."""
+    clt: CrossLayerTranscoder | None
+    """The trained transcoder (on the CPU, eval mode); ``None`` on ranks other than 0 of an FSDP run."""
     clt_dir: Path
     """Where it was saved (safetensors + config.json)."""
     log_dir: Path
     """The CSV logs (``version_N/metrics.csv``, one per call; ``plots.read_metrics`` joins them)."""
     checkpoint_dir: Path
     """Lightning checkpoints (for resuming)."""
+    rank: int = 0
+    """This process's global rank; rank 0 alone writes the CLT, the checkpoints and the logs."""
 
 
 def train(
@@ -168,13 +203,17 @@ def train(
 
     ``buffer_path`` may also be an IterableDataset with ``n_layers``, ``d_model``, ``layer_start`` and ``stats``,
     e.g. ``cltlab.ActivationClient(url).dataset(batch_size)`` reading from an activation server.
+
+    With several devices or nodes (``config.devices``, ``num_nodes``, ``strategy``) every process runs this
+    function: each rank trains on its own disjoint part of the buffer (see ``data.ActivationData``), and rank 0
+    saves the CLT.
     """
     run_dir = Path(run_dir)
     L.seed_everything(config.seed, verbose=False)
-    streamed = isinstance(buffer_path, torch.utils.data.IterableDataset)
-    buffer = (
-        buffer_path if streamed else DiscBuffer(buffer_path, batch_size=config.batch_size, seed=config.seed)
+    data = ActivationData(
+        buffer_path, batch_size=config.batch_size, seed=config.seed, num_workers=config.num_workers
     )
+    buffer = data.source  # the whole buffer (or the stream): the same shape and statistics on every rank
     clt_config = CLTConfig(
         n_layers=buffer.n_layers,
         d_model=buffer.d_model,
@@ -183,26 +222,39 @@ def train(
         threshold_init=config.threshold_init,
         bandwidth=config.bandwidth,
         layer_offset=buffer.layer_start,
+        activation=config.activation,
+        k=config.k,
     )
     module = CLTModule(dataclasses.asdict(clt_config), dataclasses.asdict(config))
     module.clt.set_normalization(*buffer.stats)
-    loader = torch.utils.data.DataLoader(
-        buffer,
-        batch_size=None,
-        shuffle=not streamed,  # a stream comes in the server's order
-        num_workers=config.num_workers,
-        persistent_workers=config.num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-    )
+    if isinstance(buffer, DiscBuffer):
+        buffer.close()  # each rank opens its own part in ActivationData.setup
     trainer = make_trainer(config, run_dir, **trainer_overrides)
     last = run_dir / "checkpoints" / "last.ckpt"
     try:
-        trainer.fit(module, loader, ckpt_path=str(last) if resume and last.exists() else None)
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume and last.exists() else None)
     finally:
         for logger in trainer.loggers:  # close the W&B run so the next train() in this kernel starts its own
             if type(logger).__name__ == "WandbLogger":
                 logger.experiment.finish()
-    clt = module.clt.float().cpu().eval()
-    clt_dir = clt.save(run_dir / "clt")
-    log.info("Saved the CLT to %s", clt_dir)
-    return TrainResult(clt, clt_dir, run_dir / "logs", run_dir / "checkpoints")
+    clt = trained_clt(trainer, module)
+    clt_dir = run_dir / "clt"
+    if trainer.is_global_zero:
+        clt.save(clt_dir)
+        log.info("Saved the CLT to %s", clt_dir)
+    return TrainResult(clt, clt_dir, run_dir / "logs", run_dir / "checkpoints", trainer.global_rank)
+
+
+def trained_clt(trainer: L.Trainer, module: CLTModule) -> CrossLayerTranscoder | None:
+    """The trained CLT whole, on the CPU. Under FSDP every rank holds a shard of each weight: all ranks take part
+    in gathering them, and rank 0 alone receives the result (the others get ``None``)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return module.clt.float().cpu().eval()
+    state = trainer.strategy.lightning_module_state_dict()  # a collective: full on rank 0, empty elsewhere
+    if not trainer.is_global_zero:
+        return None
+    clt = CrossLayerTranscoder(module.clt.config)
+    clt.load_state_dict({k.removeprefix("clt."): v for k, v in state.items() if k.startswith("clt.")})
+    return clt.float().eval()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cltlab import CrossLayerTranscoder, DiscBuffer, TrainConfig, plots, train
-from cltlab.train import CLTModule
+from cltlab.train import CLTModule, lr_factor
 
 STEPS = 10
 
@@ -141,3 +141,9 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path
     saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert any("step=5" in name for name in saved)  # the last good checkpoint is kept
     assert not any("step=10" in name for name in saved)
+
+
+def test_learning_rate_schedule_warms_up_holds_and_decays():
+    factors = [lr_factor(step, max_steps=10, warmup_steps=4, decay=0.2) for step in range(11)]
+    assert factors == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.0])
+    assert [lr_factor(s, max_steps=5, warmup_steps=0, decay=0.0) for s in range(5)] == [1.0] * 5
