@@ -16,7 +16,6 @@ from .jumprelu import JumpReLU  # noqa: E402
 from .models import load_model  # noqa: E402
 from .replacement import ReplacementModel, evaluate  # noqa: E402
 from .run import RunPaths, run_paths  # noqa: E402
-from .server import ActivationClient, serve  # noqa: E402
 from .train import train  # noqa: E402
 
 __all__ = [
@@ -51,10 +50,14 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # The widgets import ipywidgets, which registers itself with a running kernel: load them on first use only,
-    # so that importing cltlab stays free of side effects.
+    # The widgets import ipywidgets, which registers itself with a running kernel, and the server imports FastAPI
+    # and uvicorn: load them on first use only, so that importing cltlab stays light and free of side effects.
     if name in ("FeatureBrowser", "ReplacementComparison"):
         from . import widgets
 
         return getattr(widgets, name)
+    if name in ("ActivationClient", "serve"):
+        from . import server
+
+        return getattr(server, name)
     raise AttributeError(f"module 'cltlab' has no attribute {name!r}")

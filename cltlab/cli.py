@@ -31,7 +31,9 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _parse_value(text: str, default):
+def _parse_value(text: str, default, annotation: str = ""):
+    if annotation == "int | str":  # e.g. devices: a count, or "auto", or a list such as "0,1"
+        return int(text) if text.isdigit() else text
     if isinstance(default, bool):
         return text.lower() in ("1", "true", "yes", "on")
     if isinstance(default, int):
@@ -62,7 +64,7 @@ def apply_options(config, args: argparse.Namespace):
     for f in dataclasses.fields(config):
         value = getattr(args, f"{type(config).__name__}.{f.name}", None)
         if value is not None:
-            changes[f.name] = _parse_value(value, getattr(config, f.name))
+            changes[f.name] = _parse_value(value, getattr(config, f.name), str(f.type))
     return dataclasses.replace(config, **changes)
 
 
@@ -91,7 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     add_config_options(p, HarvestConfig, "harvest options")
 
-    p = sub.add_parser("train", help="Train a CLT (or per-layer transcoder) on a harvested buffer.")
+    p = sub.add_parser(
+        "train",
+        help="Train a CLT (or per-layer transcoder) on a harvested buffer.",
+        description="Train a CLT on a harvested buffer. On N GPUs: --devices N --strategy ddp (or fsdp); "
+        "under torchrun or SLURM (srun) start one process per GPU and pass the same --devices/--num-nodes.",
+    )
     common(p)
     p.add_argument("--buffer", help="Harvest folder to train on (default: <run-dir>/activations).")
     p.add_argument("--resume", action="store_true", help="Continue from <run-dir>/checkpoints/last.ckpt.")
@@ -143,9 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "train":
         from .train import train
 
+        # Under torchrun or SLURM every process runs this; each trains on its own part of the buffer.
         result = train(
             apply_options(profile.train, args), args.buffer or paths.buffer, paths.root, resume=args.resume
         )
+        if result.rank != 0:
+            return 0
         print(f"saved the CLT to {result.clt_dir}; metrics in {result.log_dir}")
     elif args.command == "evaluate":
         from .clt import CrossLayerTranscoder

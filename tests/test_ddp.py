@@ -1,0 +1,170 @@
+"""Distributed training: DDP over two CPU processes (gloo) reads disjoint parts of the buffer and keeps the ranks'
+weights identical.
+
+The test runs this file as a script (``python tests/test_ddp.py BUFFER RUN OUT``): ``train`` with
+``strategy="ddp"`` on ``devices=2`` CPUs, where Lightning starts rank 1 by running the same script again, as it
+does with ``torchrun`` or ``srun``. Each rank writes the rows it trained on and its final weights to ``OUT``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cltlab import CrossLayerTranscoder, DiscBuffer, TrainConfig, train
+from cltlab.cli import apply_options, build_parser, main
+from cltlab.train import TrainResult, make_trainer, strategy_for
+
+STEPS = 5
+# 500 rows in batches of 50 give each of the two ranks 5 batches: one epoch of both covers the buffer once.
+CONFIG = TrainConfig(
+    max_steps=STEPS,
+    batch_size=50,
+    d_features=32,
+    lr=1e-3,
+    wandb=False,
+    log_every=1,
+    checkpoint_every=STEPS,
+    accelerator="cpu",
+    devices=2,
+    strategy="ddp",
+)
+
+
+def row_key(row: torch.Tensor) -> str:
+    """A name for one stored row (its resid_mid bytes), to tell which rows a rank trained on."""
+    return hashlib.sha1(row.contiguous().numpy().tobytes()).hexdigest()
+
+
+def run_rank(buffer: Path, run_dir: Path, out: Path) -> None:
+    """What every rank runs: train, recording the rows of each batch and the weights before and after."""
+    import lightning as L
+
+    class Record(L.Callback):
+        def __init__(self):
+            self.rows: list[str] = []
+            self.init: dict[str, torch.Tensor] = {}
+
+        def on_train_start(self, trainer, module):
+            self.init = {k: v.detach().clone() for k, v in module.clt.state_dict().items()}
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.rows += [row_key(row) for row in batch.resid_mid]
+
+    record = Record()
+    result = train(CONFIG, buffer, run_dir, callbacks=[record], enable_progress_bar=False)
+    save_file(record.init, out / f"init-{result.rank}.safetensors")
+    save_file(result.clt.state_dict(), out / f"final-{result.rank}.safetensors")
+    (out / f"rows-{result.rank}.json").write_text(json.dumps(record.rows))
+
+
+def test_ddp_ranks_read_disjoint_batches_and_agree(tmp_path, buffer_path):
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    # Two single-threaded processes on the CI's two cores; no outer SLURM or torchrun job for Lightning to join.
+    launcher = ("SLURM_", "TORCHELASTIC_", "LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK", "MASTER_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher)}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, __file__, str(buffer_path), str(run_dir), str(out)]
+    # A new session, so that a hung run can be stopped with both ranks (rank 1 is rank 0's child).
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        log, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        raise AssertionError(f"DDP run did not finish in 120 s:\n{log[-4000:]}") from None
+    assert proc.returncode == 0, log[-4000:]
+
+    # Each rank trained on its own rows; together, one epoch of both covered every row of the buffer once.
+    rows = [Counter(json.loads((out / f"rows-{rank}.json").read_text())) for rank in (0, 1)]
+    assert [r.total() for r in rows] == [STEPS * CONFIG.batch_size] * 2
+    buffer = DiscBuffer(buffer_path, batch_size=CONFIG.batch_size)
+    every_row = Counter(row_key(row) for row in buffer.read(0, buffer.n_tokens).resid_mid)
+    buffer.close()
+    assert rows[0] + rows[1] == every_row and every_row.total() == 500
+    repeated = {key for key, count in every_row.items() if count > 1}  # rows of equal content (one pair here)
+    assert len(repeated) <= 2 and not (set(rows[0]) & set(rows[1])) - repeated
+
+    # Both ranks started from the same weights and ended with the same, different, weights.
+    init = [load_file(out / f"init-{rank}.safetensors") for rank in (0, 1)]
+    final = [load_file(out / f"final-{rank}.safetensors") for rank in (0, 1)]
+    assert init[0].keys() == final[0].keys() == final[1].keys()
+    for name in final[0]:
+        assert torch.equal(init[0][name], init[1][name]), name
+        assert torch.equal(final[0][name], final[1][name]), name
+    assert not torch.equal(final[0]["W_enc"], init[0]["W_enc"])
+
+    # Rank 0 alone wrote the CLT, the checkpoints and the logs.
+    saved = CrossLayerTranscoder.load(run_dir / "clt")
+    assert all(torch.equal(v, final[0][k]) for k, v in saved.state_dict().items())
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert len(list((run_dir / "logs").glob("version_*/metrics.csv"))) == 1
+
+
+def test_topk_thresholds_are_frozen_so_ddp_does_not_wait_for_them(tmp_path, buffer_path):
+    # TopK never uses the JumpReLU thresholds; DDP raises on a trainable parameter that gets no gradient.
+    config = TrainConfig(
+        max_steps=2, batch_size=125, d_features=16, activation="topk", k=4, wandb=False, checkpoint_every=100
+    )
+    result = train(config, buffer_path, tmp_path, enable_progress_bar=False)
+    assert not any(p.requires_grad for p in result.clt.activation.parameters())
+    assert all(
+        p.requires_grad for name, p in result.clt.named_parameters() if not name.startswith("activation")
+    )
+
+
+@pytest.mark.parametrize(("devices", "expected"), [("4", 4), ("auto", "auto"), ("0,1", "0,1")])
+def test_cli_flags_choose_devices_nodes_and_strategy(devices, expected):
+    args = build_parser().parse_args(
+        ["train", "--profile", "ci", "--devices", devices, "--num-nodes", "2", "--strategy", "fsdp"]
+    )
+    config = apply_options(TrainConfig(), args)
+    assert (config.devices, config.num_nodes, config.strategy) == (expected, 2, "fsdp")
+
+
+def test_the_trainer_follows_the_config(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    extra = ModelCheckpoint()
+    trainer = make_trainer(CONFIG, tmp_path, callbacks=[extra], enable_progress_bar=False)
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2 and trainer.num_nodes == 1
+    assert (
+        not trainer._accelerator_connector.use_distributed_sampler
+    )  # the buffer is sharded by ActivationData
+    assert (
+        extra in trainer.callbacks and len(trainer.checkpoint_callbacks) == 2
+    )  # added to ours, not replacing
+    fsdp = strategy_for("fsdp")  # Lightning's FSDP needs GPUs, so only its settings are checked here
+    assert isinstance(fsdp, FSDPStrategy) and fsdp.kwargs["use_orig_params"]
+    assert strategy_for("ddp_spawn") == "ddp_spawn"
+
+
+def test_cli_train_prints_on_rank_zero_only(monkeypatch, capsys, tmp_path):
+    import importlib
+
+    def fake_train(config, buffer, run_dir, *, resume):
+        return TrainResult(None, run_dir / "clt", run_dir / "logs", run_dir / "checkpoints", rank=1)
+
+    monkeypatch.setattr(
+        importlib.import_module("cltlab.train"), "train", fake_train
+    )  # the module, not cltlab.train()
+    assert main(["train", "--profile", "ci", "--run-dir", str(tmp_path), "--devices", "2"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+if __name__ == "__main__":
+    run_rank(*(Path(arg) for arg in sys.argv[1:4]))
