@@ -100,7 +100,7 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps."""
     batch_size: int = 1024
-    """Tokens per step."""
+    """Tokens per step (per rank when training on several devices)."""
     lr: float = 2e-4
     """Peak Adam learning rate."""
     lr_warmup_steps: int = 0

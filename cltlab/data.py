@@ -8,6 +8,10 @@ built with ``use_distributed_sampler=False`` (``make_trainer`` does) to keep Lig
 What every rank needs before ``fit`` — the shape of the activations and their normalization statistics — is read
 from the whole buffer (``source``), so it is identical on all ranks.
 
+Batches come in a seeded permutation per epoch, one endless stream of epochs (``EpochSampler``); the number of
+batches consumed is saved in every checkpoint, so a resumed run reads exactly the batches the uninterrupted run
+would have read next, and its losses are the same.
+
 A stream (an ``IterableDataset`` such as ``ActivationClient(url).dataset(batch_size)``) is used as it is: every
 rank opens its own stream, and the server hands each request the next batch of its shared cursor.
 """
@@ -20,6 +24,21 @@ import lightning as L
 import torch
 
 from .buffer import DiscBuffer
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Indices ``0..n-1`` in a fresh permutation per epoch (seeded by ``seed + epoch``), epoch after epoch without
+    end, beginning ``start`` indices into that sequence."""
+
+    def __init__(self, n: int, *, seed: int = 0, start: int = 0):
+        self.n, self.seed, self.start = n, seed, start
+
+    def __iter__(self):
+        epoch, position = divmod(self.start, self.n)
+        while True:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            yield from order[position:].tolist()
+            epoch, position = epoch + 1, 0
 
 
 class ActivationData(L.LightningDataModule):
@@ -44,6 +63,7 @@ class ActivationData(L.LightningDataModule):
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.source = source if self.streamed else DiscBuffer(source, batch_size=batch_size, seed=seed)
         self.dataset: DiscBuffer | torch.utils.data.IterableDataset | None = None
+        self.consumed = 0  # batches this rank trained on before a resumed run
 
     def setup(self, stage: str) -> None:
         if self.streamed:
@@ -58,14 +78,27 @@ class ActivationData(L.LightningDataModule):
             )
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
+        sampler = (
+            None  # a stream comes in the server's order
+            if self.streamed
+            else EpochSampler(len(self.dataset), seed=self.seed, start=self.consumed)
+        )
         return torch.utils.data.DataLoader(
             self.dataset,
             batch_size=None,  # the dataset's items are whole batches
-            shuffle=not self.streamed,  # a stream comes in the server's order
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: how many batches this rank has trained on."""
+        steps = self.trainer.global_step if self.trainer is not None else 0
+        return {"consumed": steps * (self.trainer.accumulate_grad_batches if self.trainer else 1)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state["consumed"])
 
     def teardown(self, stage: str) -> None:
         if isinstance(self.dataset, DiscBuffer):

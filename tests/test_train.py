@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 
+import lightning as L
 import pytest
 import torch
 
@@ -147,3 +149,48 @@ def test_learning_rate_schedule_warms_up_holds_and_decays():
     factors = [lr_factor(step, max_steps=10, warmup_steps=4, decay=0.2) for step in range(11)]
     assert factors == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.0])
     assert [lr_factor(s, max_steps=5, warmup_steps=0, decay=0.0) for s in range(5)] == [1.0] * 5
+
+
+class StopAfter(L.Callback):
+    """Ends fit after ``step`` optimizer steps, as if the job had been cut off there."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_a_resumed_run_has_the_losses_and_weights_of_an_uninterrupted_one(tmp_path, buffer_path):
+    # 9 steps of 64 rows each cross the buffer's epoch of 7 batches, so the resumed run must also pick up the
+    # second epoch's order where the first run would have.
+    config = TrainConfig(
+        max_steps=9, batch_size=64, d_features=16, wandb=False, log_every=1, checkpoint_every=4, lr=3e-3
+    )
+    whole = train(config, buffer_path, tmp_path / "whole", enable_progress_bar=False)
+    train(config, buffer_path, tmp_path / "cut", callbacks=[StopAfter(4)], enable_progress_bar=False)
+    assert (tmp_path / "cut" / "checkpoints" / "last.ckpt").exists()
+    resumed = train(config, buffer_path, tmp_path / "cut", resume=True, enable_progress_bar=False)
+
+    def losses(result) -> dict[int, str]:
+        return {int(r["step"]): r["loss"] for r in read_metrics(result.log_dir) if r["loss"]}
+
+    assert sorted(losses(resumed)) == list(range(4, 9))
+    assert {step: loss for step, loss in losses(whole).items() if step >= 4} == losses(resumed)
+    for name, value in whole.clt.state_dict().items():
+        assert torch.equal(value, resumed.clt.state_dict()[name]), name
+
+
+def test_compiled_training_matches_eager_training(tmp_path, buffer_path):
+    config = TrainConfig(
+        max_steps=3, batch_size=64, d_features=16, wandb=False, log_every=1, checkpoint_every=100, lr=3e-3
+    )
+    eager = train(config, buffer_path, tmp_path / "eager", enable_progress_bar=False)
+    compiled_config = dataclasses.replace(config, compile=True)
+    compiled = train(compiled_config, buffer_path, tmp_path / "compiled", enable_progress_bar=False)
+    eager_losses = [float(r["loss"]) for r in read_metrics(eager.log_dir) if r["loss"]]
+    compiled_losses = [float(r["loss"]) for r in read_metrics(compiled.log_dir) if r["loss"]]
+    assert len(compiled_losses) == 3
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    torch.testing.assert_close(compiled.clt.W_enc, eager.clt.W_enc, rtol=1e-3, atol=1e-5)
