@@ -34,7 +34,13 @@ class SeedMaskedDecoder(torch.nn.Module):
 
 
 def step_time(
-    clt: CrossLayerTranscoder, decoder, x: torch.Tensor, y: torch.Tensor, steps: int, decoding: str = "dense"
+    clt: CrossLayerTranscoder,
+    decoder,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    decoding: str = "dense",
+    loss_fn=None,
 ) -> float:
     params = list(clt.parameters()) + (list(decoder.parameters()) if decoder is not None else [])
     optimizer = torch.optim.Adam(params, lr=1e-4, fused=True)
@@ -43,7 +49,7 @@ def step_time(
     def step() -> None:
         with torch.autocast(device, dtype=torch.bfloat16):
             if decoder is None:
-                loss = clt.loss(x, y, sparsity_coef=1e-4, decoding=decoding).total
+                loss = (loss_fn or clt.loss)(x, y, sparsity_coef=1e-4, decoding=decoding).total
             else:
                 features = clt.encode(x)
                 loss = (decoder(features) - y).float().pow(2).mean() + 1e-4 * features.sum()
@@ -103,6 +109,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--density", type=float, default=0.02, help="L0/F for the sparse/dense comparison")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our loss (TrainConfig.compile)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -110,7 +117,10 @@ def main() -> None:
     clt = CrossLayerTranscoder(config).to(device)
     x = torch.randn(args.batch, args.layers, args.d_model, device=device)
     y = torch.randn(args.batch, args.layers, args.d_model, device=device)
-    ours = step_time(clt, None, x, y, args.steps)
+    loss_fn = torch.compile(clt.loss) if args.compile else None
+    step_time(clt, None, x, y, 1, "dense", loss_fn)  # compile (and warm) outside the timings
+    step_time(clt, None, x, y, 1, "auto", loss_fn)
+    ours = step_time(clt, None, x, y, args.steps, "dense", loss_fn)
     seed = step_time(clt, SeedMaskedDecoder(clt).to(device), x, y, args.steps)
     decoder_weights = sum(W.numel() for W in clt.W_dec)
     flops = 6 * args.batch * (clt.W_enc.numel() + decoder_weights)
@@ -118,9 +128,12 @@ def main() -> None:
     set_density(clt, x, args.density)
     with torch.no_grad():
         density = (clt.encode(x) > 0).float().mean().item()
-    dense = step_time(clt, None, x, y, args.steps, decoding="dense")
-    sparse = step_time(clt, None, x, y, args.steps, decoding="auto")
-    print(f"{device}: L={args.layers} d={args.d_model} F={args.features} batch={args.batch}")
+    dense = step_time(clt, None, x, y, args.steps, "dense", loss_fn)
+    sparse = step_time(clt, None, x, y, args.steps, "auto", loss_fn)
+    print(
+        f"{device}: L={args.layers} d={args.d_model} F={args.features} batch={args.batch}"
+        + (" (our loss torch.compile'd)" if args.compile else "")
+    )
     print(
         f"our step {ours * 1e3:.0f} ms ({args.batch / ours:,.0f} tok/s), seed masked step {seed * 1e3:.0f} ms"
     )
