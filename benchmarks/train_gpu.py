@@ -4,8 +4,9 @@
   autocast and fused Adam; tokens/s and model FLOP utilisation (6 · tokens · weights per step ÷ the bf16 matmul
   FLOP/s of an 8192³ product measured in this run), with dense decoding and with sparse (auto) decoding at the
   ``--density`` a trained CLT has. Sparse and dense gradients are compared first.
-- Data path: a synthetic bf16 harvest folder of the same shape, read as shuffled DiscBuffer batches by DataLoader
-  workers into pinned memory and copied to the GPU: tokens/s.
+- Data path: a synthetic bf16 harvest folder of the same shape, read as shuffled DiscBuffer batches into pinned
+  memory — by DataLoader workers, and by reader threads (``TrainConfig.reader_threads``) — and copied to the GPU:
+  tokens/s.
 
 Usage: python benchmarks/train_gpu.py [--features 8192 --batch 4096 --rows 65536 --workers 8 --compile]
 """
@@ -22,6 +23,7 @@ from buffer import make_folder
 from train_speed import set_density
 
 from cltlab import CLTConfig, CrossLayerTranscoder, DiscBuffer
+from cltlab.data import EpochSampler, ThreadedBatches
 
 
 def synchronize() -> None:
@@ -72,33 +74,40 @@ def check_sparse_equals_dense(clt, x, y) -> float:
     )
 
 
-def data_tokens_per_s(rows: int, layers: int, d_model: int, batch: int, workers: int, device: str) -> float:
+def data_tokens_per_s(
+    rows: int, layers: int, d_model: int, batch: int, workers: int, device: str
+) -> tuple[float, float]:
+    """Tokens/s from disc (page cache) to ``device``: through DataLoader workers, and through reader threads."""
     with tempfile.TemporaryDirectory() as tmp:
         make_folder(Path(tmp), rows, layers, d_model)
         buffer = DiscBuffer(tmp, batch_size=batch)
+        pin = device == "cuda"
         loader = torch.utils.data.DataLoader(
             buffer,
             batch_size=None,
-            shuffle=True,
+            sampler=EpochSampler(len(buffer)),
             num_workers=workers,
-            pin_memory=device == "cuda",
+            pin_memory=pin,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers else None,
         )
+        threaded = ThreadedBatches(buffer, EpochSampler(len(buffer)), threads=workers, pin_memory=pin)
 
-        def epoch() -> int:
-            n = 0
-            for b in loader:
+        def rate(batches) -> float:
+            iterator = iter(batches)
+            n, start = 0, 0.0
+            for i in range(2 * len(buffer)):  # the first epoch warms the page cache and the workers
+                if i == len(buffer):
+                    synchronize()
+                    n, start = 0, time.perf_counter()
+                b = next(iterator)
                 x = b.resid_mid.to(device, non_blocking=True)
-                y = b.mlp_out.to(device, non_blocking=True)
-                n += x.shape[0] + 0 * y.shape[0]
+                b.mlp_out.to(device, non_blocking=True)
+                n += x.shape[0]
             synchronize()
-            return n
+            return n / (time.perf_counter() - start)
 
-        epoch()  # warm the page cache and start the workers
-        start = time.perf_counter()
-        n = epoch()
-        return n / (time.perf_counter() - start)
+        return rate(loader), rate(threaded)
 
 
 def main() -> None:
@@ -141,6 +150,7 @@ def main() -> None:
         f"dense decoding:  {dense * 1e3:.1f} ms/step, {B / dense:,.0f} tok/s, {flops / dense / 1e12:.0f} TFLOP/s"
     )
     print(f"sparse decoding: {sparse * 1e3:.1f} ms/step, {B / sparse:,.0f} tok/s")
+    compiled_times = []
     if args.compile:
         compiled = torch.compile(clt.loss)
         start = time.perf_counter()
@@ -148,17 +158,26 @@ def main() -> None:
         print(f"torch.compile warm-up {time.perf_counter() - start:.0f} s")
         step = train_step_time(clt, x, y, args.steps, "dense", compiled)
         print(f"compiled dense:  {step * 1e3:.1f} ms/step, {B / step:,.0f} tok/s")
+        compiled_times.append(step)
     del clt, x, y
     torch.cuda.empty_cache() if device == "cuda" else None
-    data = data_tokens_per_s(args.rows, L, d, B, args.workers, device)
+    loader, threads = data_tokens_per_s(args.rows, L, d, B, args.workers, device)
+    data = max(loader, threads)
     print(
-        f"data path: DiscBuffer -> DataLoader({args.workers} workers, pinned) -> {device}: {data:,.0f} tok/s"
+        f"data path: DiscBuffer -> DataLoader({args.workers} workers, pinned) -> {device}: {loader:,.0f} tok/s"
+    )
+    print(
+        f"data path: DiscBuffer -> {args.workers} reader threads (pinned) -> {device}: {threads:,.0f} tok/s"
     )
     print(f"gpu_train_tokens_per_s = {B / dense:.0f}")
     print(f"gpu_sparse_train_tokens_per_s = {B / sparse:.0f}")
     print(f"gpu_mfu = {flops / dense / 1e12 / peak:.2f}")
+    if compiled_times:
+        print(f"gpu_compiled_train_tokens_per_s = {B / compiled_times[0]:.0f}")
+        print(f"gpu_compiled_mfu = {flops / compiled_times[0] / 1e12 / peak:.2f}")
     print(f"gpu_data_tokens_per_s = {data:.0f}")
-    print(f"data/train = {data / (B / min(dense, sparse)):.2f}")
+    print(f"threads/dataloader = {threads / loader:.2f}")
+    print(f"data/train = {data / (B / min(dense, sparse, *compiled_times)):.2f}")
 
 
 if __name__ == "__main__":

@@ -146,7 +146,10 @@ class TrainConfig:
     dead_window: int = 1_000_000
     """A feature that has not fired for this many tokens counts as dead."""
     num_workers: int = 0
-    """DataLoader workers."""
+    """DataLoader worker processes (when ``reader_threads`` is 0)."""
+    reader_threads: int = 0
+    """Threads that read batches straight into (pinned) memory in the training process, instead of DataLoader
+    workers: fewer copies, for feeding a GPU (see ``data.ThreadedBatches``). 0: use the DataLoader."""
     seed: int = 0
     """Seed for initialisation and data order."""
 

@@ -18,12 +18,15 @@ rank opens its own stream, and the server hands each request the next batch of i
 
 from __future__ import annotations
 
+import collections
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lightning as L
 import torch
 
-from .buffer import DiscBuffer
+from .buffer import ActivationBatch, DiscBuffer
+from .store import SITES
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -39,6 +42,66 @@ class EpochSampler(torch.utils.data.Sampler[int]):
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
             yield from order[position:].tolist()
             epoch, position = epoch + 1, 0
+
+
+class ThreadedBatches:
+    """A DiscBuffer's batches in ``sampler`` order, read by a pool of threads straight into reusable (pinned, when a
+    GPU will take them) buffers in this process.
+
+    DataLoader workers hand every batch over through shared memory and then copy it once more into pinned memory;
+    here the positional reads (which release the GIL) land where the host-to-device copy reads, and nothing else
+    touches the bytes. A yielded batch views its buffer, which is refilled only after ``reserve`` further batches
+    have been yielded: consume a batch (copy it to the device, or convert it) before asking for ``reserve`` more.
+    """
+
+    def __init__(
+        self,
+        buffer: DiscBuffer,
+        sampler,
+        *,
+        threads: int = 4,
+        reserve: int = 3,
+        pin_memory: bool = False,
+    ):
+        if threads < 1 or reserve < 1:
+            raise ValueError(f"threads and reserve must be at least 1, not {threads} and {reserve}.")
+        self.buffer, self.sampler = buffer, sampler
+        self.threads, self.reserve, self.pin_memory = threads, reserve, pin_memory
+
+    def __iter__(self):
+        buffer = self.buffer.open()  # every shard opened before the threads share the handles
+        rows = max(buffer.batch_rows(i) for i in range(len(buffer)))
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[buffer.dtype]
+        shape = (rows, buffer.n_layers, buffer.d_model)
+        slots = [
+            tuple(torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory) for _ in SITES)
+            for _ in range(self.threads + self.reserve)
+        ]
+        free = collections.deque(range(len(slots)))
+        held: collections.deque[int] = collections.deque()
+        pending: collections.deque = collections.deque()
+        indices = iter(self.sampler)
+
+        def submit(pool: ThreadPoolExecutor) -> None:
+            index = next(indices, None)
+            if index is None:
+                return
+            slot, n = free.popleft(), buffer.batch_rows(index)
+            views = tuple(t[:n] for t in slots[slot])
+            arrays = tuple((v.view(torch.int16) if v.dtype == torch.bfloat16 else v).numpy() for v in views)
+            pending.append((pool.submit(buffer.read_batch_into, index, arrays), slot, views))
+
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="cltlab-read") as pool:
+            for _ in range(self.threads):
+                submit(pool)
+            while pending:
+                future, slot, views = pending.popleft()
+                future.result()
+                held.append(slot)
+                if len(held) > self.reserve:  # the batch yielded `reserve` batches ago is done with
+                    free.append(held.popleft())
+                submit(pool)
+                yield ActivationBatch(*views)
 
 
 class ActivationData(L.LightningDataModule):
@@ -57,10 +120,12 @@ class ActivationData(L.LightningDataModule):
         batch_size: int,
         seed: int = 0,
         num_workers: int = 0,
+        reader_threads: int = 0,
     ):
         super().__init__()
         self.streamed = isinstance(source, torch.utils.data.IterableDataset)
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.reader_threads = 0 if self.streamed else reader_threads
         self.source = source if self.streamed else DiscBuffer(source, batch_size=batch_size, seed=seed)
         self.dataset: DiscBuffer | torch.utils.data.IterableDataset | None = None
         self.consumed = 0  # batches this rank trained on before a resumed run
@@ -77,12 +142,16 @@ class ActivationData(L.LightningDataModule):
                 world_size=self.trainer.world_size,
             )
 
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
+    def train_dataloader(self) -> torch.utils.data.DataLoader | ThreadedBatches:
         sampler = (
             None  # a stream comes in the server's order
             if self.streamed
             else EpochSampler(len(self.dataset), seed=self.seed, start=self.consumed)
         )
+        if self.reader_threads:
+            return ThreadedBatches(
+                self.dataset, sampler, threads=self.reader_threads, pin_memory=torch.cuda.is_available()
+            )
         return torch.utils.data.DataLoader(
             self.dataset,
             batch_size=None,  # the dataset's items are whole batches

@@ -211,7 +211,11 @@ def train(
     run_dir = Path(run_dir)
     L.seed_everything(config.seed, verbose=False)
     data = ActivationData(
-        buffer_path, batch_size=config.batch_size, seed=config.seed, num_workers=config.num_workers
+        buffer_path,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        num_workers=config.num_workers,
+        reader_threads=config.reader_threads,
     )
     buffer = data.source  # the whole buffer (or the stream): the same shape and statistics on every rank
     clt_config = CLTConfig(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 
 import lightning as L
 import pytest
 import torch
 
 from cltlab import CrossLayerTranscoder, DiscBuffer, TrainConfig, plots, train
+from cltlab.data import EpochSampler, ThreadedBatches
 from cltlab.train import CLTModule, lr_factor
 
 STEPS = 10
@@ -163,7 +165,7 @@ class StopAfter(L.Callback):
 
 
 def test_a_resumed_run_has_the_losses_and_weights_of_an_uninterrupted_one(tmp_path, buffer_path):
-    # 9 steps of 64 rows each cross the buffer's epoch of 7 batches, so the resumed run must also pick up the
+    # 9 steps of 64 rows each cross the buffer's epoch of 8 batches, so the resumed run must also pick up the
     # second epoch's order where the first run would have.
     config = TrainConfig(
         max_steps=9, batch_size=64, d_features=16, wandb=False, log_every=1, checkpoint_every=4, lr=3e-3
@@ -194,3 +196,40 @@ def test_compiled_training_matches_eager_training(tmp_path, buffer_path):
     assert len(compiled_losses) == 3
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
     torch.testing.assert_close(compiled.clt.W_enc, eager.clt.W_enc, rtol=1e-3, atol=1e-5)
+
+
+def test_threaded_batches_are_the_buffers_batches_in_sampler_order(buffer_path):
+    buffer = DiscBuffer(buffer_path, batch_size=64)
+    sampler = EpochSampler(len(buffer), seed=3, start=2)
+    n = len(buffer)
+    order = list(itertools.islice(iter(sampler), 2 * n + 2))  # crosses two epoch boundaries
+    assert sorted(order[n - 2 : 2 * n - 2]) == list(range(n))  # the second epoch: every batch once
+    assert order[: n - 2] == list(itertools.islice(EpochSampler(n, seed=3), 2, n))  # start skips 2
+    batches = ThreadedBatches(buffer, sampler, threads=3, reserve=2)
+    recent = []
+    for index, batch in zip(order, batches, strict=False):
+        expected = buffer[index]
+        assert torch.equal(batch.resid_mid, expected.resid_mid) and torch.equal(
+            batch.mlp_out, expected.mlp_out
+        )
+        recent = [*recent[-1:], (index, batch)]  # the last `reserve` batches stay intact while reads go on
+        for held_index, held in recent:
+            assert torch.equal(held.mlp_out, buffer[held_index].mlp_out)
+    with pytest.raises(ValueError, match="threads and reserve must be at least 1, not 0 and 2"):
+        ThreadedBatches(buffer, sampler, threads=0, reserve=2)
+
+
+def test_training_from_reader_threads_matches_the_dataloader(tmp_path, buffer_path):
+    config = TrainConfig(
+        max_steps=4, batch_size=64, d_features=16, wandb=False, log_every=1, checkpoint_every=100, lr=3e-3
+    )
+    loader = train(config, buffer_path, tmp_path / "loader", enable_progress_bar=False)
+    threads = train(
+        dataclasses.replace(config, reader_threads=2),
+        buffer_path,
+        tmp_path / "threads",
+        enable_progress_bar=False,
+    )
+    assert [r["loss"] for r in read_metrics(threads.log_dir) if r["loss"]] == [
+        r["loss"] for r in read_metrics(loader.log_dir) if r["loss"]
+    ]
