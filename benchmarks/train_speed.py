@@ -96,7 +96,8 @@ def matmul_time(clt: CrossLayerTranscoder, batch: int, device: str, repeats: int
 @torch.no_grad()
 def set_density(clt: CrossLayerTranscoder, x: torch.Tensor, density: float) -> None:
     """Set every threshold to the (1 − density) quantile of its layer's pre-activations on ``x``."""
-    pre = clt.preactivations(x).transpose(0, 1).flatten(1)[:, : 1 << 24]  # (n_layers, ≤ 16M: quantile's limit)
+    pre = clt.preactivations(x).transpose(0, 1).flatten(1)  # (n_layers, batch · d_features)
+    pre = pre[:, : 1 << 24]  # quantile takes at most 16M values
     theta = torch.quantile(pre.float(), 1 - density, dim=1).clamp_min(1e-3)
     clt.activation.log_threshold.copy_(theta.log()[:, None].expand_as(clt.activation.log_threshold))
 

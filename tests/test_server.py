@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import http.client
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,7 +19,9 @@ import cltlab
 from cltlab import DiscBuffer, TrainConfig
 from cltlab.corpus import token_sequences
 from cltlab.harvest import trace_sites
-from cltlab.server import ActivationClient, LiveSource, serve
+from cltlab.server import ActivationClient, DiscSource, LiveSource, serve
+from cltlab.server.app import FRAME, ServerState, create_app
+from cltlab.server.client import Recycler, to_batch
 
 B = 100  # rows per batch: the 500-row buffer holds 5 batches
 
@@ -38,6 +42,26 @@ def reference(buffer_path):
 def assert_exact(batch, reference):
     expected = reference[batch.index % len(reference)]
     assert torch.equal(batch.resid_mid, expected.resid_mid) and torch.equal(batch.mlp_out, expected.mlp_out)
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def read_frames(body: bytes, row_bytes: int) -> list[tuple[int, int, bytes]]:
+    """(rows, index, batch bytes) of each frame of a /activations/stream body."""
+    frames, at = [], 0
+    while at < len(body):
+        rows, index = FRAME.unpack_from(body, at)
+        size = 2 * rows * row_bytes
+        frames.append((rows, index, body[at + FRAME.size : at + FRAME.size + size]))
+        at += FRAME.size + size
+    return frames
 
 
 def test_exports_and_import_starts_nothing():
@@ -130,6 +154,117 @@ def test_server_survives_a_client_that_disconnects_mid_stream(server, reference)
     assert_exact(client.tensor(B, index=1), reference)
 
 
+def test_streamed_batches_reuse_memory_only_once_let_go():
+    info = {"dtype": "float32", "n_layers": 4, "d_model": 64}
+    memory = Recycler(2 * B * 4 * 64 * 4)
+    first = to_batch(memory.array(2 * B * 4 * 64 * 4), B, 0, info)
+    address = first.resid_mid.data_ptr()
+    mlp_out = first.mlp_out
+    del first
+    second = memory.array(100)  # mlp_out still views the first array: new memory
+    assert second.ctypes.data != address and not memory.free
+    del mlp_out
+    assert [array.ctypes.data for array in memory.free] == [address]  # the first array came back
+    assert memory.array(100).ctypes.data == address
+
+
+def test_shm_batches_are_their_slots_until_garbage_collected(buffer_path, reference):
+    with serve(buffer_path) as handle:
+        client = ActivationClient(handle.url)
+        stream = client.stream(B, 3, transport="shm")
+        first = next(stream)
+        ring = handle._state.rings[B]
+        slot = ring._array[ring._state.index("leased")]
+        assert first.resid_mid.untyped_storage().nbytes() == 2 * B * 4 * 64 * 4 and ring.kept == 1
+        assert torch.equal(first.resid_mid.flatten(), torch.from_numpy(slot[: B * 1024].view("float32")))
+        assert_exact(first, reference)
+        mlp_out = first.mlp_out
+        del first
+        gc.collect()
+        time.sleep(0.3)
+        assert ring.kept == 1  # a tensor of the batch is alive: its slot stays leased
+        del mlp_out
+        assert wait_until(lambda: ring.kept == 0)  # given back by the garbage collector's release
+        rest = list(stream)
+        assert [len(rest), ring.kept] == [2, 2]
+        for batch in rest:
+            assert_exact(batch, reference)
+        del rest, batch
+        assert wait_until(lambda: ring.kept == 0)
+
+
+def test_shm_copies_batches_when_the_ring_is_short_of_slots(buffer_path, reference):
+    with serve(buffer_path) as handle:
+        held = list(ActivationClient(handle.url).stream(B, 9, transport="shm"))  # more than the 4 slots
+        ring = handle._state.rings[B]
+        # 3 batches kept their slots; the other 6 were copied, each slot given back at once.
+        assert len(held) == 9 and ring.kept == ring.n_slots - 1
+        for batch in held:  # kept slots were not refilled under the batches that view them
+            assert_exact(batch, reference)
+        del held, batch
+        assert wait_until(lambda: ring.kept == 0)
+        response = httpx.get(f"{handle.url}/shm/lease", params={"batch_size": B}).json()
+        assert response["keep"] is False  # a client that does not say its process id gets a copy to make
+
+
+def test_a_slot_kept_by_a_process_that_exited_is_reclaimed(buffer_path):
+    process = subprocess.Popen(["true"])
+    exited = process.pid if process.wait() == 0 else None  # its process id, now of no process
+    with serve(buffer_path) as handle:
+        lease = httpx.get(f"{handle.url}/shm/lease", params={"batch_size": B, "pid": exited}).json()
+        ring = handle._state.rings[B]
+        assert lease["keep"] and wait_until(lambda: ring.kept == 0)
+        query = {"segment": ring.name, "slot": lease["slot"]}
+        released = httpx.get(f"{handle.url}/shm/release", params=query)
+        assert released.json() == {"released": [False]}  # already reclaimed
+
+
+def test_stream_bytes_are_the_same_without_the_socket_extension(buffer_path, server):
+    from starlette.testclient import TestClient
+
+    query = f"/activations/stream?batch_size={B}&max_batches=6&index=2"
+    through_socket = httpx.get(server.url + query).content
+    state = ServerState(
+        DiscSource(buffer_path), token=None, max_batch_size=1000, max_json_values=1000, max_stream_batches=10,
+        shared_memory=False,
+    )  # fmt: skip
+    with TestClient(create_app(state)) as test_client:  # no uvicorn connection: a plain StreamingResponse
+        through_send = test_client.get(query).content
+    assert through_socket == through_send
+    frames = read_frames(through_socket, 4 * 64 * 4)
+    assert [(rows, index) for rows, index, _ in frames] == [(B, i) for i in range(2, 8)]
+
+
+def test_a_connection_serves_requests_after_a_stream(server, reference):
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port))
+    for index in (0, 3):
+        connection.request("GET", f"/activations/stream?batch_size={B}&max_batches=2&index={index}")
+        response = connection.getresponse()
+        assert response.status == 200 and response.getheader("transfer-encoding") == "chunked"
+        frames = read_frames(response.read(), 4 * 64 * 4)
+        assert [index for _, index, _ in frames] == [index, index + 1]
+    connection.request("GET", "/health")  # the same connection, still in step
+    assert connection.getresponse().status == 200
+    connection.close()
+
+
+def test_stop_ends_a_stream_in_progress(buffer_path):
+    handle = serve(buffer_path)
+    host, port = handle.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("GET", f"/activations/stream?batch_size={B}&max_batches=1000000")
+    response = connection.getresponse()
+    assert len(response.read(100_000)) == 100_000  # then the client reads no more: the server's sends block
+    start = time.monotonic()
+    handle.stop()
+    assert time.monotonic() - start < 8 and not handle.running
+    with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+        while response.read(2**20):
+            pass
+    connection.close()
+
+
 @pytest.mark.parametrize(
     "query, status",
     [
@@ -142,7 +277,9 @@ def test_server_survives_a_client_that_disconnects_mid_stream(server, reference)
         ("/activations/stream?batch_size=10&max_batches=0", 422),
         ("/activations/stream?batch_size=10&max_batches=99999999", 400),
         ("/shm/lease?batch_size=-3", 422),
-        ("/shm/release?batch_size=10&slot=x", 422),
+        ("/shm/release?segment=cltlab-x&slot=x", 422),
+        ("/shm/release?segment=cltlab-x&slot=-1", 422),
+        ("/shm/lease?batch_size=10&pid=0", 422),
     ],
 )
 def test_bad_parameters_get_a_4xx_with_a_message(server, query, status):

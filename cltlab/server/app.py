@@ -16,10 +16,12 @@ import socket
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
+from pydantic import NonNegativeInt
 
 
 def _load_anyio() -> None:
@@ -56,11 +58,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse  # noqa:
 from ..store import STORAGE_DTYPES  # noqa: E402
 from .shm import ShmRing  # noqa: E402
 from .sources import NoData, SourceError  # noqa: E402
+from .wire import SocketStream  # noqa: E402
 
 log = logging.getLogger("cltlab")
 
 FRAME = struct.Struct("<QQ")  # stream frame header: rows, batch index
-PIECE = 2**22  # bytes per write of a streamed batch
 
 
 def host_id() -> str:
@@ -100,6 +102,10 @@ class ServerState:
                 self.rings[batch_size] = ShmRing(self.source, batch_size)
             return self.rings[batch_size]
 
+    def ring_named(self, name: str) -> ShmRing | None:
+        with self.lock:
+            return next((ring for ring in self.rings.values() if ring.name == name), None)
+
     def stats(self) -> dict:
         seconds = time.monotonic() - self.started
         return {
@@ -119,6 +125,23 @@ class ServerState:
             self.rings.clear()
 
 
+class TokenCheck:
+    """Answers 401 to requests without ``Authorization: Bearer <token>`` (plain ASGI: a BaseHTTPMiddleware would
+    pass every message of a response through a queue of its own)."""
+
+    def __init__(self, app, *, token: str):
+        self.app, self.expected = app, f"Bearer {token}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            sent = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(sent, self.expected):
+                detail = "Missing or wrong token: send the header 'Authorization: Bearer <token>'."
+                await JSONResponse({"detail": detail}, 401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(state: ServerState) -> FastAPI:
     """The app serving ``state.source``."""
     source, info = state.source, state.source.info
@@ -134,16 +157,8 @@ def create_app(state: ServerState) -> FastAPI:
         Query(ge=0, description="Batch index (disc mode); omitted: the next batch of the shared cursor."),
     ]
 
-    @app.middleware("http")
-    async def require_token(request: Request, call_next):
-        if state.token is not None:
-            sent = request.headers.get("authorization", "")
-            if not secrets.compare_digest(sent.encode(), f"Bearer {state.token}".encode()):
-                return JSONResponse(
-                    {"detail": "Missing or wrong token: send the header 'Authorization: Bearer <token>'."},
-                    401,
-                )
-        return await call_next(request)
+    if state.token is not None:
+        app.add_middleware(TokenCheck, token=state.token)
 
     @app.exception_handler(SourceError)
     async def bad_request(request: Request, err: SourceError):
@@ -247,7 +262,7 @@ def create_app(state: ServerState) -> FastAPI:
             int | None, Query(ge=1, description="Batches to send; omitted: the server's limit.")
         ] = None,
         index: Index = None,
-    ) -> StreamingResponse:
+    ) -> SocketStream:
         count = min(max_batches or state.max_stream_batches, state.max_stream_batches)
         if max_batches is not None and max_batches > state.max_stream_batches:
             raise HTTPException(
@@ -256,47 +271,42 @@ def create_app(state: ServerState) -> FastAPI:
         first = take(batch_size, index)  # a bad request fails here, before the 200 goes out
 
         def frames():
-            # One buffer per stream, reused: the next frame is produced only after the previous one was sent.
-            out = np.empty(2 * batch_size * info.row_bytes, np.uint8)
+            # A reader thread reads batch k + 1 into one buffer while batch k is sent from the other.
+            buffers = [np.empty(2 * batch_size * info.row_bytes, np.uint8) for _ in range(2)]
             batch = first
-            for k in range(count):
-                if k:
-                    batch = take(batch_size, None if index is None else index + k, out)
-                yield FRAME.pack(batch.rows, batch.index)
-                view = memoryview(batch.data)
-                # Pieces of 4 MiB: asyncio (before Python 3.12) keeps unsent bytes in a bytearray it trims from the
-                # front after every send, which makes one large write quadratic.
-                for start in range(0, view.nbytes, PIECE):
-                    yield view[start : start + PIECE]
+            with ThreadPoolExecutor(1, thread_name_prefix="cltlab-stream-reader") as reader:
+                for k in range(count):
+                    if k + 1 < count:
+                        at = None if index is None else index + k + 1
+                        ahead = reader.submit(take, batch_size, at, buffers[k % 2])
+                    yield [FRAME.pack(batch.rows, batch.index), batch.data]
+                    if k + 1 < count:
+                        batch = ahead.result()
 
-        return StreamingResponse(frames(), media_type="application/octet-stream", headers=headers(batch_size))
+        return SocketStream(frames(), media_type="application/octet-stream", headers=headers(batch_size))
 
     @app.get(
         "/shm/lease",
-        summary="Same host only: lease the next batch in a shared-memory slot (and release one).",
+        summary="Same host only: lease the next batch in a shared-memory slot (see keep in the answer).",
     )
     def shm_lease(
         batch_size: BatchSize = 1024,
-        release: Annotated[int | None, Query(ge=0, description="A slot to give back first.")] = None,
-        segment: Annotated[str | None, Query(max_length=64, description="The segment of that slot.")] = None,
+        pid: Annotated[
+            int | None, Query(ge=1, description="The client's process id: lets it keep the slot (no copy).")
+        ] = None,
     ) -> dict:
         if not state.shared_memory:
             raise HTTPException(404, "Shared memory is off on this server; use /activations/stream.")
-        if release is not None:
-            shm_release(batch_size, release, segment)
-        ring = state.ring(batch_size)
-        lease = ring.lease()
+        lease = state.ring(batch_size).lease(pid=pid)
         state.count(lease.nbytes)
         return {**lease._asdict(), "shape": [lease.rows, info.n_layers, info.d_model], "dtype": info.dtype}
 
-    @app.get("/shm/release", summary="Give a leased shared-memory slot back.")
+    @app.get("/shm/release", summary="Give leased shared-memory slots back.")
     def shm_release(
-        batch_size: BatchSize,
-        slot: Annotated[int, Query(ge=0)],
-        segment: Annotated[str | None, Query(max_length=64)] = None,
+        segment: Annotated[str, Query(max_length=64, description="The segment of the slots.")],
+        slot: Annotated[list[NonNegativeInt], Query(description="Slots to give back.")],
     ) -> dict:
-        ring = state.rings.get(batch_size)
-        released = ring is not None and segment in (None, ring.name) and ring.release(slot)
-        return {"released": released}
+        ring = state.ring_named(segment)
+        return {"released": [ring is not None and ring.release(s) for s in slot]}
 
     return app

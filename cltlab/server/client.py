@@ -2,17 +2,24 @@
 
 Control requests go through httpx. ``stream`` reads ``/activations/stream`` with ``http.client``, ``readinto``
 straight into each batch's preallocated array (large reads, no intermediate chunks), or, when the server is on
-this host, leases shared-memory slots and copies each batch out of the segment. When the server restarts, the
-client waits for it (up to ``retry_s`` seconds) and carries on where it was. ``dataset`` wraps a stream as a torch
-IterableDataset that splits its batches across DataLoader workers.
+this host, leases shared-memory slots: a batch's tensors view its slot in place (no copy), and the slot goes
+back to the server when the batch is garbage collected; when the ring is short of slots the server says so and
+the batch is copied out instead (see ``shm.py``). When the server restarts, the client waits for it (up to
+``retry_s`` seconds) and carries on where it was. ``dataset`` wraps a stream as a torch IterableDataset that
+splits its batches across DataLoader workers.
 """
 
 from __future__ import annotations
 
+import collections
 import http.client
 import logging
+import mmap
+import os
+import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -76,7 +83,7 @@ class ActivationClient:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout)
         self._info: dict | None = None
-        self._segments: dict = {}
+        self._mappings: dict[str, mmap.mmap] = {}
 
     # ------------------------------------------------------------------------------------------ control
 
@@ -178,6 +185,7 @@ class ActivationClient:
         info, received = self.info(), 0
         parts = urllib.parse.urlsplit(self.url)
         header = bytearray(FRAME.size)
+        memory = Recycler(2 * batch_size * info["row_bytes"])
         deadline = None
         while max_batches is None or received < max_batches:
             params = {"batch_size": batch_size}
@@ -199,12 +207,11 @@ class ActivationClient:
                     if _read_exactly(response, memoryview(header)) == 0:
                         return  # the server's limit: the stream ended cleanly between frames
                     rows, batch_index = FRAME.unpack(header)
-                    data = np.empty(2 * rows * info["row_bytes"], np.uint8)
-                    if _read_exactly(response, memoryview(data)) != data.nbytes:
-                        raise ConnectionError("The stream ended inside a batch.")
+                    batch = _receive(response, memory, rows, batch_index, info)
                     received += 1
                     deadline = None
-                    yield to_batch(data, rows, batch_index, info)
+                    yield batch
+                    del batch  # its memory goes round again once the consumer lets go of it
                 return
             except RETRYABLE as err:
                 deadline = deadline or time.monotonic() + self.retry_s
@@ -216,34 +223,28 @@ class ActivationClient:
                 connection.close()
 
     def _stream_shm(self, batch_size: int, max_batches: int | None) -> Iterator[ServedBatch]:
-        info, received, held = self.info(), 0, None
-        try:
-            while max_batches is None or received < max_batches:
-                params = {"batch_size": batch_size}
-                if held is not None:
-                    params.update(release=held[1], segment=held[0])
-                lease = self._get("/shm/lease", **params).json()
-                held = (lease["segment"], lease["slot"])
-                segment = self._segment(lease["segment"])
-                data = np.empty(lease["nbytes"], np.uint8)
-                data[:] = np.frombuffer(segment.buf, np.uint8, lease["nbytes"], lease["offset"])
-                received += 1
-                yield to_batch(data, lease["rows"], lease["index"], info)
-        finally:
-            if held is not None:
-                try:
-                    self._http.get(
-                        "/shm/release", params={"batch_size": batch_size, "slot": held[1], "segment": held[0]}
-                    )
-                except httpx.TransportError:
-                    pass  # the server is gone; its lease expires with it
+        info, received = self.info(), 0
+        while max_batches is None or received < max_batches:
+            lease = self._get("/shm/lease", batch_size=batch_size, pid=os.getpid()).json()
+            received += 1
+            # Not kept in a local: the slot goes back as soon as the consumer is done with the batch.
+            yield self._leased_batch(lease, info)
 
-    def _segment(self, name: str):
-        if name not in self._segments:
-            for old in self._segments.values():  # a restarted server: drop the old mappings
-                old.close()
-            self._segments = {name: attach(name)}
-        return self._segments[name]
+    def _leased_batch(self, lease: dict, info: dict) -> ServedBatch:
+        segment, slot = lease["segment"], lease["slot"]
+        data = np.frombuffer(self._mapping(segment), np.uint8, lease["nbytes"], lease["offset"])
+        if lease["keep"]:  # the batch is the slot itself: it goes back once the batch is garbage collected
+            release = weakref.finalize(data, _give_back, self.url, self._headers, segment, slot)
+            release.atexit = False  # an exiting client's slots are reclaimed by the server
+        else:  # the ring is short of slots: copy the batch out and give the slot back now
+            data = data.copy()
+            self._get("/shm/release", segment=segment, slot=slot)
+        return to_batch(data, lease["rows"], lease["index"], info)
+
+    def _mapping(self, name: str) -> mmap.mmap:
+        if name not in self._mappings:  # a restarted server has a new segment: forget the old one
+            self._mappings = {name: attach(name)}
+        return self._mappings[name]
 
     def dataset(self, batch_size: int = 1024, max_batches: int | None = None) -> ActivationDataset:
         """A torch IterableDataset of this server's batches."""
@@ -252,9 +253,7 @@ class ActivationClient:
         )
 
     def close(self) -> None:
-        for segment in self._segments.values():
-            segment.close()
-        self._segments = {}
+        self._mappings = {}  # unmapped once the last batch viewing them is gone
         self._http.close()
 
     def __enter__(self) -> ActivationClient:
@@ -262,6 +261,58 @@ class ActivationClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Recycler:
+    """Memory for the next batches, taken back from batches the consumer let go.
+
+    Before receiving into fresh memory the kernel maps and zeroes every page of it; a training loop drops each
+    batch before it asks for the next, so a few arrays can go round instead. A batch's array is its own
+    ``np.frombuffer`` view (numpy ends chains of views there), so its memory comes back only once every tensor
+    made from it is gone.
+    """
+
+    def __init__(self, nbytes: int, keep: int = 2):
+        self.nbytes = nbytes
+        self.free: collections.deque[np.ndarray] = collections.deque(maxlen=keep)
+
+    def array(self, nbytes: int) -> np.ndarray:
+        """A uint8 array of ``nbytes`` (at most the ``nbytes`` given at construction)."""
+        try:
+            memory = self.free.pop()
+        except IndexError:
+            memory = np.empty(self.nbytes, np.uint8)
+        data = np.frombuffer(memoryview(memory), np.uint8, nbytes)
+        weakref.finalize(data, self.free.append, memory)
+        return data
+
+
+def _give_back(url: str, headers: dict, segment: str, slot: int) -> None:
+    """Release a kept slot. Called by the garbage collector, which must not wait on I/O: a daemon thread sends it."""
+    threading.Thread(
+        target=_release, args=(url, headers, segment, slot), name="cltlab-shm-release", daemon=True
+    ).start()
+
+
+def _release(url: str, headers: dict, segment: str, slot: int) -> None:
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        query = urllib.parse.urlencode({"segment": segment, "slot": slot})
+        connection.request("GET", f"/shm/release?{query}", headers=headers)
+        connection.getresponse().read()
+    except (OSError, http.client.HTTPException):
+        pass  # the server is gone, and its ring with it
+    finally:
+        connection.close()
+
+
+def _receive(response, memory: Recycler, rows: int, index: int, info: dict) -> ServedBatch:
+    """The next batch of a stream, read straight into memory from ``memory``."""
+    data = memory.array(2 * rows * info["row_bytes"])
+    if _read_exactly(response, memoryview(data)) != data.nbytes:
+        raise ConnectionError("The stream ended inside a batch.")
+    return to_batch(data, rows, index, info)
 
 
 def _read_exactly(response: http.client.HTTPResponse, view: memoryview) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..buffer import DiscBuffer
 from .app import ServerState, create_app
 from .sources import DiscSource, LiveSource
+from .wire import with_socket
 
 log = logging.getLogger("cltlab")
 
@@ -77,7 +78,7 @@ class ServerHandle:
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{self.port}"
         config = uvicorn.Config(
-            create_app(state),
+            with_socket(create_app(state)),
             log_level=log_level,
             lifespan="off",
             access_log=False,

@@ -1,0 +1,142 @@
+"""A streamed body written straight to the connection's socket, past the ASGI server's write path.
+
+Through uvicorn (h11 on asyncio), each body message is copied again before the kernel sees it (h11 joins the
+chunk framing and the data into new bytes; asyncio keeps what the socket did not take at once in a buffer of
+its own) and crosses from a worker thread to the event loop, which holds ``/activations/stream`` to a fraction
+of what loopback TCP carries. So ``with_socket`` wraps the app and, for HTTP/1.1 requests on a uvicorn
+connection, offers the connection's transport in ``scope["extensions"]["cltlab.socket"]``. ``SocketStream``
+then sends its status and headers the ASGI way, pauses the transport, writes the chunked body itself from one
+worker thread (``sendmsg`` of the frames' own memory, ``PIECE`` bytes per call, no copy in Python), resumes
+the transport and lets the server write the last chunk, so the connection stays usable. Without the extension (another ASGI server, a test client) it is a StreamingResponse
+of the same bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Generator, Iterable, Iterator
+
+import anyio
+import anyio.to_thread
+from starlette.responses import StreamingResponse
+
+EXTENSION = "cltlab.socket"
+PIECE = 2**20  # bytes per socket write (and per message without the extension)
+SEND_TIMEOUT_S = 600.0  # a client that reads nothing for this long is dropped (it reconnects if alive)
+
+
+class ClientGone(Exception):
+    """The client closed the connection or stopped reading."""
+
+
+def with_socket(app):
+    """``app`` with uvicorn's connection offered to responses in ``scope["extensions"]["cltlab.socket"]``."""
+
+    async def offer(scope, receive, send):
+        # uvicorn calls the app with the bound method ``send`` of its RequestResponseCycle, which has the transport.
+        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        if (
+            scope["type"] == "http"
+            and scope.get("http_version") == "1.1"
+            and isinstance(transport, asyncio.Transport)
+            and transport.get_extra_info("socket") is not None
+        ):
+            extensions = {**scope.get("extensions", {}), EXTENSION: {"transport": transport}}
+            scope = {**scope, "extensions": extensions}
+        await app(scope, receive, send)
+
+    return offer
+
+
+class SocketStream(StreamingResponse):
+    """A chunked response of ``frames``: each frame a list of buffers, sent back to back as one HTTP chunk."""
+
+    def __init__(self, frames: Generator[list, None, None], *, headers: dict[str, str], media_type: str):
+        self.frames = frames
+        super().__init__(_pieces(frames), headers=headers, media_type=media_type)
+
+    async def __call__(self, scope, receive, send) -> None:
+        transport = scope.get("extensions", {}).get(EXTENSION, {}).get("transport")
+        if transport is None:
+            await super().__call__(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        transport.pause_reading()  # the event loop leaves the socket alone while the worker thread writes
+        sock = None
+        try:
+            deadline = time.monotonic() + SEND_TIMEOUT_S
+            while transport.get_write_buffer_size():  # the headers go first
+                if time.monotonic() > deadline:
+                    raise ClientGone("the client read nothing")
+                await asyncio.sleep(0.001)
+            sock = socket.socket(
+                fileno=os.dup(transport.get_extra_info("socket").fileno())
+            )  # closed by _write
+            sock.settimeout(SEND_TIMEOUT_S)
+            # Its own limiter: a long stream must not hold one of the tokens that the sync endpoints share.
+            await anyio.to_thread.run_sync(
+                _write, sock, self.frames, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1)
+            )
+        except ClientGone:  # it went away (or stopped reading for SEND_TIMEOUT_S)
+            transport.abort()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            return
+        except BaseException:  # the server stops, or the source failed: end the connection, and so the writer
+            if sock is not None:
+                with contextlib.suppress(OSError):  # already closed by a writer that failed
+                    sock.shutdown(socket.SHUT_RDWR)
+            raise
+        transport.resume_reading()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})  # h11 ends the chunks
+
+
+def _write(sock: socket.socket, frames: Generator[list, None, None]) -> None:
+    """Each frame as one HTTP chunk (size line, buffers, CRLF); closes ``sock`` (a duplicate) and ``frames``."""
+    # Closed here, not later by the garbage collector in the event loop's thread.
+    with sock, contextlib.closing(frames):
+        for frame in frames:
+            views = [memoryview(part).cast("B") for part in frame]
+            size = sum(view.nbytes for view in views)
+            _send_all(sock, [memoryview(b"%x\r\n" % size), *views, memoryview(b"\r\n")])
+
+
+def _send_all(sock: socket.socket, views: list[memoryview]) -> None:
+    """Send ``views`` back to back with ``sendmsg``, at most PIECE bytes per call."""
+    queue = collections.deque(view for view in views if view.nbytes)
+    while queue:
+        batch, size = [], 0
+        while queue and size < PIECE:
+            view = queue.popleft()
+            take = min(view.nbytes, PIECE - size)
+            if take < view.nbytes:
+                queue.appendleft(view[take:])
+            batch.append(view[:take])
+            size += take
+        try:
+            sent = sock.sendmsg(batch)
+        except OSError as err:  # reset, closed, or timed out
+            raise ClientGone(err) from err
+        unsent = []
+        for view in batch:
+            if sent >= view.nbytes:
+                sent -= view.nbytes
+            else:
+                unsent.append(view[sent:])
+                sent = 0
+        queue.extendleft(reversed(unsent))
+
+
+def _pieces(frames: Iterable[list]) -> Iterator[memoryview]:
+    """The frames' bytes in messages of at most PIECE bytes (asyncio before Python 3.12 trims its write buffer
+    from the front after every send, which makes one large write quadratic)."""
+    for frame in frames:
+        for part in frame:
+            view = memoryview(part).cast("B")
+            for start in range(0, view.nbytes, PIECE):
+                yield view[start : start + PIECE]
