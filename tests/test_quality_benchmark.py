@@ -1,0 +1,46 @@
+"""The pure helpers of benchmarks/quality.py: layer ranges, the λ search toward a target L0, interpolation."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location(
+    "quality", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+)
+quality = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(quality)
+
+
+def run(lam: float, l0: float, nmse: float = 0.5) -> quality.Run:
+    return quality.Run("plt", lam, l0, nmse, 0.8, 0.1, 0.7, 0.0, 1.0)
+
+
+def test_parse_layers():
+    assert quality.parse_layers("0:12") == (0, 12)
+    assert quality.parse_layers("all") is None
+
+
+def test_next_lambda_one_run_uses_the_guessed_slope():
+    # L0 ∝ λ^SLOPE_GUESS: halving L0 takes λ × 2^(-1 / SLOPE_GUESS)
+    expected = 1e-3 * 2 ** (-1 / quality.SLOPE_GUESS)
+    assert quality.next_lambda([run(1e-3, 40.0)], target=20.0) == pytest.approx(expected, rel=1e-2)
+
+
+def test_next_lambda_secant_hits_a_power_law():
+    l0 = lambda lam: 5.0 * lam**-0.5  # noqa: E731
+    runs = [run(1e-4, l0(1e-4)), run(4e-4, l0(4e-4))]
+    assert quality.next_lambda(runs, target=l0(1e-3)) == pytest.approx(1e-3, rel=1e-2)
+
+
+def test_next_lambda_step_is_capped():
+    assert quality.next_lambda([run(1e-3, 1000.0)], target=1.0, max_factor=10.0) == pytest.approx(1e-2)
+
+
+def test_closest_and_interpolate():
+    runs = [run(1e-4, 40.0, nmse=0.2), run(1e-3, 10.0, nmse=0.6)]
+    assert quality.closest(runs, 15.0).lam == 1e-3
+    mid = quality.interpolate(runs, 20.0)
+    assert mid["nmse"] == pytest.approx(0.6 + (0.2 - 0.6) * math.log(2) / math.log(4))
+    assert quality.interpolate(runs, 50.0) is None
