@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from buffer import make_folder
-from train_speed import set_density
+from train_speed import set_density, step_time
 
 from cltlab import CLTConfig, CrossLayerTranscoder, DiscBuffer
 from cltlab.data import EpochSampler, ThreadedBatches
@@ -44,20 +44,6 @@ def timed(fn, repeats: int) -> float:
 def matmul_tflops(device: str, n: int = 8192) -> float:
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     return 2 * n**3 / timed(lambda: a @ b, 10) / 1e12
-
-
-def train_step_time(clt, x, y, steps: int, decoding: str, loss_fn=None) -> float:
-    optimizer = torch.optim.Adam(clt.parameters(), lr=1e-5, fused=True)
-    loss_fn = loss_fn or clt.loss
-
-    def step() -> None:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            loss = loss_fn(x, y, sparsity_coef=1e-4, decoding=decoding).total
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return timed(step, steps)
 
 
 def check_sparse_equals_dense(clt, x, y) -> float:
@@ -140,8 +126,8 @@ def main() -> None:
     flops = 6 * B * weights
     x, y = torch.randn(B, L, d, device=device), torch.randn(B, L, d, device=device)
     set_density(clt, x, args.density)
-    dense = train_step_time(clt, x, y, args.steps, "dense")
-    sparse = train_step_time(clt, x, y, args.steps, "auto")
+    dense = step_time(clt, None, x, y, args.steps, "dense")
+    sparse = step_time(clt, None, x, y, args.steps, "auto")
     print(
         f"{name}: CLT L={L} d={d} F={F} ({weights / 1e6:.0f}M weights), {B} tokens per step, L0/F={args.density}"
     )
@@ -154,9 +140,9 @@ def main() -> None:
     if args.compile:
         compiled = torch.compile(clt.loss)
         start = time.perf_counter()
-        train_step_time(clt, x, y, 1, "dense", compiled)
+        step_time(clt, None, x, y, 1, "dense", compiled)
         print(f"torch.compile warm-up {time.perf_counter() - start:.0f} s")
-        step = train_step_time(clt, x, y, args.steps, "dense", compiled)
+        step = step_time(clt, None, x, y, args.steps, "dense", compiled)
         print(f"compiled dense:  {step * 1e3:.1f} ms/step, {B / step:,.0f} tok/s")
         compiled_times.append(step)
     del clt, x, y
