@@ -20,25 +20,10 @@ from pathlib import Path
 
 import torch
 from buffer import make_folder
-from train_speed import set_density, step_time
+from train_speed import set_density, step_time, timed
 
 from cltlab import CLTConfig, CrossLayerTranscoder, DiscBuffer
 from cltlab.data import EpochSampler, ThreadedBatches
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    synchronize()
-    return (time.perf_counter() - start) / repeats
 
 
 def matmul_tflops(device: str, n: int = 8192) -> float:
@@ -84,13 +69,15 @@ def data_tokens_per_s(
             n, start = 0, 0.0
             for i in range(2 * len(buffer)):  # the first epoch warms the page cache and the workers
                 if i == len(buffer):
-                    synchronize()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
                     n, start = 0, time.perf_counter()
                 b = next(iterator)
                 x = b.resid_mid.to(device, non_blocking=True)
                 b.mlp_out.to(device, non_blocking=True)
                 n += x.shape[0]
-            synchronize()
+            if device == "cuda":
+                torch.cuda.synchronize()
             return n / (time.perf_counter() - start)
 
         return rate(loader), rate(threaded)
@@ -146,7 +133,8 @@ def main() -> None:
         print(f"compiled dense:  {step * 1e3:.1f} ms/step, {B / step:,.0f} tok/s")
         compiled_times.append(step)
     del clt, x, y
-    torch.cuda.empty_cache() if device == "cuda" else None
+    if device == "cuda":
+        torch.cuda.empty_cache()
     loader, threads = data_tokens_per_s(args.rows, L, d, B, args.workers, device)
     data = max(loader, threads)
     print(

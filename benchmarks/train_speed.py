@@ -33,6 +33,19 @@ class SeedMaskedDecoder(torch.nn.Module):
         return torch.einsum("bsf,stfd->btd", features, self.W_dec * self.mask[..., None, None])
 
 
+def timed(fn, repeats: int) -> float:
+    """Seconds per call of ``fn`` over ``repeats`` calls, after one warm-up call (GPU work synchronized)."""
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
 def step_time(
     clt: CrossLayerTranscoder,
     decoder,
@@ -57,15 +70,7 @@ def step_time(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return timed(step, steps)
 
 
 def matmul_time(clt: CrossLayerTranscoder, batch: int, device: str, repeats: int) -> float:
@@ -84,13 +89,7 @@ def matmul_time(clt: CrossLayerTranscoder, batch: int, device: str, repeats: int
             g @ w.T  # input gradient
             a.T @ g  # weight gradient
 
-    run()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+    return timed(run, repeats)
 
 
 @torch.no_grad()

@@ -69,12 +69,15 @@ class Decode(torch.autograd.Function):
         out = torch.zeros(batch, L * d, dtype=features.dtype, device=features.device)
         ctx.active = [None] * L  # (rows, cols, values) of the nonzero features of each sparse source
         ctx.needed = [None] * L  # (rows, cols) where the gradient is needed, per sparse source
+        casts = []  # the dense sources' weights in the compute dtype
         with torch.autocast(features.device.type, enabled=False):
             for source, W in enumerate(weights):
                 W = W.reshape(n_features, -1)
                 target = out[:, source * d : source * d + W.shape[1]]
                 if not sparse[source]:
-                    target.addmm_(features[:, source], W.to(features.dtype))
+                    cast = W.to(features.dtype)  # kept for the backward pass: one cast per step
+                    target.addmm_(features[:, source], cast)
+                    casts.append(cast)
                     continue
                 rows, cols = features[:, source].nonzero(as_tuple=True)  # sorted by row
                 values = features[:, source][rows, cols]
@@ -90,14 +93,15 @@ class Decode(torch.autograd.Function):
                 )
                 ctx.active[source] = (rows, cols, values)
                 ctx.needed[source] = needed[:, source].nonzero(as_tuple=True)
-        ctx.save_for_backward(features, *weights)
+        ctx.save_for_backward(features, *weights, *casts)
         ctx.sparse = sparse
         return out.view(batch, L, d)
 
     @staticmethod
     def backward(ctx, grad_out):
-        features, *weights = ctx.saved_tensors
+        features, *saved = ctx.saved_tensors
         batch, L, n_features = features.shape
+        weights, casts = saved[:L], iter(saved[L:])
         d = grad_out.shape[-1]
         grad = grad_out.reshape(batch, L * d).to(features.dtype)
         grad_features = torch.zeros_like(features) if ctx.needs_input_grad[0] else None
@@ -109,7 +113,7 @@ class Decode(torch.autograd.Function):
             ]  # (batch, n_targets · d_model), a strided view
             needs_weight = ctx.needs_input_grad[3 + source]
             if not ctx.sparse[source]:
-                flat = flat.to(features.dtype)
+                flat = next(casts).reshape(n_features, -1)
                 if grad_features is not None:
                     grad_features[:, source] = g @ flat.T
                 grad_weights.append(
