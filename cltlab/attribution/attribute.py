@@ -1,0 +1,253 @@
+"""Build the attribution graph of one prompt with batched backward passes through the local replacement model.
+
+1. Run the prompt once (``LocalReplacement``): attention patterns and norm denominators are recorded and frozen,
+   the CLT encodes every layer's ``resid_mid``; features at BOS are zeroed (as circuit-tracer does), and the
+   error node of (layer, position) is ``mlp_out − reconstruction`` (zero at BOS, whose MLP output is a constant).
+2. Run the frozen model once more on ``batch_size`` copies of the prompt with every MLP output and the token
+   embeddings replaced by autograd leaves. The graph is retained.
+3. For each block of ``batch_size`` targets, one backward pass: copy b of the prompt carries target b's direction
+   (a feature's encoder direction at its ``resid_mid``, or a logit's unembedding row minus the mean row after the
+   final norm). The gradients at the leaves, contracted with each source's vector (a feature's decoder rows at
+   every layer it writes to, times its activation; an error vector; a token embedding), give the block's rows.
+
+Rows are computed for the logits first, then for features; with ``max_features`` only the features with the
+largest influence on the logits so far get rows (re-ranked every ``update_interval`` blocks, as circuit-tracer does).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..clt import CrossLayerTranscoder
+from ..models import LoadedModel
+from .graph import AttributionGraph, normalize_rows
+from .local import LocalReplacement, check_fits, prompt_ids
+
+log = logging.getLogger("cltlab")
+
+
+class _Sources:
+    """The source side of every row: what each node writes, and how to contract gradients with it."""
+
+    def __init__(self, clt: CrossLayerTranscoder, local: LocalReplacement):
+        prompt = local.prompt
+        seq, L, _ = prompt.resid_mid.shape
+        device = clt.W_enc.device
+        with torch.no_grad():
+            features = clt.encode(prompt.resid_mid.to(device)).float()  # (seq, n_layers, d_features)
+            features[0] = 0  # BOS: its MLP output stays a constant of the local model
+            reconstruction = clt.decode(features).float()  # (seq, n_layers, d_model)
+        errors = prompt.mlp_out.to(device) - reconstruction
+        errors[0] = 0
+        # Active features ordered by (layer, position, feature), circuit-tracer's order.
+        pos, layer, feat = features.nonzero(as_tuple=True)
+        order = torch.argsort((layer * seq + pos) * clt.d_features + feat)
+        self.active = torch.stack([layer[order], pos[order], feat[order]], 1)  # (n_active, 3)
+        self.activations = features[pos[order], layer[order], feat[order]]  # (n_active,)
+        self.errors = errors  # (seq, n_layers, d_model)
+        self.embeddings = prompt.embeddings.to(device)  # (seq, d_model)
+        self.reconstruction = reconstruction
+        # One bucket per (source layer, position): decoder rows of its features, scaled by activation.
+        out_scale = clt.output_scale.float()  # (n_layers, 1)
+        self.buckets: list[tuple[int, int, slice, torch.Tensor]] = []
+        keys = self.active[:, 0] * seq + self.active[:, 1]
+        bounds = torch.searchsorted(keys, torch.arange(L * seq + 1, device=keys.device))
+        for key in range(L * seq):
+            start, stop = int(bounds[key]), int(bounds[key + 1])
+            if start == stop:
+                continue
+            source, position = divmod(key, seq)
+            n = clt.n_targets(source)
+            W = clt.W_dec[source].detach()[self.active[start:stop, 2]].float()  # (n, n_targets, d_model)
+            W = W * out_scale[source : source + n] * self.activations[start:stop, None, None]
+            self.buckets.append(
+                (source, position, slice(start, stop), W.flatten(1))
+            )  # (n, n_targets·d_model)
+        self.n_targets = [clt.n_targets(source) for source in range(L)]
+
+    @property
+    def n_active(self) -> int:
+        return len(self.active)
+
+    def rows(self, grad_mlp: torch.Tensor, grad_embed: torch.Tensor) -> torch.Tensor:
+        """Contract gradients at the MLP outputs ``(batch, seq, n_layers, d_model)`` and the embeddings
+        ``(batch, seq, d_model)`` with every source: ``(batch, n_active + n_layers·seq + seq)``."""
+        batch, seq, L, d = grad_mlp.shape
+        out = grad_mlp.new_empty(batch, self.n_active + L * seq + seq)
+        for source, position, columns, W in self.buckets:
+            n = self.n_targets[source]
+            grads = grad_mlp[:, position, source : source + n].reshape(batch, n * d)
+            out[:, columns] = grads @ W.T
+        out[:, self.n_active : self.n_active + L * seq] = torch.einsum(
+            "bsld,sld->bls", grad_mlp, self.errors
+        ).flatten(1)
+        out[:, self.n_active + L * seq :] = torch.einsum("bsd,sd->bs", grad_embed, self.embeddings)
+        return out
+
+
+def logit_targets(
+    logits: torch.Tensor, unembedding: torch.Tensor, *, logit_prob: float, max_logits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The most likely next tokens until their probability adds up to ``logit_prob`` (at most ``max_logits``):
+    their ids, probabilities, and directions ``(n, d_model)`` (unembedding row minus the mean row)."""
+    probs = torch.softmax(logits.float(), -1)
+    top_p, top_ids = probs.topk(min(max_logits, len(probs)))
+    n = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(logit_prob))) + 1
+    ids = top_ids[:n]
+    return ids, top_p[:n], unembedding[ids] - unembedding.mean(0)
+
+
+def attribute(
+    model: LoadedModel,
+    clt: CrossLayerTranscoder,
+    prompt: str | list[int] | torch.Tensor,
+    *,
+    logit_prob: float = 0.95,
+    max_logits: int = 10,
+    max_features: int | None = None,
+    batch_size: int = 64,
+    update_interval: int = 4,
+    scan: str = "cltlab",
+    progress: bool = True,
+) -> AttributionGraph:
+    """The attribution graph of ``prompt`` (text or token ids; BOS is added when missing) through ``clt``.
+
+    ``max_features`` caps the feature nodes, keeping the most influential; ``batch_size`` targets share one
+    backward pass (memory grows with it). See ``AttributionGraph`` for what the graph holds.
+    """
+    check_fits(model, clt)
+    if batch_size < 1 or (max_features is not None and max_features < 0):
+        raise ValueError("batch_size must be at least 1 and max_features not negative.")
+    started = time.perf_counter()
+    ids = prompt_ids(model, prompt)
+    clt = clt.to(model.device).eval()
+    local = LocalReplacement(model, ids)
+    sources = _Sources(clt, local)
+    seq, L = len(ids), model.n_layers
+    unembedding = local.unembedding()
+    logit_ids, logit_p, logit_vectors = logit_targets(
+        local.prompt.logits, unembedding, logit_prob=logit_prob, max_logits=max_logits
+    )
+    n_active, n_logits = sources.n_active, len(logit_ids)
+    n_features = n_active if max_features is None else min(max_features, n_active)
+    n_columns = n_active + L * seq + seq
+
+    # The frozen model on batch_size copies, with leaves in place of the embeddings and MLP outputs.
+    embed_leaf = local.prompt.embeddings.expand(batch_size, -1, -1).clone().requires_grad_()
+    mlp_leaves = [
+        local.prompt.mlp_out[:, layer].expand(batch_size, -1, -1).clone().requires_grad_()
+        for layer in range(L)
+    ]
+    with torch.enable_grad():
+        resid, final = local.run(
+            batch=batch_size, embeddings=embed_leaf, mlp_fn=lambda layer, _: mlp_leaves[layer]
+        )
+    encoder = (
+        clt.W_enc.detach().float() / clt.input_scale.float()[:, :, None]
+    )  # (n_layers, d_model, d_features)
+
+    def backward(layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """Rows for targets reading ``vectors`` ``(n, d_model)`` at (layer, position); layer L is the final norm."""
+        outputs, grads = [], []
+        index = torch.arange(len(layers))
+        for layer in layers.unique().tolist():
+            at = layers == layer
+            grad = torch.zeros(batch_size, seq, model.d_model, device=vectors.device)
+            grad[index[at], positions[at]] = vectors[at]
+            outputs.append(final if layer == L else resid[layer])
+            grads.append(grad.to(outputs[-1].dtype))
+        found = torch.autograd.grad(
+            outputs, [embed_leaf, *mlp_leaves], grads, retain_graph=True, allow_unused=True
+        )
+        zero = torch.zeros_like(embed_leaf)
+        grad_embed = found[0] if found[0] is not None else zero
+        grad_mlp = torch.stack([g if g is not None else zero for g in found[1:]], 2)  # (batch, seq, L, d)
+        return sources.rows(grad_mlp.float(), grad_embed.float())[: len(layers)]
+
+    bar = tqdm(total=n_logits + n_features, desc="attribution", unit="node", disable=not progress)
+    rows = torch.zeros(n_logits + n_features, n_columns)
+    row_node = torch.zeros(
+        n_logits + n_features, dtype=torch.long
+    )  # column (or n_columns + logit) of each row
+    for start in range(0, n_logits, batch_size):
+        stop = min(start + batch_size, n_logits)
+        rows[start:stop] = backward(
+            torch.full((stop - start,), L), torch.full((stop - start,), seq - 1), logit_vectors[start:stop]
+        ).cpu()
+        row_node[start:stop] = n_columns + torch.arange(start, stop)
+        bar.update(stop - start)
+    done = n_logits
+    visited = torch.zeros(n_active, dtype=torch.bool)
+    while done < n_logits + n_features:
+        remaining = n_logits + n_features - done
+        if n_features == n_active:
+            pending = torch.arange(n_active)
+        else:  # rank the features not yet visited by their influence through the rows computed so far
+            ranked = _partial_influence(rows[:done], row_node[:done], logit_p, n_columns)[:n_active].argsort(
+                descending=True
+            )
+            pending = ranked[~visited[ranked]][: min(update_interval * batch_size, remaining)]
+        for block in pending.split(batch_size):
+            layer, position, feature = sources.active[block].T.cpu()
+            rows[done : done + len(block)] = backward(
+                layer, position, encoder[layer, :, feature].to(embed_leaf.device)
+            ).cpu()
+            row_node[done : done + len(block)] = block
+            visited[block] = True
+            done += len(block)
+            bar.update(len(block))
+    bar.close()
+
+    selected = visited.nonzero().flatten()
+    keep = torch.cat([selected, torch.arange(n_active, n_columns)])  # the feature nodes, errors and tokens
+    n_nodes = len(keep) + n_logits
+    adjacency = torch.zeros(n_nodes, n_nodes)
+    feature_rows = rows[n_logits:][row_node[n_logits:].argsort()]  # in node order
+    adjacency[: len(selected), : len(keep)] = feature_rows[:, keep]
+    adjacency[len(keep) :, : len(keep)] = rows[:n_logits][:, keep]
+    tokenizer = model.tokenizer
+    graph = AttributionGraph(
+        prompt=tokenizer.decode(ids[1:].tolist()),
+        input_ids=ids,
+        tokens=[tokenizer.decode([t]) for t in ids.tolist()],
+        n_layers=L,
+        active_features=sources.active.cpu(),
+        activations=sources.activations.cpu(),
+        selected=selected,
+        logit_ids=logit_ids.cpu(),
+        logit_tokens=[tokenizer.decode([t]) for t in logit_ids.tolist()],
+        logit_probabilities=logit_p.cpu(),
+        adjacency=adjacency,
+        error_norms=sources.errors.norm(dim=-1).T.cpu(),
+        scan=scan,
+    )
+    log.info(
+        "Attribution of %d tokens: %d of %d features in %.1f s",
+        seq,
+        n_features,
+        n_active,
+        time.perf_counter() - started,
+    )
+    return graph
+
+
+def _partial_influence(
+    rows: torch.Tensor, row_node: torch.Tensor, logit_p: torch.Tensor, n_columns: int, max_iter: int = 1000
+) -> torch.Tensor:
+    """Influence on the logits of every column, through the rows computed so far (``row_node`` names each row's
+    target: a column, or ``n_columns + rank`` for a logit)."""
+    normalized = normalize_rows(rows)  # (n_rows, n_columns)
+    current = torch.zeros(n_columns + len(logit_p))
+    current[n_columns:] = logit_p
+    total = torch.zeros(n_columns)
+    for _ in range(max_iter):
+        step = current[row_node] @ normalized  # (n_columns,)
+        if not step.any():
+            return total
+        total += step
+        current = torch.cat([step, torch.zeros(len(logit_p))])
+    raise RuntimeError(f"Influence did not converge in {max_iter} steps.")
