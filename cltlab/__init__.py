@@ -6,6 +6,7 @@ Importing cltlab starts nothing (no threads, no network); the nouns below are th
 __version__ = "0.1.0"
 
 from . import plots  # noqa: E402
+from .attribution import AttributionGraph, Intervention, attribute, intervene  # noqa: E402
 from .buffer import DiscBuffer  # noqa: E402
 from .clt import CrossLayerTranscoder  # noqa: E402
 from .config import CLTConfig, EvalConfig, HarvestConfig, Profile, TrainConfig, get_profile  # noqa: E402
@@ -20,6 +21,8 @@ from .train import train  # noqa: E402
 
 __all__ = [
     "ActivationClient",
+    "AttributionGraph",
+    "AttributionGraphView",
     "CLTConfig",
     "CrossLayerTranscoder",
     "DiscBuffer",
@@ -27,12 +30,14 @@ __all__ = [
     "FeatureBrowser",
     "FeatureStatistics",
     "HarvestConfig",
+    "Intervention",
     "JumpReLU",
     "Profile",
     "ReplacementComparison",
     "ReplacementModel",
     "RunPaths",
     "TrainConfig",
+    "attribute",
     "evaluate",
     "export_circuit_tracer",
     "feature_statistics",
@@ -40,6 +45,7 @@ __all__ = [
     "get_profile",
     "harvest",
     "import_circuit_tracer",
+    "intervene",
     "load_model",
     "plots",
     "run_paths",
@@ -52,7 +58,7 @@ __all__ = [
 def __getattr__(name: str):
     # The widgets import ipywidgets, which registers itself with a running kernel, and the server imports FastAPI
     # and uvicorn: load them on first use only, so that importing cltlab stays light and free of side effects.
-    if name in ("FeatureBrowser", "ReplacementComparison"):
+    if name in ("AttributionGraphView", "FeatureBrowser", "ReplacementComparison"):
         from . import widgets
 
         return getattr(widgets, name)

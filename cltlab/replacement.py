@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .attribution import AttributionGraph, attribute
 from .clt import CrossLayerTranscoder
 from .config import EvalConfig
 from .corpus import token_sequences
@@ -150,6 +151,10 @@ class ReplacementModel:
         return ReplacementRun(
             out["logits"].float(), features if record else None, stack(mlp_out), stack(reconstruction)
         )
+
+    def attribute(self, prompt: str | list[int] | torch.Tensor, **options) -> AttributionGraph:
+        """The attribution graph of ``prompt`` through this CLT (``cltlab.attribute``; same options)."""
+        return attribute(self.model, self.clt, prompt, **options)
 
     @torch.no_grad()
     def reconstruction_errors(self, ids: torch.Tensor) -> torch.Tensor:

@@ -346,3 +346,57 @@ def test_save_load_round_trip(traced, tmp_path):
         AttributionGraph.load(tmp_path / "g")
     with pytest.raises(FileNotFoundError, match="not a saved attribution graph"):
         AttributionGraph.load(tmp_path / "missing")
+
+
+# The fields of circuit-tracer 0.5.0's frontend models (frontend/graph_models.py).
+CT_NODE_FIELDS = {
+    "node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob", "is_target_logit", "run_idx",
+    "reverse_ctx_idx", "jsNodeId", "clerp", "influence", "activation",
+}  # fmt: skip
+CT_METADATA_FIELDS = {
+    "slug", "scan", "transcoder_list", "prompt_tokens", "prompt", "node_threshold", "schema_version",
+}  # fmt: skip
+
+
+def test_circuit_tracer_graph_file(traced, tmp_path):
+    import json
+
+    _, _, graph, _ = traced
+    path = graph.export_graph_files(tmp_path / "graphs", "capital-test")
+    data = json.loads(path.read_text())
+    assert set(data) == {"metadata", "qParams", "nodes", "links"}
+    assert set(data["metadata"]) == CT_METADATA_FIELDS and data["metadata"]["scan"] == graph.scan
+    assert data["metadata"]["prompt_tokens"] == graph.tokens
+    pruned = graph.prune()
+    ids = {n["node_id"] for n in data["nodes"]}
+    assert all(set(n) == CT_NODE_FIELDS for n in data["nodes"])
+    assert len(ids) == len(data["nodes"]) <= int(pruned.node_mask.sum())
+    kinds = {n["feature_type"] for n in data["nodes"]}
+    assert {"embedding", "logit"} <= kinds
+    # Every link joins two listed nodes and carries the adjacency's weight.
+    by_id = {n["node_id"]: n for n in data["nodes"]}
+    assert len(data["links"]) > 0 and all(e["source"] in ids and e["target"] in ids for e in data["links"])
+    link = data["links"][0]
+    source, target = by_id[link["source"]], by_id[link["target"]]
+    if source["feature_type"] == "embedding":
+        column = graph.token_node(source["ctx_idx"])
+    elif source["feature_type"] == "mlp reconstruction error":
+        column = graph.error_node(int(source["layer"]), source["ctx_idx"])
+    else:
+        layer, feature, pos = map(int, source["node_id"].split("_"))
+        column = graph.feature_node(layer, pos, feature)
+    if target["feature_type"] == "logit":
+        row = graph.logit_start + graph.logit_ids.tolist().index(target["feature"])
+    else:
+        layer, feature, pos = map(int, target["node_id"].split("_"))
+        row = graph.feature_node(layer, pos, feature)
+    assert link["weight"] == pytest.approx(float(graph.adjacency[row, column]))
+    logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
+    assert sum(n["is_target_logit"] for n in logits) == 1 and len(logits) == graph.n_logits
+    # A second graph joins the index; the same slug replaces its entry.
+    graph.export_graph_files(tmp_path / "graphs", "second")
+    graph.export_graph_files(tmp_path / "graphs", "second")
+    index = json.loads((tmp_path / "graphs" / "graph-metadata.json").read_text())
+    assert sorted(g["slug"] for g in index["graphs"]) == ["capital-test", "second"]
+    with pytest.raises(ValueError, match="slug '../x'"):
+        graph.export_graph_files(tmp_path / "graphs", "../x")

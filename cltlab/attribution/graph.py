@@ -283,6 +283,12 @@ class AttributionGraph:
             raise ValueError(f"{meta_path} is not a {FORMAT!r} file of version {FORMAT_VERSION}.")
         return cls(**meta, **load_file(str(tensor_path)))
 
+    def export_graph_files(self, out_dir: str | Path, slug: str, **thresholds) -> Path:
+        """Write the pruned graph as circuit-tracer's graph file (see ``cltlab.attribution.export``)."""
+        from .export import export_graph_files
+
+        return export_graph_files(self, out_dir, slug, **thresholds)
+
     def __repr__(self) -> str:
         return (
             f"AttributionGraph({self.prompt!r}: {self.n_features} feature nodes of {len(self.active_features)} "
