@@ -15,7 +15,10 @@ Metrics, all on held-out text (the corpus's ``eval`` split): L0, NMSE (mean over
 and top-1 agreement from ``cltlab.evaluate``; dead % = features that never fire on ``--heldout-tokens`` harvested
 held-out tokens (``cltlab.feature_statistics``). Each run is kept under ``--out`` with its metrics, so running
 again reuses finished runs. The last lines are ``name = value``.
+With ``--graphs N`` (needs ``--layers all``), the paper's second result: mean replacement and completeness scores
+and influence-weighted path length of attribution graphs of the matched CLT and PLT on the same N held-out prompts.
 Usage: python benchmarks/quality.py [--quick] [--layers 0:12] [--steps 600] [--features 256] [--tokens 60000]
+       python benchmarks/quality.py --buffer runs/default/activations --graphs 10
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import NamedTuple
 import transformers
 
 import cltlab
+from cltlab.corpus import token_sequences
 
 KINDS = {"clt": True, "plt": False}  # name -> TrainConfig.cross_layer
 SLOPE_GUESS = -0.5  # d log L0 / d log λ before a kind has two runs (measured: -0.44, PLT of layers 0-11)
@@ -150,11 +154,15 @@ class Bench:
             checkpoint_every=self.args.steps,
         )
 
-    def __call__(self, kind: str, lam: float) -> Run:
+    def run_dir(self, kind: str, lam: float) -> Path:
         config = self.train_config(kind, lam)
-        run_dir = (
+        return (
             self.root / f"{kind}_F{config.d_features}_S{config.max_steps}_B{config.batch_size}_lam{lam:.3g}"
         )
+
+    def __call__(self, kind: str, lam: float) -> Run:
+        config = self.train_config(kind, lam)
+        run_dir = self.run_dir(kind, lam)
         key = dict(
             train=dataclasses.asdict(config),
             buffer=self.buffer.summary(),
@@ -208,6 +216,55 @@ class Bench:
                 return target
 
 
+def path_length(graph) -> float:
+    """Mean length (in edges) of the paths by which influence flows from the logits back to the tokens: each
+    step of ``w Â^k`` that lands on token nodes, weighted by how much lands there."""
+    from cltlab.attribution.graph import normalize_rows
+
+    normalized = normalize_rows(graph.adjacency)
+    current, total, weighted = graph.logit_weights() @ normalized, 0.0, 0.0
+    for k in range(1, 4 * graph.n_layers + 4):
+        arrived = float(current[graph.token_start : graph.logit_start].sum())
+        total, weighted = total + arrived, weighted + k * arrived
+        current = current @ normalized
+        if not current.any():
+            break
+    return weighted / total if total else float("nan")
+
+
+def graph_scores(bench: Bench, picked: dict[str, Run], args: argparse.Namespace) -> None:
+    """The paper's second result: replacement and completeness scores (and path length) of each kind's graphs
+    on the same held-out prompts (the first ``--graph-tokens`` tokens of eval-split sequences)."""
+    sequences = token_sequences(
+        bench.harvest.corpus,
+        bench.model.tokenizer,
+        seq_len=args.graph_tokens,
+        bos_token_id=bench.model.bos_token_id,
+        split="eval",
+    )
+    prompts = [next(sequences)[0] for _ in range(args.graphs)]
+    print(f"\nattribution graphs on {len(prompts)} held-out prompts of {args.graph_tokens} tokens "
+          f"(max {args.graph_features} feature nodes):")  # fmt: skip
+    print(f"{'model':<6} {'replacement':>11} {'completeness':>12} {'path length':>11} {'s/graph':>8}")
+    for kind, run in picked.items():
+        clt = cltlab.CrossLayerTranscoder.load(bench.run_dir(kind, run.lam) / "clt")
+        scores, lengths, start = [], [], time.perf_counter()
+        for ids in prompts:
+            graph = cltlab.attribute(
+                bench.model, clt, ids, max_features=args.graph_features, max_logits=5, progress=False
+            )
+            scores.append(graph.scores())
+            lengths.append(path_length(graph))
+        seconds = (time.perf_counter() - start) / len(prompts)
+        replacement = sum(s.replacement for s in scores) / len(scores)
+        completeness = sum(s.completeness for s in scores) / len(scores)
+        length = sum(lengths) / len(lengths)
+        print(f"{kind:<6} {replacement:>11.3f} {completeness:>12.3f} {length:>11.2f} {seconds:>8.1f}")
+        print(f"graph_{kind}_replacement = {replacement:.3f}")
+        print(f"graph_{kind}_completeness = {completeness:.3f}")
+        print(f"graph_{kind}_path_length = {length:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -239,6 +296,13 @@ def main() -> None:
     parser.add_argument(
         "--sweep", action="store_true", help="Also train each kind at half and twice its matched λ."
     )
+    parser.add_argument(
+        "--graphs", type=int, default=0, help="Also score attribution graphs on this many held-out prompts."
+    )
+    parser.add_argument(
+        "--graph-tokens", type=int, default=16, help="Tokens per graph prompt (BOS included)."
+    )
+    parser.add_argument("--graph-features", type=int, default=500, help="max_features of each graph.")
     parser.add_argument("--quick", action="store_true", help="Smoke test: 4 layers, 64 features, 60 steps.")
     args = parser.parse_args()
     if args.quick:
@@ -319,6 +383,12 @@ def main() -> None:
         print(f"ce_recovered_clt-plt_interp = {clt.ce_recovered - interpolated['plt']['ce_recovered']:.4f}")
     for l0, ratio in ratios.items():
         print(f"nmse_plt/clt@l0={l0:.0f} = {ratio:.3f}")
+    if args.graphs:
+        if layer_start != 0 or layer_stop != model.n_layers:
+            raise SystemExit(
+                "--graphs needs transcoders of every layer: pass --layers all (or a full --buffer)."
+            )
+        graph_scores(bench, picked, args)
     print(f"wall_s = {time.perf_counter() - start:.0f}")
 
 

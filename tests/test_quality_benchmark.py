@@ -44,3 +44,15 @@ def test_closest_and_interpolate():
     mid = quality.interpolate(runs, 20.0)
     assert mid["nmse"] == pytest.approx(0.6 + (0.2 - 0.6) * math.log(2) / math.log(4))
     assert quality.interpolate(runs, 50.0) is None
+
+
+def test_path_length_counts_edges_from_tokens_to_logits(tiny_gpt2):
+    import cltlab
+    from helpers import make_clt
+
+    silent = make_clt(tiny_gpt2.n_layers, tiny_gpt2.d_model, 16, threshold_init=1e6)
+    direct = cltlab.attribute(tiny_gpt2, silent, "The cat sat on the mat", progress=False)
+    assert quality.path_length(direct) == pytest.approx(1.0)  # without features, tokens reach logits directly
+    busy = make_clt(tiny_gpt2.n_layers, tiny_gpt2.d_model, 32, threshold_init=0.5)
+    graph = cltlab.attribute(tiny_gpt2, busy, "The cat sat on the mat", progress=False)
+    assert 1.0 < quality.path_length(graph) <= tiny_gpt2.n_layers + 1

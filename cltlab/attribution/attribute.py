@@ -51,7 +51,9 @@ class _Sources:
         self.errors = errors  # (seq, n_layers, d_model)
         self.embeddings = prompt.embeddings.to(device)  # (seq, d_model)
         self.reconstruction = reconstruction
-        # One bucket per (source layer, position): decoder rows of its features, scaled by activation.
+        # One bucket per (source layer, position): its features' decoder rows for every layer they write to,
+        # scaled by activation, as a (feature, target layer · d_model) matrix: a prefix of target layers is a
+        # column block that BLAS reads in place.
         out_scale = clt.output_scale.float()  # (n_layers, 1)
         self.buckets: list[tuple[int, int, slice, torch.Tensor]] = []
         keys = self.active[:, 0] * seq + self.active[:, 1]
@@ -62,29 +64,30 @@ class _Sources:
                 continue
             source, position = divmod(key, seq)
             n = clt.n_targets(source)
-            W = clt.W_dec[source].detach()[self.active[start:stop, 2]].float()  # (n, n_targets, d_model)
+            W = clt.W_dec[source].detach()[self.active[start:stop, 2]].float()  # (n_feat, n_targets, d_model)
             W = W * out_scale[source : source + n] * self.activations[start:stop, None, None]
             self.buckets.append(
-                (source, position, slice(start, stop), W.flatten(1))
-            )  # (n, n_targets·d_model)
-        self.n_targets = [clt.n_targets(source) for source in range(L)]
+                (source, position, slice(start, stop), W.permute(1, 2, 0).reshape(-1, stop - start))
+            )
 
     @property
     def n_active(self) -> int:
         return len(self.active)
 
-    def rows(self, grad_mlp: torch.Tensor, grad_embed: torch.Tensor) -> torch.Tensor:
+    def rows(self, grad_mlp: torch.Tensor, grad_embed: torch.Tensor, depth: int) -> torch.Tensor:
         """Contract gradients at the MLP outputs ``(batch, seq, n_layers, d_model)`` and the embeddings
-        ``(batch, seq, d_model)`` with every source: ``(batch, n_active + n_layers·seq + seq)``."""
+        ``(batch, seq, d_model)`` with every source: ``(batch, n_active + n_layers·seq + seq)``. Gradients at
+        MLP outputs of layers ``>= depth`` are zero (targets read the residual stream before them) and are skipped."""
         batch, seq, L, d = grad_mlp.shape
-        out = grad_mlp.new_empty(batch, self.n_active + L * seq + seq)
+        out = grad_mlp.new_zeros(batch, self.n_active + L * seq + seq)
         for source, position, columns, W in self.buckets:
-            n = self.n_targets[source]
-            grads = grad_mlp[:, position, source : source + n].reshape(batch, n * d)
-            out[:, columns] = grads @ W.T
-        out[:, self.n_active : self.n_active + L * seq] = torch.einsum(
-            "bsld,sld->bls", grad_mlp, self.errors
-        ).flatten(1)
+            n = min(W.shape[0] // d, depth - source)  # target layers of this source that can matter
+            if n > 0:
+                out[:, columns] = (
+                    grad_mlp[:, position, source : source + n].reshape(batch, n * d) @ W[: n * d]
+                )
+        errors = torch.einsum("bsld,sld->bls", grad_mlp[:, :, :depth], self.errors[:, :depth])
+        out[:, self.n_active : self.n_active + depth * seq] = errors.flatten(1)
         out[:, self.n_active + L * seq :] = torch.einsum("bsd,sd->bs", grad_embed, self.embeddings)
         return out
 
@@ -166,7 +169,8 @@ def attribute(
         zero = torch.zeros_like(embed_leaf)
         grad_embed = found[0] if found[0] is not None else zero
         grad_mlp = torch.stack([g if g is not None else zero for g in found[1:]], 2)  # (batch, seq, L, d)
-        return sources.rows(grad_mlp.float(), grad_embed.float())[: len(layers)]
+        depth = int(layers.max())  # the deepest target reads resid_mid before this layer's MLP (L: after all)
+        return sources.rows(grad_mlp.float(), grad_embed.float(), depth)[: len(layers)]
 
     bar = tqdm(total=n_logits + n_features, desc="attribution", unit="node", disable=not progress)
     rows = torch.zeros(n_logits + n_features, n_columns)
@@ -191,6 +195,8 @@ def attribute(
                 descending=True
             )
             pending = ranked[~visited[ranked]][: min(update_interval * batch_size, remaining)]
+            # Blocks of one layer (or few) stop their backward pass early and skip the decoders of later layers.
+            pending = pending[sources.active[pending, 0].cpu().argsort(stable=True)]
         for block in pending.split(batch_size):
             layer, position, feature = sources.active[block].T.cpu()
             rows[done : done + len(block)] = backward(

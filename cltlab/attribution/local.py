@@ -233,13 +233,8 @@ class LocalReplacement:
         def keep_resid(layer):
             return lambda module, args: resid.__setitem__(layer, args[0])
 
-        def replace_mlp(layer):
-            def hook(module, args, output):
-                if mlp_seen is not None:
-                    mlp_seen[layer] = output.detach()
-                return output if mlp_fn is None else mlp_fn(layer, resid[layer]).to(output.dtype)
-
-            return hook
+        def keep_mlp(layer):
+            return lambda module, args, output: mlp_seen.__setitem__(layer, output.detach())
 
         def replace_embed(module, args, output):
             if record:
@@ -249,8 +244,14 @@ class LocalReplacement:
 
         for layer in range(model.n_layers):
             handles.append(model.pre_mlp_norm(layer).register_forward_pre_hook(keep_resid(layer)))
-            handles.append(model.mlp(layer).register_forward_hook(replace_mlp(layer)))
+            if mlp_fn is None:
+                handles.append(model.mlp(layer).register_forward_hook(keep_mlp(layer)))
         handles.append(model.model.get_input_embeddings().register_forward_hook(replace_embed))
+        # MLPs are swapped out rather than hooked, so that they are not computed at all.
+        mlps = [model.mlp(layer) for layer in range(model.n_layers)]
+        if mlp_fn is not None:
+            for layer in range(model.n_layers):
+                setattr(model.blocks()[layer], model.sites.mlp, _Replaced(layer, mlp_fn, resid))
         previous = config._attn_implementation
         token = None
         if frozen:
@@ -263,9 +264,22 @@ class LocalReplacement:
         finally:
             for handle in handles:
                 handle.remove()
+            for layer, mlp in enumerate(mlps):
+                setattr(model.blocks()[layer], model.sites.mlp, mlp)
             config._attn_implementation = previous
             if token is not None:
                 _STATE.reset(token)
+
+
+class _Replaced(nn.Module):
+    """Stands in for one MLP while the local model runs: returns ``mlp_fn(layer, resid_mid)``."""
+
+    def __init__(self, layer: int, mlp_fn: Callable, resid: dict):
+        super().__init__()
+        self.layer, self.mlp_fn, self.resid = layer, mlp_fn, resid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_fn(self.layer, self.resid[self.layer]).to(x.dtype)
 
 
 def prompt_ids(model: LoadedModel, prompt: str | list[int] | torch.Tensor) -> torch.Tensor:
