@@ -47,8 +47,9 @@ def test_closest_and_interpolate():
 
 
 def test_path_length_counts_edges_from_tokens_to_logits(tiny_gpt2):
-    import cltlab
     from helpers import make_clt
+
+    import cltlab
 
     silent = make_clt(tiny_gpt2.n_layers, tiny_gpt2.d_model, 16, threshold_init=1e6)
     direct = cltlab.attribute(tiny_gpt2, silent, "The cat sat on the mat", progress=False)
