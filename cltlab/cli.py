@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, help="Stop after this many seconds (default: until Ctrl-C).")
 
     p = sub.add_parser(
-        "run", help="The main job: execute notebooks 01-04 headlessly; keep them as the report."
+        "run", help="The main job: execute notebooks 01-04 and 06 headlessly; keep them as the report."
     )
     common(p)
     return parser
@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         run_notebooks(args.profile, paths.root)
         print(f"\n=== cltlab main job: profile {args.profile}, run folder {paths.root} ===")
         print(paths.load_metrics().summary())
+        print(paths.load_attribution_scores().summary())
         print(f"report: {paths.report}  (executed notebooks + HTML)")
     print(f"[{args.command} took {time.perf_counter() - start:.0f} s]")
     return 0

@@ -8,11 +8,69 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from .attribution import AttributionGraph
 
 log = logging.getLogger("cltlab")
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-MAIN_JOB = ("01_harvest.ipynb", "02_train.ipynb", "03_features.ipynb", "04_replacement.ipynb")
+MAIN_JOB = (
+    "01_harvest.ipynb",
+    "02_train.ipynb",
+    "03_features.ipynb",
+    "04_replacement.ipynb",
+    "06_attribution.ipynb",
+)
+"""The notebooks ``cltlab run`` executes, in order (05_server is a demo, not a step of the job)."""
+
+
+class AttributionScores(NamedTuple):
+    """What a run records about its attribution graph (``<run>/attribution/scores.json``)."""
+
+    prompt: str
+    replacement: float
+    """Replacement score: share of the token → logit influence not passing through error nodes."""
+    completeness: float
+    """Completeness score: influence-weighted share of node inputs from features and tokens, not errors."""
+    n_nodes: int
+    """Nodes of the whole graph (features, errors, tokens, logits)."""
+    n_features: int
+    """Feature nodes of the whole graph."""
+    pruned_nodes: int
+    """Nodes kept by pruning at ``node_threshold`` / ``edge_threshold``."""
+    pruned_features: int
+    """Feature nodes kept by pruning."""
+    pruned_edges: int
+    """Edges kept by pruning."""
+    node_threshold: float
+    edge_threshold: float
+
+    @classmethod
+    def of(
+        cls, graph: AttributionGraph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98
+    ) -> AttributionScores:
+        scores, pruned = graph.scores(), graph.prune(node_threshold, edge_threshold)
+        return cls(
+            graph.prompt,
+            scores.replacement,
+            scores.completeness,
+            graph.n_nodes,
+            graph.n_features,
+            int(pruned.node_mask.sum()),
+            int(pruned.node_mask[: graph.n_features].sum()),
+            int(pruned.edge_mask.sum()),
+            node_threshold,
+            edge_threshold,
+        )
+
+    def summary(self) -> str:
+        return (
+            f"attribution of {self.prompt!r}: replacement score {self.replacement:.3f}, completeness score "
+            f"{self.completeness:.3f}; pruned to {self.pruned_nodes} of {self.n_nodes} nodes "
+            f"({self.pruned_features} of {self.n_features} features) and {self.pruned_edges} edges"
+        )
 
 
 @dataclass(frozen=True)
@@ -43,6 +101,11 @@ class RunPaths:
         return self.root / "metrics.json"
 
     @property
+    def attribution(self) -> Path:
+        """The attribution graph of the run's prompt (graph.json + graph.safetensors) and its scores.json."""
+        return self.root / "attribution"
+
+    @property
     def report(self) -> Path:
         """Executed notebooks with their outputs."""
         return self.root / "report"
@@ -58,6 +121,20 @@ class RunPaths:
 
         saved = json.loads(self.metrics.read_text())
         return ReplacementMetrics(**{name: saved[name] for name in ReplacementMetrics._fields})
+
+    def save_attribution(
+        self, graph: AttributionGraph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98
+    ) -> AttributionScores:
+        """Save ``graph`` in ``attribution`` and its scores (pruned at the thresholds) in ``scores.json``."""
+        graph.save(self.attribution)
+        scores = AttributionScores.of(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
+        (self.attribution / "scores.json").write_text(json.dumps(scores._asdict(), indent=2))
+        return scores
+
+    def load_attribution_scores(self) -> AttributionScores:
+        """The ``AttributionScores`` that ``save_attribution`` wrote."""
+        saved = json.loads((self.attribution / "scores.json").read_text())
+        return AttributionScores(**{name: saved[name] for name in AttributionScores._fields})
 
 
 def run_paths(profile: str, run_dir: str | Path | None = None) -> RunPaths:

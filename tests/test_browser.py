@@ -219,3 +219,54 @@ def test_replacement_comparison_links_features_to_the_browser(page, lab):
         arg=f"layer {layer} · feature {feature}",
     )
     comparison.screenshot(path=str(SCREENSHOTS / "replacement_comparison.png"))
+
+
+FEATURE_POINT = """() => {
+    const plot = document.querySelector('.cltlab-attribution-graph .js-plotly-plot');
+    const traces = [...plot.querySelectorAll('.scatterlayer .trace')];
+    const features = traces.find(g => g.__data__ && g.__data__[0].trace.name === 'feature');
+    const points = [...features.querySelectorAll('path.point')];
+    points[0].scrollIntoView({block: 'center', inline: 'nearest'});
+    const box = points[0].getBoundingClientRect();
+    return {x: box.x + box.width / 2, y: box.y + box.height / 2, n: points.length};
+}"""
+"""Scroll the first marker of the graph's feature trace into view and return its centre (plotly binds each
+trace's data to its ``g.trace``)."""
+
+
+def test_attribution_graph_click_opens_the_feature_in_the_browser(page, lab):
+    url, token, _ = lab
+    run_all(page, url, token, "06_attribution.ipynb")
+    assert "Traceback" not in page.locator(".jp-NotebookPanel:visible").inner_text()
+    view = page.locator(".cltlab-attribution-graph")
+    plot = view.locator(".js-plotly-plot").first
+    try:
+        plot.locator(".scatterlayer path.point").first.wait_for()
+    except Exception:
+        page.screenshot(path=str(SCREENSHOTS / "failed-attribution.png"), full_page=True)
+        raise
+    assert "replacement score" in view.locator(".cltlab-graph-scores").inner_text()
+    assert view.locator(".js-plotly-plot").count() == 2  # the graph + the FeatureBrowser's figure
+    point = page.evaluate(FEATURE_POINT)
+    assert point["n"] > 0
+    # Plotly reports a click on the point under the cursor: hover it first, then click.
+    page.mouse.move(point["x"], point["y"])
+    page.mouse.click(point["x"], point["y"])
+    selected = view.locator(".cltlab-selected-node")
+    try:
+        selected.wait_for(timeout=30_000)
+    except Exception:
+        page.screenshot(path=str(SCREENSHOTS / "failed-attribution-click.png"), full_page=True)
+        raise AssertionError(f"clicking the feature marker at {point} selected nothing") from None
+    feature, layer = re.search(r"feature (\d+) · layer (\d+)", selected.inner_text()).groups()
+    page.wait_for_function(
+        "text => document.querySelector('.cltlab-attribution-graph .cltlab-feature-browser')"
+        ".innerText.includes(text)",
+        arg=f"layer {layer} · feature {feature}",
+    )
+    assert not view.locator("button", has_text="Zero feature").is_disabled()
+    view.locator("button", has_text="Zero feature").click()
+    view.locator(".cltlab-intervention td").first.wait_for()
+    view.evaluate("element => element.scrollIntoView({block: 'start', inline: 'nearest'})")
+    view.screenshot(path=str(SCREENSHOTS / "attribution_graph.png"))
+    page.screenshot(path=str(SCREENSHOTS / "06_attribution.png"), full_page=True)

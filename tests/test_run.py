@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from nbformat.v4 import new_code_cell, new_notebook
 
 from cltlab import run_paths
@@ -36,6 +37,7 @@ def test_run_paths_layout(tmp_path):
     assert paths.circuit_tracer == tmp_path / "circuit_tracer"
     assert paths.metrics == tmp_path / "metrics.json"
     assert paths.report == tmp_path / "report"
+    assert paths.attribution == tmp_path / "attribution"
 
 
 def test_save_metrics_writes_json(tmp_path):
@@ -44,6 +46,26 @@ def test_save_metrics_writes_json(tmp_path):
     assert path == tmp_path / "run" / "metrics.json"
     data = json.loads(path.read_text())
     assert data["ce_recovered"] == 0.75 and data["nmse"] == [0.2, 0.4] and data["mean_l0"] == 4.0
+
+
+def test_save_attribution_writes_the_graph_and_its_scores(tmp_path, tiny_gpt2):
+    from helpers import make_clt
+
+    from cltlab import AttributionGraph, attribute
+
+    clt = make_clt(tiny_gpt2.n_layers, tiny_gpt2.d_model, 16, threshold_init=0.5)
+    graph = attribute(tiny_gpt2, clt, "It was the best of times", progress=False)
+    paths = run_paths("ci", tmp_path / "run")
+    scores = paths.save_attribution(graph, node_threshold=0.7)
+    assert torch.equal(AttributionGraph.load(paths.attribution).adjacency, graph.adjacency)
+    assert paths.load_attribution_scores() == scores
+    assert (scores.replacement, scores.completeness) == tuple(graph.scores())
+    pruned = graph.prune(0.7, 0.98)
+    assert scores.pruned_nodes == int(pruned.node_mask.sum()) < scores.n_nodes == graph.n_nodes
+    assert scores.pruned_edges == int(pruned.edge_mask.sum()) and scores.node_threshold == 0.7
+    saved = json.loads((tmp_path / "run" / "attribution" / "scores.json").read_text())
+    assert saved["n_features"] == graph.n_features and saved["prompt"] == "It was the best of times"
+    assert f"replacement score {scores.replacement:.3f}" in scores.summary()
 
 
 def test_main_job_notebooks_exist():

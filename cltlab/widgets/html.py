@@ -11,7 +11,12 @@ SHADE = "255, 127, 14"
 
 def token_text(tokenizer, token_id: int) -> str:
     """One token as readable text: newlines shown as ⏎, other whitespace kept."""
-    return tokenizer.decode([int(token_id)]).replace("\n", "⏎")
+    return readable(tokenizer.decode([int(token_id)]))
+
+
+def readable(text: str) -> str:
+    """A decoded token with its newlines shown as ⏎."""
+    return text.replace("\n", "⏎")
 
 
 def shaded_tokens(
