@@ -17,7 +17,7 @@ from cltlab.attribution import AttributionGraph, Intervention, LocalReplacement,
 PROMPT = "The capital of France is Paris, and the capital of Italy is"
 
 
-@pytest.fixture(params=["tiny_gpt2", "tiny_llama"])
+@pytest.fixture(scope="module", params=["tiny_gpt2", "tiny_llama"])
 def model(request):
     return request.getfixturevalue(request.param)
 
@@ -75,8 +75,9 @@ def target_rows(graph: AttributionGraph) -> torch.Tensor:
     return torch.cat([torch.arange(graph.n_features), torch.arange(graph.logit_start, graph.n_nodes)])
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def traced(model):
+    """One graph per model, shared by the tests (they only read it)."""
     clt = clt_for(model)
     graph = attribute(model, clt, PROMPT, batch_size=16, progress=False)
     local = LocalReplacement(model, graph.input_ids)
