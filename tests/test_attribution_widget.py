@@ -83,14 +83,25 @@ def test_draws_the_pruned_nodes_once_each(view, graph):
 def test_layout_tokens_at_the_bottom_logits_on_top_the_rest_in_their_cell(view, graph):
     traces = node_traces(view)
     tokens, logits = traces["token"], traces["logit"]
-    assert list(tokens.x) == list(range(graph.n_pos)) and set(tokens.y) == {-1}
-    assert all(abs(x - (graph.n_pos - 1)) < 0.5 for x in logits.x)
+    centers = view.centers  # a column per position, left to right, wider where more nodes share a cell
+    steps = [b - a for a, b in zip(centers[:-1], centers[1:], strict=True)]
+    assert len(centers) == graph.n_pos and min(steps) > 0
+    assert steps[-1] > steps[0]  # the last position, where most nodes of this graph sit, is widest
+    assert list(view.figure.layout.xaxis.tickvals) == centers
+    assert list(tokens.x) == centers and set(tokens.y) == {-1}
+    assert all(abs(x - centers[-1]) < centers[-1] - centers[-2] for x in logits.x)
     assert all(abs(y - graph.n_layers) < 0.5 for y in logits.y) and len(logits.x) == graph.n_logits
     for kind in ("feature", "error"):
         trace = traces[kind]
         for index, x, y in zip(trace.customdata, trace.x, trace.y, strict=True):
             node = graph.node(index)
-            assert abs(x - node.position) < 0.5 and abs(y - node.layer) < 0.5
+            left = 0.0 if node.position == 0 else (centers[node.position - 1] + centers[node.position]) / 2
+            right = (
+                view.width
+                if node.position == graph.n_pos - 1
+                else (centers[node.position] + centers[node.position + 1]) / 2
+            )
+            assert left < x < right and abs(y - node.layer) < 0.5
     points = [(x, y) for t in traces.values() for x, y in zip(t.x, t.y, strict=True)]
     assert len(set(points)) == len(points)  # nodes sharing a cell are spread apart
     labels = list(view.figure.layout.xaxis.ticktext)

@@ -64,7 +64,8 @@ class AttributionGraphView(widgets.VBox):
         intervention: HTML table of the next-token probabilities before and after zeroing.
         browser: the ``FeatureBrowser`` that feature clicks open (shown below), or None.
     Other attributes: ``graph``; ``pruned`` (the ``PruneResult`` drawn); ``drawn`` (kind → node indices, in the
-    order of that kind's trace); ``positions`` (node index → (x, y)); ``selected`` (a node index or None).
+    order of that kind's trace); ``positions`` (node index → (x, y)); ``centers`` (x of each token position's
+    column); ``selected`` (a node index or None).
     """
 
     def __init__(
@@ -88,6 +89,8 @@ class AttributionGraphView(widgets.VBox):
         self.graph_scores = graph.scores()
         self.selected: int | None = None
         self.positions: dict[int, tuple[float, float]] = {}
+        self.centers: list[float] = [p + 0.5 for p in range(graph.n_pos)]
+        self.width = float(graph.n_pos)
         self._top_tokens: dict[tuple[int, int], list[str]] = {}
         slider = dict(min=0.0, max=1.0, step=0.01, continuous_update=False, readout_format=".2f")
         style = {"description_width": "initial"}
@@ -132,7 +135,7 @@ class AttributionGraphView(widgets.VBox):
         self.pruned = graph.prune(self.node_threshold.value, self.edge_threshold.value)
         kept = self.pruned.node_mask.nonzero().flatten().tolist()
         nodes = {index: graph.node(index) for index in kept}
-        self.positions = node_positions(nodes, self.influence)
+        self.positions, self.centers, self.width = node_positions(nodes, self.influence, graph.n_pos)
         self.drawn = {kind: [i for i in kept if nodes[i].kind == kind] for kind in KINDS}
         targets, sources = self.pruned.edge_mask.nonzero(as_tuple=True)
         weights = graph.adjacency[targets, sources]
@@ -157,6 +160,8 @@ class AttributionGraphView(widgets.VBox):
                     "<br>".join(self.describe(i, top_tokens=i in with_tokens)) for i in members
                 ]
             self._ring()
+            self.figure.layout.xaxis.tickvals = self.centers
+            self.figure.layout.xaxis.range = [-0.1, self.width + 0.1]
         shown = f" (the strongest {MAX_EDGES} drawn)" if n_edges > MAX_EDGES else ""
         n_features = len(self.drawn["feature"])
         self.scores.value = (
@@ -271,24 +276,37 @@ class AttributionGraphView(widgets.VBox):
         ring.x, ring.y = ([x], [y]) if x is not None else ([], [])
 
 
-def node_positions(nodes: dict[int, Node], influence: torch.Tensor) -> dict[int, tuple[float, float]]:
-    """Where each node is drawn: x its position, y its layer (tokens -1, logits n_layers); the nodes of one cell
-    on a small grid around its centre, most influential first and the error node last."""
+def node_positions(
+    nodes: dict[int, Node], influence: torch.Tensor, n_pos: int
+) -> tuple[dict[int, tuple[float, float]], list[float], float]:
+    """Where each node is drawn, the x of every token position's centre, and the width of all columns.
+
+    y is the layer (tokens -1, logits n_layers); the nodes of one (position, layer) cell sit on a small grid
+    around its centre, most influential first and the error node last. A position's column is wider the more
+    nodes its fullest cell holds (as the square root), so crowded positions (usually the last) get room.
+    """
     cells = defaultdict(list)
     for index, node in nodes.items():
         cells[node.position, node.layer].append(index)
-    positions = {}
-    for (position, row), members in cells.items():
+    grids = {}
+    for cell, members in cells.items():
         members.sort(key=lambda i: (nodes[i].kind == "error", -float(influence[i])))
         columns = max(1, math.ceil(math.sqrt(2 * len(members))))
         lines = math.ceil(len(members) / columns)
-        columns = math.ceil(len(members) / lines)
+        grids[cell] = (math.ceil(len(members) / lines), lines)
+    widths = [1.0] * n_pos
+    for (position, _), (columns, _) in grids.items():
+        widths[position] = max(widths[position], math.sqrt(columns / 2))
+    centers = [sum(widths[:p]) + widths[p] / 2 for p in range(n_pos)]
+    positions = {}
+    for (position, row), members in cells.items():
+        columns, lines = grids[position, row]
         for j, index in enumerate(members):
             line, column = divmod(j, columns)
-            x = position + CELL[0] * ((column + 0.5) / columns - 0.5)
+            x = centers[position] + CELL[0] * widths[position] * ((column + 0.5) / columns - 0.5)
             y = row + CELL[1] * ((line + 0.5) / lines - 0.5)
             positions[index] = (x, y)
-    return positions
+    return positions, centers, sum(widths)
 
 
 def node_sizes(nodes: dict[int, Node], influence: torch.Tensor) -> dict[int, float]:
