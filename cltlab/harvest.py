@@ -38,6 +38,7 @@ from .buffer import to_storage, to_torch
 from .config import HarvestConfig
 from .corpus import token_sequences
 from .models import LoadedModel, load_model
+from .precision import model_dtype
 from .store import (
     FORMAT,
     FORMAT_VERSION,
@@ -333,7 +334,7 @@ def harvest(
     if not 0 <= job_index < n_jobs:
         raise ValueError(f"job must be (i, n) with 0 <= i < n, not {job}.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model or load_model(config.model, dtype=config.model_dtype, device=device)
+    model = model or load_model(config.model, dtype=model_dtype(config.model_dtype, device), device=device)
     layer_start, layer_stop = config.layers or (0, model.n_layers)
     if layer_stop > model.n_layers:
         raise ValueError(f"layers {config.layers} exceed the {model.n_layers} layers of {config.model!r}.")

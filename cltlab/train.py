@@ -23,6 +23,7 @@ from .buffer import ActivationBatch, DiscBuffer
 from .clt import CrossLayerTranscoder
 from .config import CLTConfig, TrainConfig
 from .data import ActivationData
+from .precision import training_precision
 
 log = logging.getLogger("cltlab")
 
@@ -165,7 +166,7 @@ def make_trainer(config: TrainConfig, run_dir: str | Path, **overrides) -> L.Tra
         num_nodes=config.num_nodes,
         strategy=strategy_for(config.strategy),
         use_distributed_sampler=False,  # ActivationData already gives each rank its own part of the buffer
-        precision=config.precision,
+        precision=training_precision(config.precision, accelerator=config.accelerator),
         logger=loggers,
         callbacks=[checkpoints, *overrides.pop("callbacks", [])],
         log_every_n_steps=config.log_every,
