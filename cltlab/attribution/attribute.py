@@ -149,9 +149,8 @@ def attribute(
         resid, final = local.run(
             batch=batch_size, embeddings=embed_leaf, mlp_fn=lambda layer, _: mlp_leaves[layer]
         )
-    encoder = (
-        clt.W_enc.detach().float() / clt.input_scale.float()[:, :, None]
-    )  # (n_layers, d_model, d_features)
+    # A feature's pre-activation reads raw resid_mid through W_enc / input_scale: (n_layers, d_model, d_features).
+    encoder = clt.W_enc.detach().float() / clt.input_scale.float()[:, :, None]
 
     def backward(layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """Rows for targets reading ``vectors`` ``(n, d_model)`` at (layer, position); layer L is the final norm."""
@@ -174,9 +173,8 @@ def attribute(
 
     bar = tqdm(total=n_logits + n_features, desc="attribution", unit="node", disable=not progress)
     rows = torch.zeros(n_logits + n_features, n_columns)
-    row_node = torch.zeros(
-        n_logits + n_features, dtype=torch.long
-    )  # column (or n_columns + logit) of each row
+    # The target of each row: its feature's column, or n_columns + rank for a logit.
+    row_node = torch.zeros(n_logits + n_features, dtype=torch.long)
     for start in range(0, n_logits, batch_size):
         stop = min(start + batch_size, n_logits)
         rows[start:stop] = backward(
@@ -191,9 +189,8 @@ def attribute(
         if n_features == n_active:
             pending = torch.arange(n_active)
         else:  # rank the features not yet visited by their influence through the rows computed so far
-            ranked = _partial_influence(rows[:done], row_node[:done], logit_p, n_columns)[:n_active].argsort(
-                descending=True
-            )
+            influence = _partial_influence(rows[:done], row_node[:done], logit_p, n_columns)
+            ranked = influence[:n_active].argsort(descending=True)
             pending = ranked[~visited[ranked]][: min(update_interval * batch_size, remaining)]
             # Blocks of one layer (or few) stop their backward pass early and skip the decoders of later layers.
             pending = pending[sources.active[pending, 0].cpu().argsort(stable=True)]
