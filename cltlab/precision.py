@@ -19,9 +19,13 @@ log = logging.getLogger("cltlab")
 
 @functools.cache
 def fast_bfloat16_cpu() -> bool:
-    """True when a bf16 matmul on this CPU is at most twice as slow as a float32 one (measured once, ~0.2 s;
-    the fastest of several calls, so that a busy machine does not decide it)."""
+    """True when a bf16 matmul on this CPU is at most twice as slow as a float32 one (measured once on one
+    thread, ~0.2 s; the fastest of several calls, so that a busy machine does not decide it)."""
     a, b = torch.randn(256, 256), torch.randn(256, 256)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(
+        1
+    )  # one core's arithmetic: with several threads, a busy machine stalls the short calls
 
     def seconds(dtype: torch.dtype) -> float:
         x, y = a.to(dtype), b.to(dtype)
@@ -33,7 +37,10 @@ def fast_bfloat16_cpu() -> bool:
             times.append(time.perf_counter() - start)
         return min(times)
 
-    return seconds(torch.bfloat16) <= 2 * seconds(torch.float32)
+    try:
+        return seconds(torch.bfloat16) <= 2 * seconds(torch.float32)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def uses_cpu(device: str | torch.device | None, accelerator: str = "auto") -> bool:
