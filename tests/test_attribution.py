@@ -12,6 +12,7 @@ import torch
 from helpers import make_clt
 from torch import nn
 
+from cltlab import feature_effects
 from cltlab.attribution import AttributionGraph, Intervention, LocalReplacement, attribute, intervene
 
 PROMPT = "The capital of France is Paris, and the capital of Italy is"
@@ -57,7 +58,7 @@ def target_values(
         pre = clt.preactivations(torch.stack(resid, 2)[0])  # (seq, n_layers, d_features)
     nodes = graph.active_features[graph.selected]
     feature_values = pre[nodes[:, 1], nodes[:, 0], nodes[:, 2]]
-    unembedding = local.unembedding()
+    unembedding = feature_effects.unembedding(local.model).float()
     directions = unembedding[graph.logit_ids] - unembedding.mean(0)
     return torch.cat([feature_values, directions @ final[0, -1]])
 
@@ -124,7 +125,7 @@ def test_completeness_identity(traced):
     assert torch.allclose(incoming + bias, values, rtol=0, atol=1e-4 * scale)
     # The local model on the prompt is the original model: the logit directions match the real logits.
     logits = local.prompt.logits
-    unembedding = local.unembedding()
+    unembedding = feature_effects.unembedding(local.model).float()
     expected = logits[graph.logit_ids] - (unembedding.mean(0) @ local.prompt.final[-1])
     assert torch.allclose(values[graph.n_features :], expected, atol=1e-4)
 
@@ -246,7 +247,7 @@ def test_prune_keeps_the_asked_share(traced):
 
 def test_interventions_follow_the_graph(traced):
     model, clt, graph, local = traced
-    unembedding = local.unembedding()
+    unembedding = feature_effects.unembedding(local.model).float()
     directions = unembedding[graph.logit_ids] - unembedding.mean(0)
 
     # No intervention: the original logits, frozen or free.

@@ -22,10 +22,11 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from .. import feature_effects
 from ..clt import CrossLayerTranscoder
 from ..models import LoadedModel
 from .graph import AttributionGraph, normalize_rows
-from .local import LocalReplacement, check_fits, prompt_ids
+from .local import LocalReplacement, check_fits, prompt_ids, transcode
 
 log = logging.getLogger("cltlab")
 
@@ -36,21 +37,14 @@ class _Sources:
     def __init__(self, clt: CrossLayerTranscoder, local: LocalReplacement):
         prompt = local.prompt
         seq, L, _ = prompt.resid_mid.shape
-        device = clt.W_enc.device
-        with torch.no_grad():
-            features = clt.encode(prompt.resid_mid.to(device)).float()  # (seq, n_layers, d_features)
-            features[0] = 0  # BOS: its MLP output stays a constant of the local model
-            reconstruction = clt.decode(features).float()  # (seq, n_layers, d_model)
-        errors = prompt.mlp_out.to(device) - reconstruction
-        errors[0] = 0
+        features, errors = transcode(clt, prompt)
         # Active features ordered by (layer, position, feature), circuit-tracer's order.
         pos, layer, feat = features.nonzero(as_tuple=True)
         order = torch.argsort((layer * seq + pos) * clt.d_features + feat)
         self.active = torch.stack([layer[order], pos[order], feat[order]], 1)  # (n_active, 3)
         self.activations = features[pos[order], layer[order], feat[order]]  # (n_active,)
         self.errors = errors  # (seq, n_layers, d_model)
-        self.embeddings = prompt.embeddings.to(device)  # (seq, d_model)
-        self.reconstruction = reconstruction
+        self.embeddings = prompt.embeddings.to(clt.W_enc.device)  # (seq, d_model)
         # One bucket per (source layer, position): its features' decoder rows for every layer they write to,
         # scaled by activation, as a (feature, target layer · d_model) matrix: a prefix of target layers is a
         # column block that BLAS reads in place.
@@ -131,7 +125,7 @@ def attribute(
     local = LocalReplacement(model, ids)
     sources = _Sources(clt, local)
     seq, L = len(ids), model.n_layers
-    unembedding = local.unembedding()
+    unembedding = feature_effects.unembedding(model).float()
     logit_ids, logit_p, logit_vectors = logit_targets(
         local.prompt.logits, unembedding, logit_prob=logit_prob, max_logits=max_logits
     )

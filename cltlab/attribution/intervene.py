@@ -15,7 +15,7 @@ import torch
 
 from ..clt import CrossLayerTranscoder
 from ..models import LoadedModel
-from .local import LocalReplacement, check_fits, prompt_ids
+from .local import LocalReplacement, check_fits, prompt_ids, transcode
 
 
 class Intervention(NamedTuple):
@@ -75,9 +75,7 @@ def intervene(
     )
     prompt_run = local.prompt
     seq, L, F = len(ids), clt.n_layers, clt.d_features
-    original = clt.encode(prompt_run.resid_mid.to(clt.W_enc.device)).float()  # (seq, n_layers, d_features)
-    original[0] = 0
-    errors = prompt_run.mlp_out - clt.decode(original).float()  # (seq, n_layers, d_model)
+    original, errors = transcode(clt, prompt_run)  # (seq, n_layers, d_features), (seq, n_layers, d_model)
     changes: dict[int, list[tuple[int, int, float]]] = {}
     for item in interventions:
         item = Intervention(*item)

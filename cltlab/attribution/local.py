@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -96,6 +97,7 @@ def _frozen_attention(module, query, key, value, attention_mask, scaling=None, d
     return (pattern @ value).transpose(1, 2), pattern
 
 
+@functools.cache
 def _register_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
@@ -190,10 +192,6 @@ class LocalReplacement:
 
     # ------------------------------------------------------------------------------------------- running
 
-    def unembedding(self) -> torch.Tensor:
-        """``(vocab, d_model)`` the unembedding matrix, float32."""
-        return self.model.model.get_output_embeddings().weight.float()
-
     def run(
         self,
         *,
@@ -285,6 +283,19 @@ class _Replaced(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp_fn(self.layer, self.resid[self.layer]).to(x.dtype)
+
+
+@torch.no_grad()
+def transcode(clt: CrossLayerTranscoder, prompt: PromptRun) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CLT on the prompt: features ``(seq, n_layers, d_features)`` and error vectors ``mlp_out −
+    reconstruction`` ``(seq, n_layers, d_model)``, both zero at BOS (whose MLP output stays a constant of the local
+    model, as in circuit-tracer)."""
+    device = clt.W_enc.device
+    features = clt.encode(prompt.resid_mid.to(device)).float()
+    features[0] = 0
+    errors = prompt.mlp_out.to(device) - clt.decode(features).float()
+    errors[0] = 0
+    return features, errors
 
 
 def prompt_ids(model: LoadedModel, prompt: str | list[int] | torch.Tensor) -> torch.Tensor:
