@@ -6,7 +6,6 @@ import dataclasses
 import gc
 import http.client
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,9 +18,11 @@ import cltlab
 from cltlab import DiscBuffer, TrainConfig
 from cltlab.corpus import token_sequences
 from cltlab.harvest import trace_sites
-from cltlab.server import ActivationClient, DiscSource, LiveSource, serve
-from cltlab.server.app import FRAME, ServerState, create_app
+from cltlab.server import ActivationClient, DiscSource, Limits, LiveSource, serve
+from cltlab.server.app import create_app
 from cltlab.server.client import Recycler, to_batch
+from cltlab.server.protocol import FRAME
+from cltlab.server.state import ServerState
 
 B = 100  # rows per batch: the 500-row buffer holds 5 batches
 
@@ -203,20 +204,8 @@ def test_shm_copies_batches_when_the_ring_is_short_of_slots(buffer_path, referen
             assert_exact(batch, reference)
         del held, batch
         assert wait_until(lambda: ring.kept == 0)
-        response = httpx.get(f"{handle.url}/shm/lease", params={"batch_size": B}).json()
-        assert response["keep"] is False  # a client that does not say its process id gets a copy to make
-
-
-def test_a_slot_kept_by_a_process_that_exited_is_reclaimed(buffer_path):
-    process = subprocess.Popen(["true"])
-    exited = process.pid if process.wait() == 0 else None  # its process id, now of no process
-    with serve(buffer_path) as handle:
-        lease = httpx.get(f"{handle.url}/shm/lease", params={"batch_size": B, "pid": exited}).json()
-        ring = handle._state.rings[B]
-        assert lease["keep"] and wait_until(lambda: ring.kept == 0)
-        query = {"segment": ring.name, "slot": lease["slot"]}
-        released = httpx.get(f"{handle.url}/shm/release", params=query)
-        assert released.json() == {"released": [False]}  # already reclaimed
+        response = httpx.post(f"{handle.url}/shm/lease", params={"batch_size": B}).json()
+        assert response["keep"] is False  # a client that does not ask to keep the slot gets a copy to make
 
 
 def test_stream_bytes_are_the_same_without_the_socket_extension(buffer_path, server):
@@ -224,10 +213,7 @@ def test_stream_bytes_are_the_same_without_the_socket_extension(buffer_path, ser
 
     query = f"/activations/stream?batch_size={B}&max_batches=6&index=2"
     through_socket = httpx.get(server.url + query).content
-    state = ServerState(
-        DiscSource(buffer_path), token=None, max_batch_size=1000, max_json_values=1000, max_stream_batches=10,
-        shared_memory=False,
-    )  # fmt: skip
+    state = ServerState(DiscSource(buffer_path), Limits(max_stream_batches=10), shared_memory=False)
     with TestClient(create_app(state)) as test_client:  # no uvicorn connection: a plain StreamingResponse
         through_send = test_client.get(query).content
     assert through_socket == through_send
@@ -272,18 +258,19 @@ def test_stop_ends_a_stream_in_progress(buffer_path):
         ("/activations/tensor?batch_size=abc", 422),
         ("/activations/tensor?batch_size=501", 400),  # more than the buffer holds
         ("/activations/tensor?batch_size=10&index=-1", 422),
-        ("/activations/tensor?batch_size=10000000", 422),  # over the server's limit
+        ("/activations/tensor?batch_size=10000000000", 422),  # over any server's limit
         ("/activations?batch_size=400", 413),  # over the JSON cap
         ("/activations/stream?batch_size=10&max_batches=0", 422),
         ("/activations/stream?batch_size=10&max_batches=99999999", 400),
-        ("/shm/lease?batch_size=-3", 422),
-        ("/shm/release?segment=cltlab-x&slot=x", 422),
-        ("/shm/release?segment=cltlab-x&slot=-1", 422),
-        ("/shm/lease?batch_size=10&pid=0", 422),
+        ("/activations/stream?batch_size=10&index=18446744073709551616", 422),  # past a frame's uint64
+        ("POST /shm/lease?batch_size=-3", 422),
+        ("POST /shm/lease?batch_size=501", 400),
+        ("POST /shm/release", 422),  # no body
     ],
 )
 def test_bad_parameters_get_a_4xx_with_a_message(server, query, status):
-    response = httpx.get(f"{server.url}{query}")
+    method, _, query = query.rpartition(" ")
+    response = httpx.request(method or "GET", f"{server.url}{query}")
     assert response.status_code == status and response.json()["detail"]
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok" and server.errors == []
 

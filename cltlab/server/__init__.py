@@ -1,15 +1,18 @@
 """The activation server: batches of harvested (disc mode) or freshly computed (live mode) activations over HTTP,
 and through shared memory for clients on the same host.
 
+- ``protocol.py``: the wire format, the typed replies, and the ``Source`` protocol;
 - ``sources.py``: what is served, and exactly which rows each batch holds;
-- ``shm.py``: the shared-memory ring of batch slots;
-- ``app.py``: the FastAPI app (endpoints, validation, token);
+- ``shm.py``: the shared-memory ring of batch slots, leased by id;
+- ``state.py``: what the routes share: budgets in bytes, the rings, counters and errors;
+- ``app.py``: the FastAPI app (routes, validation, Host and token checks);
 - ``wire.py``: a stream's body written straight to the connection's socket;
 - ``runner.py``: ``serve`` runs it in a daemon thread and returns a handle with ``url`` and ``stop()``;
 - ``client.py``: ``ActivationClient`` and the ``ActivationDataset`` for DataLoaders and ``cltlab.train``.
 """
 
 from .client import ActivationClient, ActivationDataset, ServedBatch
+from .protocol import Limits, Source
 from .runner import ServerHandle, serve
 from .sources import DiscSource, LiveSource
 
@@ -17,7 +20,9 @@ __all__ = [
     "ActivationClient",
     "ActivationDataset",
     "DiscSource",
+    "Limits",
     "LiveSource",
+    "Source",
     "ServedBatch",
     "ServerHandle",
     "serve",

@@ -2,10 +2,12 @@
 
 Control requests go through httpx. ``stream`` reads ``/activations/stream`` with ``http.client``, ``readinto``
 straight into each batch's preallocated array (large reads, no intermediate chunks), or, when the server is on
-this host, leases shared-memory slots: a batch's tensors view its slot in place (no copy), and the slot goes
-back to the server when the batch is garbage collected; when the ring is short of slots the server says so and
-the batch is copied out instead (see ``shm.py``). When the server restarts, the client waits for it (up to
-``retry_s`` seconds) and carries on where it was. ``dataset`` wraps a stream as a torch IterableDataset that
+this host, leases shared-memory slots: a batch's tensors view its slot in place (no copy), the client renews the
+lease while they live, and the slot goes back to the server when the batch is garbage collected; when the ring is
+short of slots the server says so and the batch is copied out instead (see ``shm.py``). When the server has no
+shared memory to give (a small ``/dev/shm``), ``transport="auto"`` streams over HTTP instead. When the server
+restarts or is busy (429), the client waits for it (up to ``retry_s`` seconds) and carries on where it was. The
+token goes only over the scheme the URL names (``https://`` URLs use TLS on every path). ``dataset`` wraps a stream as a torch IterableDataset that
 splits its batches across DataLoader workers.
 """
 
@@ -13,9 +15,9 @@ from __future__ import annotations
 
 import collections
 import http.client
+import json
 import logging
 import mmap
-import os
 import threading
 import time
 import urllib.parse
@@ -29,12 +31,28 @@ import torch
 
 from ..buffer import NormStats, to_torch
 from ..store import STORAGE_DTYPES
-from .app import FRAME, host_id
+from .protocol import FRAME, host_id
 from .shm import attach
 
 log = logging.getLogger("cltlab")
 
 RETRYABLE = (httpx.TransportError, ConnectionError, http.client.HTTPException, OSError)
+SHM_UNAVAILABLE = "X-Cltlab-Shm"  # the header of a 503 that means "no shared memory here: use HTTP"
+
+
+class ServerError(RuntimeError):
+    """The server answered a 4xx or 5xx; ``status`` and ``headers`` are its answer's."""
+
+    def __init__(self, message: str, status: int, headers: dict[str, str]):
+        super().__init__(message)
+        self.status, self.headers = status, headers
+
+
+def connection(url: str, timeout: float) -> http.client.HTTPConnection:
+    """A connection to ``url``'s host over the scheme it names (TLS for ``https``)."""
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    return kind(parts.hostname, parts.port, timeout=timeout)
 
 
 class ServedBatch(NamedTuple):
@@ -73,6 +91,8 @@ class ActivationClient:
     ):
         if transport not in ("auto", "shm", "http"):
             raise ValueError(f"transport must be 'auto', 'shm' or 'http', not {transport!r}.")
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise ValueError(f"The server URL must start with http:// or https://, not {url!r}.")
         self.url, self.token, self.transport, self.timeout, self.retry_s = (
             url.rstrip("/"),
             token,
@@ -88,22 +108,33 @@ class ActivationClient:
     # ------------------------------------------------------------------------------------------ control
 
     def _get(self, path: str, **params) -> httpx.Response:
-        """GET with retries while the server is unreachable; a 4xx/5xx raises with the server's message."""
+        return self._request("GET", path, params=params)
+
+    def _request(self, method: str, path: str, *, params: dict | None = None, body=None) -> httpx.Response:
+        """A request, retried while the server is unreachable or busy (429); a 4xx/5xx raises ServerError."""
         deadline = time.monotonic() + self.retry_s
+        params = {k: v for k, v in (params or {}).items() if v is not None}
         while True:
             try:
-                response = self._http.get(path, params={k: v for k, v in params.items() if v is not None})
-                break
+                response = self._http.request(method, path, params=params, json=body)
             except httpx.TransportError:
                 if time.monotonic() > deadline:
                     raise ConnectionError(f"The activation server at {self.url} is unreachable.") from None
                 time.sleep(0.2)
+                continue
+            if response.status_code != 429 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail")
             except ValueError:
                 detail = response.text
-            raise RuntimeError(f"{self.url}{path} answered {response.status_code}: {detail}")
+            raise ServerError(
+                f"{self.url}{path} answered {response.status_code}: {detail}",
+                response.status_code,
+                dict(response.headers),
+            )
         return response
 
     def health(self) -> dict:
@@ -176,14 +207,13 @@ class ActivationClient:
                 raise ValueError(
                     "index needs transport='http': shared memory serves the shared cursor's batches."
                 )
-            return self._stream_shm(batch_size, max_batches)
+            return self._stream_shm(batch_size, max_batches, fallback=self.transport == "auto")
         return self._stream_http(batch_size, max_batches, index)
 
     def _stream_http(
         self, batch_size: int, max_batches: int | None, index: int | None
     ) -> Iterator[ServedBatch]:
         info, received = self.info(), 0
-        parts = urllib.parse.urlsplit(self.url)
         header = bytearray(FRAME.size)
         memory = Recycler(2 * batch_size * info["row_bytes"])
         deadline = None
@@ -193,15 +223,20 @@ class ActivationClient:
                 params["max_batches"] = max_batches - received
             if index is not None:
                 params["index"] = index + received
-            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeout)
+            stream = connection(self.url, self.timeout)
             try:
-                connection.request(
+                stream.request(
                     "GET", f"/activations/stream?{urllib.parse.urlencode(params)}", headers=self._headers
                 )
-                response = connection.getresponse()
+                response = stream.getresponse()
+                if response.status == 429:  # busy: as if the connection broke
+                    response.read()
+                    raise ConnectionError("the server is busy (429)")
                 if response.status >= 400:
-                    raise RuntimeError(
-                        f"{self.url}/activations/stream answered {response.status}: {response.read()!r}"
+                    raise ServerError(
+                        f"{self.url}/activations/stream answered {response.status}: {response.read()!r}",
+                        response.status,
+                        dict(response.getheaders()),
                     )
                 while max_batches is None or received < max_batches:
                     if _read_exactly(response, memoryview(header)) == 0:
@@ -220,25 +255,37 @@ class ActivationClient:
                 log.warning("Stream from %s interrupted (%s); reconnecting", self.url, err)
                 time.sleep(0.2)
             finally:
-                connection.close()
+                stream.close()
 
-    def _stream_shm(self, batch_size: int, max_batches: int | None) -> Iterator[ServedBatch]:
+    def _stream_shm(
+        self, batch_size: int, max_batches: int | None, *, fallback: bool
+    ) -> Iterator[ServedBatch]:
         info, received = self.info(), 0
         while max_batches is None or received < max_batches:
-            lease = self._get("/shm/lease", batch_size=batch_size, pid=os.getpid()).json()
+            try:
+                lease = self._request(
+                    "POST", "/shm/lease", params={"batch_size": batch_size, "keep": True}
+                ).json()
+            except ServerError as err:
+                if not (fallback and SHM_UNAVAILABLE in err.headers):
+                    raise
+                log.warning("%s; streaming over HTTP instead.", err)
+                left = None if max_batches is None else max_batches - received
+                yield from self._stream_http(batch_size, left, None)
+                return
             received += 1
             # Not kept in a local: the slot goes back as soon as the consumer is done with the batch.
             yield self._leased_batch(lease, info)
 
     def _leased_batch(self, lease: dict, info: dict) -> ServedBatch:
-        segment, slot = lease["segment"], lease["slot"]
-        data = np.frombuffer(self._mapping(segment), np.uint8, lease["nbytes"], lease["offset"])
-        if lease["keep"]:  # the batch is the slot itself: it goes back once the batch is garbage collected
-            release = weakref.finalize(data, _give_back, self.url, self._headers, segment, slot)
-            release.atexit = False  # an exiting client's slots are reclaimed by the server
+        data = np.frombuffer(self._mapping(lease["segment"]), np.uint8, lease["nbytes"], lease["offset"])
+        if lease["keep"]:  # the batch is the slot itself: renewed while it lives, given back once collected
+            _Renewer.of(self.url, self._headers).add(lease["lease"], lease["expires_s"])
+            release = weakref.finalize(data, _give_back, self.url, self._headers, lease["lease"])
+            release.atexit = False  # an exiting client's leases expire on the server
         else:  # the ring is short of slots: copy the batch out and give the slot back now
             data = data.copy()
-            self._get("/shm/release", segment=segment, slot=slot)
+            self._request("POST", "/shm/release", body={"leases": [lease["lease"]]})
         return to_batch(data, lease["rows"], lease["index"], info)
 
     def _mapping(self, name: str) -> mmap.mmap:
@@ -287,24 +334,79 @@ class Recycler:
         return data
 
 
-def _give_back(url: str, headers: dict, segment: str, slot: int) -> None:
+def _give_back(url: str, headers: dict, lease: str) -> None:
     """Release a kept slot. Called by the garbage collector, which must not wait on I/O: a daemon thread sends it."""
+    _Renewer.of(url, headers).discard(lease)
     threading.Thread(
-        target=_release, args=(url, headers, segment, slot), name="cltlab-shm-release", daemon=True
+        target=_post,
+        args=(url, headers, "/shm/release", {"leases": [lease]}),
+        name="cltlab-shm-release",
+        daemon=True,
     ).start()
 
 
-def _release(url: str, headers: dict, segment: str, slot: int) -> None:
-    parts = urllib.parse.urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+def _post(url: str, headers: dict, path: str, body: dict) -> dict | None:
+    """POST ``body`` as JSON; the answer's JSON, or None when the server is gone (and its rings with it)."""
+    link = connection(url, timeout=10)
     try:
-        query = urllib.parse.urlencode({"segment": segment, "slot": slot})
-        connection.request("GET", f"/shm/release?{query}", headers=headers)
-        connection.getresponse().read()
-    except (OSError, http.client.HTTPException):
-        pass  # the server is gone, and its ring with it
+        link.request(
+            "POST", path, body=json.dumps(body), headers={**headers, "Content-Type": "application/json"}
+        )
+        response = link.getresponse()
+        answer = response.read()
+        return json.loads(answer) if response.status == 200 else None
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
     finally:
-        connection.close()
+        link.close()
+
+
+class _Renewer:
+    """Renews the kept leases of one server while their batches live (the server reclaims a lease that is
+    neither renewed nor released within its ``expires_s``), from a daemon thread that ends when none is left."""
+
+    _lock = threading.Lock()
+    _all: dict[tuple, _Renewer] = {}
+
+    @classmethod
+    def of(cls, url: str, headers: dict) -> _Renewer:
+        with cls._lock:
+            key = (url, tuple(sorted(headers.items())))
+            if key not in cls._all:
+                cls._all[key] = cls(url, headers)
+            return cls._all[key]
+
+    def __init__(self, url: str, headers: dict):
+        self.url, self.headers = url, headers
+        self.leases: dict[str, float] = {}  # lease id → its expires_s
+        self.thread: threading.Thread | None = None
+
+    def add(self, lease: str, expires_s: float) -> None:
+        with self._lock:
+            self.leases[lease] = expires_s
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="cltlab-shm-renew", daemon=True)
+                self.thread.start()
+
+    def discard(self, lease: str) -> None:
+        with self._lock:
+            self.leases.pop(lease, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self.leases:
+                    self.thread = None
+                    return
+                period = min(self.leases.values()) / 3
+            time.sleep(period)
+            with self._lock:
+                leases = list(self.leases)
+            answer = _post(self.url, self.headers, "/shm/renew", {"leases": leases}) if leases else None
+            if answer is not None:
+                for lease, renewed in zip(leases, answer["renewed"], strict=True):
+                    if not renewed:
+                        self.discard(lease)
 
 
 def _receive(response, memory: Recycler, rows: int, index: int, info: dict) -> ServedBatch:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import ipaddress
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -19,8 +20,10 @@ import weakref
 from pathlib import Path
 
 from ..buffer import DiscBuffer
-from .app import ServerState, create_app
+from .app import create_app
+from .protocol import Limits
 from .sources import DiscSource, LiveSource
+from .state import ServerState
 from .wire import with_socket
 
 log = logging.getLogger("cltlab")
@@ -29,14 +32,22 @@ _RUNNING: weakref.WeakSet[ServerHandle] = weakref.WeakSet()
 _ATEXIT = False
 
 
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
+def is_loopback(address: str) -> bool:
+    """True for a loopback address (127.0.0.0/8, ::1): decided from the address a socket is bound to, never from
+    a name (``localhost`` may resolve anywhere)."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
     except ValueError:
         return False
+
+
+def allowed_hosts(host: str, address: str, names: tuple[str, ...]) -> set[str] | None:
+    """The Host header names a server bound to ``address`` answers to (None: any, for a wildcard address, where
+    the token is the boundary)."""
+    if ipaddress.ip_address(address.split("%")[0]).is_unspecified:
+        return None
+    shown = f"[{address}]" if ":" in address else address
+    return {"localhost", "127.0.0.1", "[::1]", host.lower(), f"[{host.lower()}]", shown, *names}
 
 
 def as_source(source, live=None):
@@ -112,12 +123,12 @@ class ServerHandle:
     @property
     def stats(self) -> dict:
         """Batches and bytes served, seconds up, GB/s, buffer fill, errors so far."""
-        return self._state.stats()
+        return self._state.stats().model_dump()
 
     @property
     def errors(self) -> list[BaseException]:
         """Errors of the server thread, the source and requests, oldest first."""
-        found = [e for e in (self._error, getattr(self.source, "error", None)) if e is not None]
+        found = [e for e in (self._error, self.source.error) if e is not None]
         return found + list(self._state.errors)
 
     def raise_errors(self) -> None:
@@ -167,42 +178,40 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
-    token: str | None = None,
+    token: str | bool | None = None,
     live=None,
     shared_memory: bool = True,
-    max_batch_size: int = 65536,
-    max_json_values: int = 65536,
-    max_stream_batches: int = 1_000_000,
+    limits: Limits | None = None,
+    hosts: tuple[str, ...] = (),
     log_level: str = "warning",
 ) -> ServerHandle:
     """Start an activation server in a daemon thread and return its handle once it accepts connections.
 
     ``source``: a harvest folder or DiscBuffer (disc mode), or a LoadedModel (live mode; ``live`` is a
     HarvestConfig giving corpus, seq_len, forward batch size, layers and dtype). ``port=0`` picks a free port.
-    Binding anything but loopback requires a ``token``. ``max_json_values`` caps ``/activations`` (values per site).
+    ``token``: the bearer token clients must send (``True``: make one, see ``handle.token``); required unless the
+    bound address is loopback. ``limits``: the budgets (see ``Limits``). ``hosts``: names, besides the bound
+    address and localhost, that requests may give in their Host header.
     """
-    if not is_loopback(host) and not token:
-        raise ValueError(
-            f"Binding {host!r} exposes the server beyond this machine; pass token=... (clients send it as "
-            "'Authorization: Bearer <token>') or bind 127.0.0.1."
-        )
+    if token is True:
+        token = secrets.token_urlsafe(32)
     global _ATEXIT
-    source = as_source(source, live)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP: asyncio then sets TCP_NODELAY
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
-    except OSError as err:
+    sock = _bind(host, port)
+    address = sock.getsockname()[0]
+    if not is_loopback(address) and not token:
         sock.close()
-        source.close()
-        raise OSError(
-            f"Cannot listen on {host}:{port} ({err.strerror}); choose another port or port=0."
-        ) from err
+        raise ValueError(
+            f"{host!r} is bound to {address}, which exposes the server beyond this machine; pass token=... "
+            "(clients send it as 'Authorization: Bearer <token>') or bind 127.0.0.1."
+        )
+    try:
+        source = as_source(source, live)
+    except BaseException:
+        sock.close()
+        raise
     state = ServerState(
-        source, token=token, max_batch_size=max_batch_size, max_json_values=max_json_values,
-        max_stream_batches=max_stream_batches, shared_memory=shared_memory,
+        source, limits or Limits(), token=token or None, shared_memory=shared_memory,
+        allowed_hosts=allowed_hosts(host, address, tuple(name.lower() for name in hosts)),
     )  # fmt: skip
     handle = ServerHandle(state, sock, host, log_level=log_level)
     _RUNNING.add(handle)
@@ -212,3 +221,22 @@ def serve(
     handle._wait_started()
     log.info("Serving %s at %s", source.info.description, handle.url)
     return handle
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on the first address ``host`` resolves to (asyncio then sets TCP_NODELAY)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise OSError(f"Cannot resolve the host {host!r} ({err.strerror}).") from err
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as err:
+        sock.close()
+        raise OSError(
+            f"Cannot listen on {host}:{port} ({err.strerror}); choose another port or port=0."
+        ) from err
+    return sock

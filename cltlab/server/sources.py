@@ -16,66 +16,29 @@ in the storage dtype (bfloat16 as its 2-byte bits), back to back in one byte buf
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ..buffer import DiscBuffer, NormStats, to_storage
 from ..store import STORAGE_DTYPES
+from .protocol import Batch, NoData, SourceError, SourceInfo
 
 log = logging.getLogger("cltlab")
 
 
-class SourceError(ValueError):
-    """A request the source cannot satisfy (bad batch size, an index in live mode); the server answers 4xx."""
-
-
-class NoData(RuntimeError):
-    """No batch became available in time (live mode still warming up); the server answers 503."""
-
-
-class Batch(NamedTuple):
-    """One batch as bytes, ready to send."""
-
-    index: int
-    """Its index in the source's batch sequence (see the module docstring)."""
-    rows: int
-    """Rows in the batch."""
-    data: np.ndarray
-    """``(2 * rows * row_bytes,)`` uint8: resid_mid then mlp_out, in the storage dtype."""
-
-
-class SourceInfo(NamedTuple):
-    """What a source holds."""
-
-    kind: str
-    """``disc`` or ``live``."""
-    description: str
-    """One line of provenance."""
-    n_layers: int
-    """Layers per row."""
-    d_model: int
-    """Width of each layer's vector."""
-    layer_start: int
-    """Index in the model of the first layer."""
-    dtype: str
-    """Storage dtype: ``float32``, ``float16`` or ``bfloat16`` (sent as its uint16 bits)."""
-    n_tokens: int | None
-    """Rows in the source (None in live mode: unbounded)."""
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one row of one site."""
-        return self.n_layers * self.d_model * np.dtype(STORAGE_DTYPES[self.dtype]).itemsize
-
-
 class DiscSource:
-    """Serves a harvest folder; see the module docstring for which batch an index is."""
+    """Serves a harvest folder; see the module docstring for which batch an index is.
+
+    One DiscBuffer per batch size is kept open (at most ``max_buffers`` of them unless more are being read at
+    once); one is closed only when no request is reading from it.
+    """
 
     def __init__(self, path: str | Path, *, seed: int = 0, max_buffers: int = 8):
         self.path, self.seed, self.max_buffers = Path(path), seed, max_buffers
@@ -92,47 +55,68 @@ class DiscSource:
         self._stats = probe.stats
         probe.close()
         self._buffers: collections.OrderedDict[int, DiscBuffer] = collections.OrderedDict()
+        self._users: collections.Counter[int] = collections.Counter()  # requests reading each buffer now
         self._cursors: collections.Counter[int] = collections.Counter()
         self._lock = threading.Lock()
 
-    def buffer(self, batch_size: int) -> DiscBuffer:
-        """The DiscBuffer behind batches of ``batch_size`` (a few are kept open)."""
+    alive = True
+    error = None
+
+    def check(self, batch_size: int, index: int | None = None) -> None:
+        if not 1 <= batch_size <= self.info.n_tokens:
+            raise SourceError(
+                f"batch_size must be between 1 and the {self.info.n_tokens} rows of the buffer, not {batch_size}."
+            )
+        if index is not None and index < 0:
+            raise SourceError(f"index must be >= 0, not {index}.")
+
+    @contextlib.contextmanager
+    def buffer(self, batch_size: int) -> Iterator[DiscBuffer]:
+        """The DiscBuffer behind batches of ``batch_size``, not closed while the ``with`` block reads it."""
+        self.check(batch_size)
         with self._lock:
             if batch_size not in self._buffers:
-                if not 1 <= batch_size <= self.info.n_tokens:
-                    raise SourceError(
-                        f"batch_size must be between 1 and the {self.info.n_tokens} rows of the buffer, not {batch_size}."
-                    )
                 self._buffers[batch_size] = DiscBuffer(
                     self.path, batch_size=batch_size, seed=self.seed
                 ).open()
-                while len(self._buffers) > self.max_buffers:
-                    self._buffers.popitem(last=False)[1].close()
             self._buffers.move_to_end(batch_size)
-            return self._buffers[batch_size]
+            self._users[batch_size] += 1
+            buffer = self._buffers[batch_size]
+        try:
+            yield buffer
+        finally:
+            with self._lock:
+                self._users[batch_size] -= 1
+                self._evict()
+
+    def _evict(self) -> None:
+        """Close the least recently used buffers nobody reads while more than ``max_buffers`` are open."""
+        idle = [size for size in self._buffers if not self._users[size]]
+        for size in idle[: max(0, len(self._buffers) - self.max_buffers)]:
+            self._buffers.pop(size).close()
+            del self._users[size]
 
     def rows(self, batch_size: int, index: int) -> int:
         """Rows of batch ``index`` (DiscBuffer batches differ by at most one row)."""
-        buffer = self.buffer(batch_size)
-        return buffer.batch_rows(index % len(buffer))
+        with self.buffer(batch_size) as buffer:
+            return buffer.batch_rows(index % len(buffer))
 
     def take(self, batch_size: int, index: int | None = None, out: np.ndarray | None = None) -> Batch:
         """Batch ``index`` (the cursor's next one when None), read straight into ``out`` when it is large enough."""
-        buffer = self.buffer(batch_size)
-        if index is None:
-            with self._lock:
-                index = self._cursors[batch_size]
-                self._cursors[batch_size] += 1
-        elif index < 0:
-            raise SourceError(f"index must be >= 0, not {index}.")
-        rows = buffer.batch_rows(index % len(buffer))
-        site_bytes = rows * self.info.row_bytes
-        data = (
-            out[: 2 * site_bytes]
-            if out is not None and out.nbytes >= 2 * site_bytes
-            else np.empty(2 * site_bytes, np.uint8)
-        )
-        buffer.read_batch_into(index % len(buffer), (data[:site_bytes], data[site_bytes:]))
+        self.check(batch_size, index)
+        with self.buffer(batch_size) as buffer:
+            if index is None:
+                with self._lock:
+                    index = self._cursors[batch_size]
+                    self._cursors[batch_size] += 1
+            rows = buffer.batch_rows(index % len(buffer))
+            site_bytes = rows * self.info.row_bytes
+            data = (
+                out[: 2 * site_bytes]
+                if out is not None and out.nbytes >= 2 * site_bytes
+                else np.empty(2 * site_bytes, np.uint8)
+            )
+            buffer.read_batch_into(index % len(buffer), (data[:site_bytes], data[site_bytes:]))
         return Batch(index, rows, data)
 
     @property
@@ -149,6 +133,7 @@ class DiscSource:
             for buffer in self._buffers.values():
                 buffer.close()
             self._buffers.clear()
+            self._users.clear()
 
 
 class LiveSource:
@@ -233,10 +218,12 @@ class LiveSource:
             self._squares[s] += torch.linalg.vector_norm(x.float(), dim=-1).square().sum(0).double().numpy()
         self._harvested += sites[0].shape[0]
 
-    def take(
-        self, batch_size: int, index: int | None = None, out: np.ndarray | None = None, timeout: float = 30.0
-    ) -> Batch:
-        """The next ``batch_size`` rows (waits up to ``timeout`` seconds for the harvester)."""
+    @property
+    def alive(self) -> bool:
+        """False once the harvester has stopped (the corpus ended, an error, or ``close()``)."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def check(self, batch_size: int, index: int | None = None) -> None:
         if index is not None:
             raise SourceError(
                 "index is not available in live mode: each live batch is served once, in order."
@@ -245,6 +232,12 @@ class LiveSource:
             raise SourceError(
                 f"batch_size must be between 1 and the ring's capacity {self.capacity}, not {batch_size}."
             )
+
+    def take(
+        self, batch_size: int, index: int | None = None, out: np.ndarray | None = None, timeout: float = 30.0
+    ) -> Batch:
+        """The next ``batch_size`` rows (waits up to ``timeout`` seconds for the harvester)."""
+        self.check(batch_size, index)
         row_bytes = self.info.row_bytes
         size = 2 * batch_size * row_bytes
         data = out[:size] if out is not None and out.nbytes >= size else np.empty(size, np.uint8)
@@ -253,8 +246,8 @@ class LiveSource:
         with self._cond:
             while self._rows < batch_size:
                 if self.error is not None:
-                    raise RuntimeError(f"The live harvester failed: {self.error}") from self.error
-                if not self._thread.is_alive() or self._stop.is_set():
+                    raise NoData(f"The live harvester failed: {self.error}") from self.error
+                if not self.alive:
                     raise NoData("The live harvester has stopped (the corpus ended); no more batches.")
                 if (
                     not self._cond.wait(max(0.0, deadline - time.monotonic()))

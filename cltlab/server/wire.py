@@ -19,7 +19,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 
 import anyio
 import anyio.to_thread
@@ -56,11 +56,28 @@ def with_socket(app):
 class SocketStream(StreamingResponse):
     """A chunked response of ``frames``: each frame a list of buffers, sent back to back as one HTTP chunk."""
 
-    def __init__(self, frames: Generator[list, None, None], *, headers: dict[str, str], media_type: str):
-        self.frames = frames
+    def __init__(
+        self,
+        frames: Generator[list, None, None],
+        *,
+        headers: dict[str, str],
+        media_type: str,
+        release: Callable[[], None] = lambda: None,
+    ):
+        self.frames, self.release = frames, release
         super().__init__(_pieces(frames), headers=headers, media_type=media_type)
 
     async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self._send(scope, receive, send)
+        finally:
+            with contextlib.suppress(
+                ValueError
+            ):  # still running in an abandoned writer thread: it closes them
+                self.frames.close()
+            self.release()  # the frames' memory is free again  # the frames' memory is free again
+
+    async def _send(self, scope, receive, send) -> None:
         transport = scope.get("extensions", {}).get(EXTENSION, {}).get("transport")
         if transport is None:
             await super().__call__(scope, receive, send)
