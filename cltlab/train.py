@@ -62,10 +62,12 @@ class CLTModule(L.LightningModule):
             preact_coef=self.cfg.preact_coef,
             decoding=self.cfg.decoding,
         )
-        if not torch.isfinite(out.total):
+        losses = self.from_every_rank(out.total.detach().float())  # (world_size,)
+        if not losses.isfinite().all():
+            ranks = (~losses.isfinite()).nonzero().flatten().tolist()
             raise FloatingPointError(
-                f"Loss became {out.total.item()} at step {self.global_step}; lower the learning rate "
-                "(the last checkpoint is kept)."
+                f"Loss became {losses[ranks[0]].item()} at step {self.global_step}{self.on_ranks(ranks)}; "
+                "lower the learning rate (the last checkpoint is kept)."
             )
         self.tokens_seen += x.shape[0]
         self.tokens_since_active += x.shape[0]
@@ -73,6 +75,40 @@ class CLTModule(L.LightningModule):
         if self.global_step % self.cfg.log_every == 0:
             self.log_metrics(out, lam)
         return out.total
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Stop before the step when a gradient is non-finite though the loss was finite, so that no checkpoint
+        ever holds the weights it would make. Under fp16 mixed precision Lightning's GradScaler skips such steps
+        itself (and lowers its scale), so the check is left to it."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        names, grads = zip(*((name, p.grad) for name, p in self.clt.named_parameters()), strict=True)
+        # A parameter without a gradient (frozen, or without a shard on this rank) counts as finite.
+        finite = torch.ones(len(grads), device=self.device)  # (n_params,)
+        for i, grad in enumerate(grads):
+            if grad is not None:
+                finite[i] = grad.isfinite().all()
+        finite = self.from_every_rank(finite).bool()  # (world_size, n_params)
+        if finite.all():
+            return
+        bad = ", ".join(name for name, ok in zip(names, finite.all(dim=0).tolist(), strict=True) if not ok)
+        ranks = (~finite.all(dim=1)).nonzero().flatten().tolist()
+        raise FloatingPointError(
+            f"The gradient of {bad} became non-finite at step {self.global_step}{self.on_ranks(ranks)} while the "
+            "loss was finite; lower the learning rate (no step was taken; the last checkpoint is kept)."
+        )
+
+    def from_every_rank(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` from every rank, stacked: (world_size, *value.shape). A collective, so that every rank takes
+        the same decision from it (a rank that raised alone would leave the others waiting in the next
+        all-reduce)."""
+        return self.all_gather(value).reshape(self.trainer.world_size, *value.shape)
+
+    def on_ranks(self, ranks: list[int]) -> str:
+        """Where something happened, for an error message: nothing on a single process."""
+        if self.trainer.world_size == 1:
+            return ""
+        return f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of {self.trainer.world_size}"
 
     def dead_fraction(self) -> float:
         """Fraction of features that have not fired within the last ``dead_window`` tokens (or ever, early on)."""
@@ -240,7 +276,9 @@ def train(
     trainer = make_trainer(config, run_dir, **trainer_overrides)
     last = run_dir / "checkpoints" / "last.ckpt"
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume and last.exists() else None)
+        # weights_only: a checkpoint holds tensors and plain values; unpickling anything else could run code.
+        ckpt_path = str(last) if resume and last.exists() else None
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     finally:
         for logger in trainer.loggers:  # close the W&B run so the next train() in this kernel starts its own
             if type(logger).__name__ == "WandbLogger":

@@ -3,7 +3,8 @@ weights identical.
 
 The test runs this file as a script (``python tests/test_ddp.py BUFFER RUN OUT``): ``train`` with
 ``strategy="ddp"`` on ``devices=2`` CPUs, where Lightning starts rank 1 by running the same script again, as it
-does with ``torchrun`` or ``srun``. Each rank writes the rows it trained on and its final weights to ``OUT``.
+does with ``torchrun`` or ``srun``. Each rank writes the rows it trained on and its final weights to ``OUT``; with a
+fourth argument, ``nan-on-rank-1``, rank 1's loss turns NaN and each rank writes the error it stopped with.
 """
 
 from __future__ import annotations
@@ -68,15 +69,38 @@ def run_rank(buffer: Path, run_dir: Path, out: Path) -> None:
     (out / f"rows-{result.rank}.json").write_text(json.dumps(record.rows))
 
 
-def test_ddp_ranks_read_disjoint_batches_and_agree(tmp_path, buffer_path):
-    run_dir, out = tmp_path / "run", tmp_path / "out"
+def run_rank_with_nan(buffer: Path, run_dir: Path, out: Path) -> None:
+    """What every rank runs when rank 1's loss turns NaN at step 2: train, and write the error each rank raised."""
+    from cltlab.clt import CrossLayerTranscoder as CLT
+
+    loss, calls = CLT.loss, []
+    rank = int(os.environ.get("LOCAL_RANK", "0"))  # Lightning sets it for the ranks it starts, here rank 1
+
+    def nan_on_rank_1(self, *args, **kwargs):
+        calls.append(1)
+        out = loss(self, *args, **kwargs)
+        return out._replace(total=out.total * float("nan")) if rank == 1 and len(calls) == 3 else out
+
+    CLT.loss = nan_on_rank_1
+    try:
+        train(CONFIG, buffer, run_dir, enable_progress_bar=False)
+    except FloatingPointError as error:
+        (out / f"error-{rank}.txt").write_text(str(error))
+        raise
+    (out / f"finished-{rank}.txt").write_text("")
+
+
+def run_ddp(buffer_path: Path, run_dir: Path, out: Path, *options: str) -> tuple[int, str]:
+    """Run this file as rank 0 of a two-process DDP job (rank 0 starts rank 1); its exit status and the log of both.
+    A run still going after 120 s is stopped with both ranks and fails the test, so a hang never stalls CI."""
     out.mkdir()
     # Two single-threaded processes on the CI's two cores; no outer SLURM or torchrun job for Lightning to join.
     launcher = ("SLURM_", "TORCHELASTIC_", "LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK", "MASTER_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(launcher)}
     env |= {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, __file__, str(buffer_path), str(run_dir), str(out)]
-    # A new session, so that a hung run can be stopped with both ranks (rank 1 is rank 0's child).
+    command = [sys.executable, __file__, str(buffer_path), str(run_dir), str(out), *options]
+    # A new session, so that a hung run can be stopped with both ranks (rank 1 is rank 0's child). The log is read
+    # to its end, which comes only when both ranks have exited (rank 1 holds the same pipe).
     proc = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -86,7 +110,13 @@ def test_ddp_ranks_read_disjoint_batches_and_agree(tmp_path, buffer_path):
         os.killpg(proc.pid, signal.SIGKILL)
         log, _ = proc.communicate()
         raise AssertionError(f"DDP run did not finish in 120 s:\n{log[-4000:]}") from None
-    assert proc.returncode == 0, log[-4000:]
+    return proc.returncode, log
+
+
+def test_ddp_ranks_read_disjoint_batches_and_agree(tmp_path, buffer_path):
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    returncode, log = run_ddp(buffer_path, run_dir, out)
+    assert returncode == 0, log[-4000:]
 
     # Each rank trained on its own rows; together, one epoch of both covered every row of the buffer once.
     rows = [Counter(json.loads((out / f"rows-{rank}.json").read_text())) for rank in (0, 1)]
@@ -112,6 +142,20 @@ def test_ddp_ranks_read_disjoint_batches_and_agree(tmp_path, buffer_path):
     assert all(torch.equal(v, final[0][k]) for k, v in saved.state_dict().items())
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert len(list((run_dir / "logs").glob("version_*/metrics.csv"))) == 1
+
+
+def test_a_nan_on_one_rank_stops_both_with_the_same_error(tmp_path, buffer_path):
+    # Rank 1's loss turns NaN at step 2. Checked on rank 1 alone, rank 1 raised and rank 0 waited for it in the
+    # next all-reduce; the check is a collective, so both ranks stop there with one message.
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    returncode, log = run_ddp(buffer_path, run_dir, out, "nan-on-rank-1")
+    assert returncode != 0, log[-4000:]
+    errors = {path.name: path.read_text() for path in out.iterdir()}
+    expected = (
+        "Loss became nan at step 2 on rank 1 of 2; lower the learning rate (the last checkpoint is kept)."
+    )
+    assert errors == {"error-0.txt": expected, "error-1.txt": expected}, log[-4000:]
+    assert not (run_dir / "clt").exists()
 
 
 def test_topk_thresholds_are_frozen_so_ddp_does_not_wait_for_them(tmp_path, buffer_path):
@@ -167,4 +211,8 @@ def test_cli_train_prints_on_rank_zero_only(monkeypatch, capsys, tmp_path):
 
 
 if __name__ == "__main__":
-    run_rank(*(Path(arg) for arg in sys.argv[1:4]))
+    paths = [Path(arg) for arg in sys.argv[1:4]]
+    if sys.argv[4:] == ["nan-on-rank-1"]:
+        run_rank_with_nan(*paths)
+    else:
+        run_rank(*paths)

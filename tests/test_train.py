@@ -84,7 +84,9 @@ def test_train_writes_checkpoints(trained):
     names = sorted(p.name for p in result.checkpoint_dir.iterdir())
     assert "last.ckpt" in names
     assert any("step=5" in n for n in names) and any("step=10" in n for n in names)
-    module = CLTModule.load_from_checkpoint(result.checkpoint_dir / "last.ckpt", map_location="cpu")
+    module = CLTModule.load_from_checkpoint(
+        result.checkpoint_dir / "last.ckpt", map_location="cpu", weights_only=True
+    )
     assert torch.equal(module.clt.W_enc.float(), result.clt.W_enc)
 
 
@@ -145,6 +147,74 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path
     saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert any("step=5" in name for name in saved)  # the last good checkpoint is kept
     assert not any("step=10" in name for name in saved)
+
+
+class InfGradientAt(L.Callback):
+    """Makes one entry of ``W_enc``'s gradient infinite at ``step``, after a finite loss's backward pass."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_after_backward(self, trainer, module) -> None:
+        if trainer.global_step == self.step:
+            module.clt.W_enc.grad[0, 0, 0] = float("inf")
+
+
+def test_a_non_finite_gradient_stops_training_before_a_checkpoint_holds_it(tmp_path, buffer_path):
+    # Adam turns an inf gradient into NaN weights; unchecked, step 9's update was saved as the step=10 checkpoint
+    # (and as last.ckpt) before the next step's loss came out NaN.
+    config = TrainConfig(
+        max_steps=20, batch_size=128, d_features=16, wandb=False, log_every=1, checkpoint_every=5
+    )
+    expected = (
+        "The gradient of W_enc became non-finite at step 9 while the loss was finite; lower the learning rate "
+        "(no step was taken; the last checkpoint is kept)."
+    )
+    with pytest.raises(FloatingPointError) as error:
+        train(config, buffer_path, tmp_path / "run", callbacks=[InfGradientAt(9)], enable_progress_bar=False)
+    assert str(error.value) == expected
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert saved == ["epoch=0-step=5.ckpt", "last.ckpt"]
+    for name in saved:
+        checkpoint = torch.load(
+            tmp_path / "run" / "checkpoints" / name, map_location="cpu", weights_only=True
+        )
+        assert checkpoint["global_step"] == 5
+        assert all(value.isfinite().all() for value in checkpoint["state_dict"].values()), name
+
+
+class RunsCode:
+    """A pickled object that runs code when it is unpickled, as a checkpoint from an untrusted source could."""
+
+    ran: list[str] = []
+
+    def __reduce__(self):
+        return RunsCode.ran.append, ("code ran",)
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, buffer_path, monkeypatch):
+    import pickle
+
+    config = TrainConfig(max_steps=2, batch_size=128, d_features=16, wandb=False, checkpoint_every=1)
+    run_dir = tmp_path / "run"
+    train(config, buffer_path, run_dir, enable_progress_bar=False)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["payload"] = RunsCode()
+    torch.save(checkpoint, last)
+    # torch.load defaults to weights_only=True, but a user's environment can turn the default off; cltlab asks for
+    # it explicitly, which the environment cannot override.
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    monkeypatch.setattr(RunsCode, "ran", [])
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        train(
+            dataclasses.replace(config, max_steps=3),
+            buffer_path,
+            run_dir,
+            resume=True,
+            enable_progress_bar=False,
+        )
+    assert RunsCode.ran == []
 
 
 def test_learning_rate_schedule_warms_up_holds_and_decays():
