@@ -10,21 +10,40 @@ each batch is a run of whole blocks read straight into one preallocated array.
 Batches are items of a map-style Dataset (``DataLoader(buffer, batch_size=None, shuffle=True)``), so DataLoader
 workers (each opens its own HDF5 handles), prefetching and samplers all apply. ``rank``/``world_size`` split the
 batches between distributed ranks: disjoint parts of equal count that together cover every token once.
+
+Files are opened when first read and at most ``max_open`` of each kind stay open (least recently used first out),
+so a folder of thousands of shards does not exhaust the process's file descriptors; one being read is never
+closed under its reader (threads may read batches at once).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import errno
 import json
 import math
 import os
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 import h5py
 import numpy as np
 import torch
 
-from .store import SITES, STORAGE_DTYPES, open_shard, read_manifest
+from .store import (
+    SITES,
+    STORAGE_DTYPES,
+    check_shard,
+    open_shard,
+    read_manifest,
+    too_many_open_files,
+    verify_shard,
+)
+
+H = TypeVar("H")
 
 
 class ActivationBatch(NamedTuple):
@@ -80,6 +99,10 @@ class DiscBuffer(torch.utils.data.Dataset):
         info: the manifest (provenance: model, corpus, sites, layers, tokenizer, dtype, format version, shards).
         n_tokens, n_layers, d_model, layer_start: shape of the stored activations.
         block_rows: rows per block read (about 1 MiB per site, dividing ``batch_size``).
+        max_open: most shard files of each kind (descriptor, HDF5 handle) held open at once.
+
+    ``verify=True`` recomputes every batch's checksum (reading the whole folder once) and raises naming each
+    damaged shard and batch; ``cltlab verify FOLDER`` does the same from the shell.
     """
 
     def __init__(
@@ -91,12 +114,17 @@ class DiscBuffer(torch.utils.data.Dataset):
         rank: int = 0,
         world_size: int = 1,
         block_rows: int | None = None,
+        max_open: int = 64,
+        verify: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), not {rank}.")
+        if max_open < 1:
+            raise ValueError(f"max_open must be at least 1, not {max_open}.")
         self.path = Path(path)
         self.info = read_manifest(self.path)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.max_open = max_open
         self.n_tokens = int(self.info["n_written"])
         self.layer_start = int(self.info["layer_start"])
         self.n_layers = int(self.info["layer_stop"]) - self.layer_start
@@ -113,17 +141,38 @@ class DiscBuffer(torch.utils.data.Dataset):
         self._row_bytes = self.n_layers * self.d_model * np.dtype(STORAGE_DTYPES[self.dtype]).itemsize
         self.block_rows = block_rows or _block_rows(batch_size, self._row_bytes)
         self._batches = self._plan()
-        self._files: dict[int, h5py.File] = {}
-        self._raws: dict[int, _RawShard] = {}
-        self._pid = os.getpid()
-        for shard, entry in enumerate(self.info["shards"]):  # find a damaged shard now, not in a worker later
-            f = self._file(shard)
+        # Find a damaged or foreign shard now, not in a worker later; one shard open at a time.
+        self._offsets = [self._check(shard, entry) for shard, entry in enumerate(self.info["shards"])]
+        if verify:
+            self._verify()
+        self._reset()
+
+    def _check(self, shard: int, entry: dict) -> list[int]:
+        """Check a shard against the manifest; return the byte offset of each site's contiguous dataset."""
+        manifest = self.path / "manifest.json"
+        with open_shard(self._shard_path(shard)) as f:
+            check_shard(f, self.info, int(entry["n_rows"]), manifest)
             if int(f["progress"][0]) != entry["n_rows"] or int(f.attrs["n_rows"]) != entry["n_rows"]:
                 raise ValueError(
-                    f"{f.filename} holds {int(f['progress'][0])} rows but {self.path / 'manifest.json'} lists "
+                    f"{f.filename} holds {int(f['progress'][0])} rows but {manifest} lists "
                     f"{entry['n_rows']}: the harvest folder is inconsistent; harvest it again."
                 )
-        self.close()  # workers and other processes open their own handles
+            offsets = [f[site].id.get_offset() for site in SITES]
+            if None in offsets:
+                raise ValueError(f"{f.filename} stores its activations non-contiguously; harvest it again.")
+        return offsets
+
+    def _verify(self) -> None:
+        problems = []
+        for shard in range(len(self._shard_rows)):
+            problems += verify_shard(self._shard_path(shard))[1]
+        if problems:
+            listed = "\n  ".join(problems[:10]) + (
+                f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            )
+            raise ValueError(
+                f"{self.path} failed verification ({len(problems)} damaged batches):\n  {listed}"
+            )
 
     # ------------------------------------------------------------------------------------------ the plan
 
@@ -179,65 +228,69 @@ class DiscBuffer(torch.utils.data.Dataset):
                 raise ValueError(
                     f"read_batch_into needs two C-contiguous arrays of {rows * self._row_bytes} bytes."
                 )
-        at = 0
+        at, row = 0, self._row_bytes
         for shard, start, stop in self._batches[index]:
-            raw = self._raw(shard)
-            for s, array in enumerate(out):
-                # One positional read per block and site, straight into the batch: the datasets are contiguous
-                # (see store.py), so a block of rows is one byte range of the shard file.
-                flat = array.reshape(-1).view(np.uint8)
-                size = (stop - start) * raw.row_bytes
-                _read_into(
-                    raw.fd,
-                    flat[at * raw.row_bytes : at * raw.row_bytes + size],
-                    raw.offsets[s] + start * raw.row_bytes,
-                )
+            with self._handles().fds.use(shard) as fd:
+                for s, array in enumerate(out):
+                    # One positional read per block and site, straight into the batch: the datasets are
+                    # contiguous (see store.py), so a block of rows is one byte range of the shard file.
+                    flat = array.reshape(-1).view(np.uint8)
+                    size = (stop - start) * row
+                    _read_into(fd, flat[at * row : at * row + size], self._offsets[shard][s] + start * row)
             at += stop - start
 
     def open(self) -> DiscBuffer:
-        """Open every shard now (so that threads reading at once never race to open one); returns self."""
-        for shard in range(len(self._shard_rows)):
-            self._raw(shard)
+        """Open up to ``max_open`` shards now (the rest open when first read); returns self."""
+        for shard in range(min(len(self._shard_rows), self.max_open)):
+            with self._handles().fds.use(shard):
+                pass
         return self
+
+    @property
+    def n_open(self) -> int:
+        """Files this buffer holds open now (shard descriptors and HDF5 handles), at most ``2 * max_open``."""
+        handles = self._handles()
+        return len(handles.fds) + len(handles.files)
 
     # ------------------------------------------------------------------------------------------ file access
 
-    def _file(self, shard: int) -> h5py.File:
-        if os.getpid() != self._pid:  # a forked DataLoader worker: never use the parent's handles
-            self._files, self._raws, self._pid = {}, {}, os.getpid()
-        if shard not in self._files:
-            self._files[shard] = open_shard(self.path / self.info["shards"][shard]["file"])
-        return self._files[shard]
+    def _shard_path(self, shard: int) -> Path:
+        return self.path / self.info["shards"][shard]["file"]
 
-    def _raw(self, shard: int) -> _RawShard:
-        if os.getpid() != self._pid:
-            self._files, self._raws, self._pid = {}, {}, os.getpid()
-        if shard not in self._raws:
-            f = self._file(shard)
-            offsets = [f[site].id.get_offset() for site in SITES]
-            if None in offsets:
-                raise ValueError(f"{f.filename} stores its activations non-contiguously; harvest it again.")
-            fd = os.open(f.filename, os.O_RDONLY)
-            self._raws[shard] = _RawShard(
-                fd, offsets, self.n_layers * self.d_model * f[SITES[0]].dtype.itemsize
-            )
-        return self._raws[shard]
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._open_files = _OpenFiles(
+            _Handles(lambda shard: _open_fd(self._shard_path(shard)), os.close, self.max_open),
+            _Handles(lambda shard: open_shard(self._shard_path(shard)), h5py.File.close, self.max_open),
+        )
+
+    def _handles(self) -> _OpenFiles:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: never use the parent's handles
+            self._reset()
+        return self._open_files
+
+    @contextlib.contextmanager
+    def _file(self, shard: int) -> Iterator[h5py.File]:
+        with self._handles().files.use(shard) as f:
+            yield f
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_files"], state["_raws"] = {}, {}
+        del state["_open_files"]  # handles and locks stay with their process
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        for raw in self._raws.values():
-            os.close(raw.fd)
-        self._files, self._raws = {}, {}
+        """Close every open file (one being read now is closed as soon as its reader is done)."""
+        if getattr(self, "_pid", None) == os.getpid():
+            self._open_files.fds.close()
+            self._open_files.files.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_pid", None) == os.getpid():
-            self.close()
+        self.close()
 
     def _locate(self, row: int) -> tuple[int, int]:
         if not 0 <= row < self.n_tokens:
@@ -252,7 +305,8 @@ class DiscBuffer(torch.utils.data.Dataset):
             lo, hi = max(start, self._shard_start[shard]), min(stop, self._shard_start[shard] + rows)
             if lo < hi:
                 base = self._shard_start[shard]
-                parts.append(self._file(shard)[name][lo - base : hi - base])
+                with self._file(shard) as f:
+                    parts.append(f[name][lo - base : hi - base])
         return np.concatenate(parts) if parts else np.empty((0,))
 
     def read(self, start: int, stop: int) -> ActivationBatch:
@@ -269,24 +323,30 @@ class DiscBuffer(torch.utils.data.Dataset):
     @property
     def sequences(self) -> np.ndarray:
         """``(n_sequences, seq_len)`` token ids of every harvested sequence, in global sequence order."""
-        return np.concatenate([self._file(i)["sequences"][()] for i in range(len(self._shard_rows))])
+        parts = []
+        for shard in range(len(self._shard_rows)):
+            with self._file(shard) as f:
+                parts.append(f["sequences"][()])
+        return np.concatenate(parts)
 
     def context(self, row: int, *, before: int = 8, after: int = 4) -> TokenContext:
         """The tokens around row ``row`` in its sequence (BOS excluded), for showing where a feature fires."""
         shard, local = self._locate(row)
-        f = self._file(shard)
-        seq = int(f["sequence"][local]) - int(f.attrs["first_sequence"])
-        pos = int(f["position"][local])
-        start = max(1, pos - before)
-        return TokenContext(f["sequences"][seq, start : pos + 1 + after].tolist(), pos - start)
+        with self._file(shard) as f:
+            seq = int(f["sequence"][local]) - int(f.attrs["first_sequence"])
+            pos = int(f["position"][local])
+            start = max(1, pos - before)
+            return TokenContext(f["sequences"][seq, start : pos + 1 + after].tolist(), pos - start)
 
     @property
     def stats(self) -> NormStats:
         """Mean and RMS scale per layer of both sites, estimated at harvest time (every 8th stored row)."""
-        shards = [self._file(i) for i in range(len(self._shard_rows))]
-        total = sum(f["stats_sum"][()] for f in shards)  # (2, L, d)
-        squares = sum(f["stats_sq"][()] for f in shards)  # (2, L)
-        n = sum(int(f["stats_rows"][()]) for f in shards)
+        total, squares, n = 0.0, 0.0, 0
+        for shard in range(len(self._shard_rows)):
+            with self._file(shard) as f:
+                total = total + f["stats_sum"][()]  # (2, L, d)
+                squares = squares + f["stats_sq"][()]  # (2, L)
+                n += int(f["stats_rows"][()])
         mean = total / n
         variance = (squares / n - (mean**2).sum(-1)) / self.d_model
         scale = np.sqrt(np.maximum(variance, 1e-24))[..., None]
@@ -318,13 +378,73 @@ class DiscBuffer(torch.utils.data.Dataset):
         return self.summary()
 
 
-class _RawShard(NamedTuple):
-    fd: int
-    """An OS file descriptor of the shard, opened by this process."""
-    offsets: list[int]
-    """Byte offset in the file of each site's contiguous dataset."""
-    row_bytes: int
-    """Bytes of one row of one site."""
+class _Handles(Generic[H]):
+    """At most ``max_open`` open handles by shard (least recently used closed first), opened on first use.
+
+    Thread-safe; a handle in use is never closed under its user (while every open handle is in use, more than
+    ``max_open`` may be open for a moment).
+    """
+
+    def __init__(self, open_: Callable[[int], H], close: Callable[[H], None], max_open: int):
+        self._open, self._close, self.max_open = open_, close, max_open
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict[int, list] = (
+            collections.OrderedDict()
+        )  # shard → [handle, users]
+        self._retired: dict[int, list] = {}  # id → entry closed by close() while in use
+
+    @contextlib.contextmanager
+    def use(self, shard: int) -> Iterator[H]:
+        with self._lock:
+            entry = self._entries.get(shard)
+            if entry is None:
+                self._evict(room=1)
+                entry = self._entries[shard] = [self._open(shard), 0]
+            self._entries.move_to_end(shard)
+            entry[1] += 1
+        try:
+            yield entry[0]
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0 and self._retired.pop(id(entry), None) is not None:
+                    self._close(entry[0])
+                self._evict(room=0)
+
+    def _evict(self, room: int) -> None:
+        for shard in list(self._entries):
+            if len(self._entries) + room <= self.max_open:
+                return
+            if self._entries[shard][1] == 0:
+                self._close(self._entries.pop(shard)[0])
+
+    def close(self) -> None:
+        with self._lock:
+            for entry in self._entries.values():
+                if entry[1]:
+                    self._retired[id(entry)] = entry
+                else:
+                    self._close(entry[0])
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries) + len(self._retired)
+
+
+class _OpenFiles(NamedTuple):
+    fds: _Handles[int]
+    """OS file descriptors of shards, for the batch reads."""
+    files: _Handles[h5py.File]
+    """HDF5 handles of shards, for tokens, contexts and statistics."""
+
+
+def _open_fd(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError as err:
+        if err.errno in (errno.EMFILE, errno.ENFILE):
+            raise too_many_open_files(path) from None
+        raise
 
 
 def _read_into(fd: int, array: np.ndarray, offset: int) -> None:

@@ -1,4 +1,4 @@
-"""Command line for batch jobs: ``cltlab harvest | train | evaluate | serve | run`` (also ``python -m cltlab``).
+"""Command line for batch jobs: ``cltlab harvest | verify | train | evaluate | serve | run`` (also ``python -m cltlab``).
 
 Every option of a stage defaults to the chosen profile's value; the options are the fields of the config
 dataclasses in ``cltlab/config.py`` and their help is those fields' docstrings.
@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(p, HarvestConfig, "harvest options")
 
     p = sub.add_parser(
+        "verify",
+        help="Check every batch of a harvest folder against the checksums recorded when it was written.",
+    )
+    common(p)
+    p.add_argument("folder", nargs="?", help="Harvest folder to check (default: <run-dir>/activations).")
+
+    p = sub.add_parser(
         "train",
         help="Train a CLT (or per-layer transcoder) on a harvested buffer.",
         description="Train a CLT on a harvested buffer. On N GPUs: --devices N --strategy ddp (or fsdp); "
@@ -147,6 +154,19 @@ def main(argv: list[str] | None = None) -> int:
         result = harvest(config, args.out or paths.buffer, job=job)
         state = "complete" if result.complete else "waiting for the other jobs' shards"
         print(f"{result.n_tokens} tokens in {result.path} ({state}; {result.seconds:.0f} s)")
+    elif args.command == "verify":
+        from .store import verify
+
+        folder = args.folder or paths.buffer
+        found = verify(folder)
+        for problem in found.problems:
+            print(problem)
+        if found.problems:
+            print(
+                f"{folder}: {len(found.problems)} damaged (of {found.n_batches} batches in {found.n_shards} shards)."
+            )
+            return 1
+        print(f"{folder}: {found.n_shards} shards, {found.n_batches} batches, every checksum matches.")
     elif args.command == "train":
         from .train import train
 

@@ -1,9 +1,11 @@
 """The on-disk format of harvested activations: a folder of HDF5 shards and a small JSON manifest.
 
     activations/
-      manifest.json        provenance, the shard list, ``complete``       (written atomically)
+      manifest.json        provenance, the shard list, ``complete``       (written atomically, under .lock)
       shard-00000.h5       one shard per run of consecutive forward batches
       shard-00001.h5.partial   a shard being written (renamed when finished)
+      .harvest-0-of-1.lock     held (flock) by the harvest writing job 0 of 1, for its lifetime
+      .lock                    held (flock) for a moment while the manifest is merged or a job's lock is taken
 
 A shard holds, with every dataset contiguous and allocated when the shard is created::
 
@@ -13,39 +15,68 @@ A shard holds, with every dataset contiguous and allocated when the shard is cre
     sequence   (n_rows,)        int64   global index of the row's sequence
     position   (n_rows,)        int32   position in that sequence (0 is BOS, never stored)
     sequences  (n_sequences, seq_len)  int32  the shard's sequences, BOS included (global index = first_sequence + i)
+    checksums  (n_batches,)     uint32  CRC-32 of each forward batch's bytes (see ``batch_checksum``)
     stats_sum  (2, n_layers, d_model) float64  Σx of resid_mid and mlp_out over every 8th row (see harvest.py)
     stats_sq   (2, n_layers)          float64  Σ‖x‖² over the same rows
     stats_rows ()                     int64    how many rows those sums cover
     progress   (2,)             int64   rows written, forward batches written
 
 Because all space is allocated up front and progress is a dataset overwritten in place, writing a batch never
-changes HDF5 metadata: a process killed at any moment (SIGKILL included) leaves a shard that opens, and whose
-``progress`` counts only batches whose rows were flushed before it — the resume point.
+changes HDF5 metadata: a process killed at any moment (SIGKILL included) leaves a shard that opens. A batch is
+committed in two steps: its rows and checksum are written and synced to the disk (``fdatasync``), then
+``progress`` is overwritten. So ``progress`` never reaches the disk before the rows it counts, even on power loss,
+and the checksums find rows damaged after that (``verify``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import resource
+import shutil
+import socket
+import time
+import uuid
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
 
 FORMAT = "cltlab.activations"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+"""3: shards gained ``checksums``. Version 2 folders must be harvested again."""
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 SITES = ("resid_mid", "mlp_out")
+ROW_DATASETS = (*SITES, "tokens", "sequence", "position")
+"""The datasets with one entry per row, in the order a batch's checksum covers them (then its ``sequences``)."""
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}  # bf16 bits as uint16
 # Arguments that must match for two harvests to be the same data (config/version strings excluded).
 IDENTITY = (
     "format", "format_version", "model", "corpus", "split", "layer_start", "layer_stop", "d_model", "dtype", "model_dtype",
     "seq_len", "batch_size", "n_tokens", "shard_batches", "tokenizer", "bos_token_id",
 )  # fmt: skip
+# Words in HDF5's messages that prove a file is not (or no longer) a whole HDF5 file.
+_CORRUPT = ("signature not found", "truncated file", "bad object header", "corrupt", "checksum", "superblock")
+
+
+class CorruptShard(ValueError):
+    """A shard file that is proven damaged (not HDF5, truncated, or lacking datasets): the only kind ever deleted."""
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"
+
+
+def rows_per_batch(info: dict) -> int:
+    """Rows one forward batch stores (BOS positions are not stored)."""
+    return int(info["batch_size"]) * (int(info["seq_len"]) - 1)
 
 
 def _create(f: h5py.File, name: str, shape: tuple[int, ...], dtype) -> None:
@@ -56,52 +87,116 @@ def _create(f: h5py.File, name: str, shape: tuple[int, ...], dtype) -> None:
     h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(np.dtype(dtype)), space, dcpl=dcpl).close()
 
 
+def shard_layout(info: dict, n_rows: int, n_sequences: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every dataset of a shard of ``n_rows`` rows and ``n_sequences`` sequences."""
+    L = int(info["layer_stop"]) - int(info["layer_start"])
+    d, T, B = int(info["d_model"]), int(info["seq_len"]), int(info["batch_size"])
+    activations = ((n_rows, L, d), np.dtype(STORAGE_DTYPES[info["dtype"]]))
+    return {
+        "resid_mid": activations,
+        "mlp_out": activations,
+        "tokens": ((n_rows,), np.dtype(np.int32)),
+        "sequence": ((n_rows,), np.dtype(np.int64)),
+        "position": ((n_rows,), np.dtype(np.int32)),
+        "sequences": ((n_sequences, T), np.dtype(np.int32)),
+        "checksums": ((-(-n_sequences // B),), np.dtype(np.uint32)),
+        "stats_sum": ((2, L, d), np.dtype(np.float64)),
+        "stats_sq": ((2, L), np.dtype(np.float64)),
+        "stats_rows": ((), np.dtype(np.int64)),
+        "progress": ((2,), np.dtype(np.int64)),
+    }
+
+
 def create_shard(
     path: Path, provenance: dict, *, index: int, first_batch: int, n_rows: int, n_sequences: int
 ) -> h5py.File:
     """Create an empty shard at ``path`` and return it open for writing."""
-    L = provenance["layer_stop"] - provenance["layer_start"]
-    d, T = provenance["d_model"], provenance["seq_len"]
     f = h5py.File(path, "w")
     for key, value in provenance.items():
         f.attrs[key] = value
     f.attrs.update(shard_index=index, first_batch=first_batch, n_rows=n_rows,
                    first_sequence=first_batch * provenance["batch_size"])  # fmt: skip
-    for site in SITES:
-        _create(f, site, (n_rows, L, d), STORAGE_DTYPES[provenance["dtype"]])
-    _create(f, "tokens", (n_rows,), np.int32)
-    _create(f, "sequence", (n_rows,), np.int64)
-    _create(f, "position", (n_rows,), np.int32)
-    _create(f, "sequences", (n_sequences, T), np.int32)
-    _create(f, "stats_sum", (2, L, d), np.float64)
-    _create(f, "stats_sq", (2, L), np.float64)
-    _create(f, "stats_rows", (), np.int64)
-    _create(f, "progress", (2,), np.int64)
-    for name in ("stats_sum", "stats_sq", "stats_rows", "progress"):
+    for name, (shape, dtype) in shard_layout(provenance, n_rows, n_sequences).items():
+        _create(f, name, shape, dtype)
+    for name in ("checksums", "stats_sum", "stats_sq", "stats_rows", "progress"):
         f[name][...] = 0
     f.flush()
     return f
 
 
+def batch_checksum(arrays: Iterable[np.ndarray], crc: int = 0) -> int:
+    """CRC-32 of the bytes of a batch's rows of each of ``ROW_DATASETS``, then of its ``sequences``, in order."""
+    for array in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(array), crc)
+    return crc
+
+
+def sync(f: h5py.File) -> None:
+    """Push everything written to ``f`` to the disk (HDF5's buffers, then the OS's): a commit point."""
+    f.flush()
+    os.fdatasync(f.id.get_vfd_handle())
+
+
+def sync_directory(directory: Path) -> None:
+    """Make the names created or renamed in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------ opening
+
+
 def open_shard(path: Path, mode: str = "r") -> h5py.File:
-    """Open a shard, turning every way it can be unreadable into one clear error naming the file."""
+    """Open a shard, turning every way it can be unreadable into one clear error naming the file.
+
+    Only a proven damaged file raises ``CorruptShard``; a file in use, too many open files or a missing file
+    raise an ``OSError`` saying so.
+    """
     try:
         f = h5py.File(path, mode)
     except OSError as err:
-        raise ValueError(f"{path} is not a readable HDF5 shard (truncated or corrupt?): {err}") from None
+        raise open_error(path, err) from None
     try:
         check_format(dict(f.attrs), path)
-        missing = {*SITES, "tokens", "sequence", "position", "sequences", "progress"} - set(f.keys())
+        missing = {*ROW_DATASETS, "sequences", "checksums", "progress"} - set(f.keys())
         if missing:
-            raise ValueError(
+            raise CorruptShard(
                 f"{path} lacks {sorted(missing)}: the shard is damaged; delete it and harvest again."
             )
         if f["progress"][0] > f.attrs["n_rows"]:
-            raise ValueError(f"{path} claims more rows than it has room for: the shard is damaged.")
+            raise CorruptShard(f"{path} claims more rows than it has room for: the shard is damaged.")
     except Exception:
         f.close()
         raise
     return f
+
+
+def open_error(path: Path, err: OSError) -> Exception:
+    """The clear error for a failed open of ``path``: what went wrong, not a guess."""
+    text = str(err)
+    if err.errno in (errno.EMFILE, errno.ENFILE) or "errno = 24" in text or "errno = 23" in text:
+        return too_many_open_files(path)
+    if isinstance(err, FileNotFoundError) or "errno = 2," in text:
+        return FileNotFoundError(errno.ENOENT, f"{path} does not exist")
+    if "unable to lock file" in text:
+        return BlockingIOError(
+            errno.EAGAIN, f"{path} is open for writing in another process (a harvest?); wait for it to finish"
+        )
+    if any(word in text for word in _CORRUPT):
+        return CorruptShard(f"{path} is not a readable HDF5 shard (truncated or corrupt?): {err}")
+    return OSError(err.errno, f"{path} could not be opened: {err}")
+
+
+def too_many_open_files(path: Path) -> OSError:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return OSError(
+        errno.EMFILE,
+        f"Too many open files: could not open {path}; this process may hold {soft} (`ulimit -n`). Raise the "
+        "limit, or open fewer shards at once (DiscBuffer(max_open=...)).",
+    )
 
 
 def check_format(info: dict, where: Path) -> None:
@@ -110,7 +205,27 @@ def check_format(info: dict, where: Path) -> None:
     if info.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{where} has buffer format version {info.get('format_version')}; this cltlab reads version "
-            f"{FORMAT_VERSION}. Harvest it again with this version."
+            f"{FORMAT_VERSION} (version 3 added per-batch checksums). Harvest it again with this version."
+        )
+
+
+def check_shard(f: h5py.File, manifest: dict, n_rows: int, where: Path) -> None:
+    """Refuse a shard whose datasets or identity differ from what ``manifest`` describes for ``n_rows`` rows."""
+    n_sequences = -(-n_rows // rows_per_batch(manifest)) * int(manifest["batch_size"])
+    for name, (shape, dtype) in shard_layout(manifest, n_rows, n_sequences).items():
+        if name not in f:
+            raise CorruptShard(f"{f.filename} lacks {name!r}: the shard is damaged; harvest again.")
+        got = f[name]
+        if (got.shape, got.dtype) != (shape, dtype):
+            raise ValueError(
+                f"{f.filename}: {name} is {got.shape} {got.dtype}, but {where} describes {shape} {dtype}; the "
+                "shard does not belong to this harvest (or is damaged): harvest again."
+            )
+    changed = mismatches(dict(f.attrs), manifest)
+    if changed:
+        raise ValueError(
+            f"{f.filename} was harvested with other arguments than {where} lists ({', '.join(changed)}): "
+            "the folder mixes harvests; harvest again."
         )
 
 
@@ -123,26 +238,204 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def write_manifest(directory: Path, provenance: dict, n_shards: int) -> dict:
-    """List the finished shards of ``directory`` in ``manifest.json`` (atomically) and return the manifest."""
-    shards = []
-    for index in range(n_shards):
-        path = directory / shard_name(index)
-        if path.exists():
-            with open_shard(path) as f:
-                shards.append({"file": path.name, "n_rows": int(f.attrs["n_rows"]),
-                               "first_sequence": int(f.attrs["first_sequence"])})  # fmt: skip
-    manifest = {
-        **{k: _plain(v) for k, v in provenance.items()},
-        "n_shards": n_shards,
-        "shards": shards,
-        "n_written": sum(s["n_rows"] for s in shards),
-        "complete": len(shards) == n_shards,
-    }
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, directory / MANIFEST)
+# ------------------------------------------------------------------------------------------------ checking
+
+
+class Verification(NamedTuple):
+    """What ``verify`` found."""
+
+    n_shards: int
+    """Shards checked."""
+    n_batches: int
+    """Committed forward batches whose checksum was recomputed."""
+    problems: list[str]
+    """One sentence per damaged shard or batch, naming it; empty when every checksum matched."""
+
+
+def verify_shard(path: Path) -> tuple[int, list[str]]:
+    """Recompute the checksum of every committed batch of a shard: ``(batches checked, problems)``."""
+    with open_shard(path) as f:
+        rows, batches = (int(v) for v in f["progress"][()])
+        per_batch, B = rows_per_batch(f.attrs), int(f.attrs["batch_size"])
+        recorded = f["checksums"][()]
+        problems = []
+        for k in range(batches):
+            start, stop = k * per_batch, min((k + 1) * per_batch, rows)
+            arrays = (f[name][start:stop] for name in ROW_DATASETS)
+            crc = batch_checksum([*arrays, f["sequences"][k * B : (k + 1) * B]])
+            if crc != recorded[k]:
+                problems.append(
+                    f"{path}: batch {k} (rows {start}-{stop - 1}) has checksum {crc:08x}, but {recorded[k]:08x} "
+                    "was recorded when it was written: its bytes changed since; harvest it again."
+                )
+    return batches, problems
+
+
+def verify(directory: str | Path) -> Verification:
+    """Check every shard a harvest folder's manifest lists against the checksums recorded at harvest time."""
+    directory = Path(directory)
+    manifest = read_manifest(directory, require_complete=False)
+    n_batches, problems = 0, []
+    for entry in manifest["shards"]:
+        try:
+            batches, found = verify_shard(directory / entry["file"])
+        except (OSError, ValueError) as err:
+            batches, found = 0, [str(err)]
+        n_batches += batches
+        problems += found
+    return Verification(len(manifest["shards"]), n_batches, problems)
+
+
+# ------------------------------------------------------------------------------------------------ locks
+
+
+@contextlib.contextmanager
+def folder_lock(directory: Path) -> Iterator[None]:
+    """Hold the folder's short lock (merging the manifest, taking a job's lock), waiting until it is free."""
+    path = directory / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _same_file(fd, path):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder removed this file as it let go: lock the new one
+    try:
+        yield
+    finally:
+        os.unlink(
+            path
+        )  # while held, so the folder is left as it was; a waiter sees the file gone and retries
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+class HarvestBusy(RuntimeError):
+    """Another live harvest holds shards this one would write."""
+
+
+class HarvestLock:
+    """Job ``i`` of ``n``'s exclusive lock on its shards of a harvest folder, held from ``acquire`` to ``release``.
+
+    The lock is an ``flock`` on ``.harvest-<i>-of-<n>.lock`` naming its holder (the OS drops it when the process
+    dies, so a killed harvest leaves no stale lock). Taking it fails while a live harvest holds a job whose shards
+    overlap (any other ``n`` may overlap); jobs with disjoint shards run side by side. Lock files are created and
+    removed only under the folder's short lock.
+    """
+
+    def __init__(self, directory: Path, job: tuple[int, int], n_shards: int):
+        self.directory, self.job, self.n_shards = Path(directory), job, n_shards
+        self.path = self.directory / f".harvest-{job[0]}-of-{job[1]}.lock"
+        self._fd: int | None = None
+
+    def _overlaps(self, other: tuple[int, int]) -> bool:
+        i, n = self.job
+        return any(shard % other[1] == other[0] for shard in range(i, self.n_shards, n))
+
+    def acquire(self) -> HarvestLock:
+        with folder_lock(self.directory):
+            for path in sorted(self.directory.glob(".harvest-*-of-*.lock")):
+                other = tuple(int(v) for v in path.name[len(".harvest-") : -len(".lock")].split("-of-"))
+                fd = os.open(path, os.O_RDWR)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if self._overlaps(other):
+                        holder = os.pread(fd, 4096, 0).decode(errors="replace")
+                        raise HarvestBusy(_busy_message(self.directory, self.job, other, holder)) from None
+                    continue
+                else:
+                    path.unlink()  # left by a harvest that was killed; we hold it, nobody else can
+                finally:
+                    os.close(fd)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "job": list(self.job)}  # fmt: skip
+            os.write(fd, json.dumps(holder).encode())
+            self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with folder_lock(self.directory):
+            self.path.unlink()
+            os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> HarvestLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _busy_message(directory: Path, job: tuple[int, int], other: tuple[int, int], holder: str) -> str:
+    try:
+        h = json.loads(holder)
+        who = f"pid {h['pid']} on {h['host']} (started {h['started']})"
+    except (ValueError, KeyError, TypeError):
+        who = "another process"
+    return (
+        f"{directory} is being harvested by {who} as job {other[0]}/{other[1]}, which writes shards of job "
+        f"{job[0]}/{job[1]} too; wait for it to finish (or stop it) and run this harvest again. Nothing was changed."
+    )
+
+
+# ------------------------------------------------------------------------------------------------ the manifest
+
+
+def write_manifest(directory: Path, provenance: dict, n_shards: int, *, fsync: bool = True) -> dict:
+    """List the finished shards of ``directory`` in ``manifest.json`` (atomically) and return the manifest.
+
+    The shards are listed and the file replaced under the folder lock, so of jobs finishing together the last
+    one to write sees every finished shard: no stale ``complete=False``, no mixed JSON.
+    """
+    with folder_lock(directory):
+        shards = []
+        for index in range(n_shards):
+            path = directory / shard_name(index)
+            if path.exists():
+                with open_shard(path) as f:
+                    shards.append({"file": path.name, "n_rows": int(f.attrs["n_rows"]),
+                                   "first_sequence": int(f.attrs["first_sequence"])})  # fmt: skip
+        manifest = {
+            **{k: _plain(v) for k, v in provenance.items()},
+            "n_shards": n_shards,
+            "shards": shards,
+            "n_written": sum(s["n_rows"] for s in shards),
+            "complete": len(shards) == n_shards,
+        }
+        write_atomically(directory / MANIFEST, json.dumps(manifest, indent=2), fsync=fsync)
     return manifest
+
+
+def write_atomically(path: Path, text: str, *, fsync: bool = True) -> None:
+    """Replace ``path`` by ``text`` through a temporary file of its own: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w") as out:
+            out.write(text)
+            out.flush()
+            if fsync:
+                os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        sync_directory(path.parent)
 
 
 def read_manifest(directory: str | Path, *, require_complete: bool = True) -> dict:
@@ -172,7 +465,34 @@ def read_manifest(directory: str | Path, *, require_complete: bool = True) -> di
             f"{directory} is an unfinished harvest ({len(manifest['shards'])} of {manifest['n_shards']} shards, "
             f"{manifest['n_written']} of {manifest['n_tokens']} tokens); run the same harvest again to finish it."
         )
+    root = directory.resolve()
     for shard in manifest["shards"]:
-        if not (directory / shard["file"]).exists():
-            raise FileNotFoundError(f"{directory / shard['file']} is listed in {path} but missing.")
+        name = shard.get("file")
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+            raise ValueError(
+                f"{path} lists the shard {name!r}, which is not a file name in {directory}; refusing to read "
+                "outside the folder (the manifest is damaged or not cltlab's)."
+            )
+        if not (directory / name).exists():
+            raise FileNotFoundError(f"{directory / name} is listed in {path} but missing.")
+        if (directory / name).resolve().parent != root:
+            raise ValueError(
+                f"{directory / name} is a link to {(directory / name).resolve()}, outside {directory}; refusing "
+                "to read outside the folder (copy the shard in instead)."
+            )
     return manifest
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (an OS or HDF5 error) says the disk is full."""
+    text = str(err)
+    return getattr(err, "errno", None) == errno.ENOSPC or "errno = 28" in text or "No space left" in text
+
+
+def disk_full_error(directory: Path, need: int) -> OSError:
+    free = shutil.disk_usage(directory).free
+    return OSError(
+        errno.ENOSPC,
+        f"The disk holding {directory} is full ({free / 2**20:,.1f} MiB free; a shard needs up to "
+        f"{need / 2**20:,.1f} MiB): free some space and run the same harvest again to continue where it stopped.",
+    )

@@ -73,7 +73,7 @@ def test_shape_and_info(buffer_path):
     assert (buffer.n_tokens, buffer.n_layers, buffer.d_model, buffer.layer_start) == (500, 4, 64, 0)
     assert len(buffer) == 8
     assert buffer.info["model"] == "tiny-gpt2" and buffer.info["dtype"] == "float32"
-    assert buffer.info["format_version"] == 2 and buffer.info["complete"] is True
+    assert buffer.info["format_version"] == 3 and buffer.info["complete"] is True
     assert [s["n_rows"] for s in buffer.info["shards"]] == BUFFER_SHARD_ROWS
     config = json.loads(buffer.info["config"])
     assert config["n_tokens"] == 500 and config["seq_len"] == 32 and config["shard_tokens"] == 248
@@ -83,7 +83,7 @@ def test_shape_and_info(buffer_path):
     assert batch.resid_mid.dtype == batch.mlp_out.dtype == torch.float32
     summary = buffer.summary()
     assert "500 tokens" in summary and "layers 0–3" in summary and "d_model 64" in summary
-    assert "in 3 shards" in summary and "format v2" in summary
+    assert "in 3 shards" in summary and "format v3" in summary
     assert "tiny-gpt2 on shakespeare/train" in summary and repr(buffer) == summary
     buffer.close()
 
@@ -205,10 +205,12 @@ def test_index_out_of_range(buffer_path):
 def test_pickled_buffer_reopens_its_files(buffer_path):
     buffer = DiscBuffer(buffer_path, batch_size=BATCH)
     first = buffer[2]
-    assert buffer._files
+    assert buffer.n_open > 0
     clone = pickle.loads(pickle.dumps(buffer))
-    assert clone._files == {}
+    assert clone.n_open == 0
     assert torch.equal(clone[2].resid_mid, first.resid_mid) and torch.equal(clone[2].mlp_out, first.mlp_out)
+    buffer.close()
+    assert buffer.n_open == 0
 
 
 def test_read_crosses_shard_boundaries(buffer_path):
@@ -332,9 +334,9 @@ def test_corrupt_manifest(buffer_copy):
 
 
 def test_unknown_format_version(buffer_copy):
-    edit_manifest(buffer_copy, format_version=3)
+    edit_manifest(buffer_copy, format_version=4)
     with pytest.raises(
-        ValueError, match=r"manifest\.json has buffer format version 3; this cltlab reads version 2"
+        ValueError, match=r"manifest\.json has buffer format version 4; this cltlab reads version 3"
     ):
         DiscBuffer(buffer_copy)
 

@@ -7,8 +7,10 @@ import importlib
 import itertools
 import json
 import random
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +28,7 @@ from cltlab import DiscBuffer, HarvestConfig, harvest
 from cltlab.corpus import token_sequences
 from cltlab.harvest import STATS_STRIDE, trace_sites
 from cltlab.models import LoadedModel
-from cltlab.store import open_shard
+from cltlab.store import HarvestBusy, open_shard
 
 
 def harvested_sequences(model: LoadedModel, config: HarvestConfig, n_sequences: int) -> torch.Tensor:
@@ -119,7 +121,7 @@ def count_forwards(monkeypatch) -> list[int]:
 
 def test_folder_layout_and_provenance(buffer_path, tiny_gpt2):
     manifest = json.loads((buffer_path / "manifest.json").read_text())
-    assert manifest["format"] == "cltlab.activations" and manifest["format_version"] == 2
+    assert manifest["format"] == "cltlab.activations" and manifest["format_version"] == 3
     assert (manifest["model"], manifest["corpus"], manifest["split"]) == ("tiny-gpt2", "shakespeare", "train")
     assert (manifest["layer_start"], manifest["layer_stop"], manifest["d_model"]) == (0, 4, 64)
     assert (manifest["seq_len"], manifest["batch_size"], manifest["dtype"]) == (32, 4, "float32")
@@ -136,7 +138,7 @@ def test_folder_layout_and_provenance(buffer_path, tiny_gpt2):
         with h5py.File(buffer_path / f"shard-{index:05d}.h5", "r") as f:
             attrs = dict(f.attrs)
             assert (attrs["shard_index"], attrs["first_batch"], attrs["n_rows"]) == (index, 2 * index, rows)
-            assert attrs["model"] == "tiny-gpt2" and attrs["format_version"] == 2
+            assert attrs["model"] == "tiny-gpt2" and attrs["format_version"] == 3
             assert f["resid_mid"].shape == f["mlp_out"].shape == (rows, 4, 64)
             assert f["resid_mid"].dtype == f["mlp_out"].dtype == np.float32
             assert f["tokens"].shape == f["sequence"].shape == f["position"].shape == (rows,)
@@ -416,11 +418,12 @@ KILL_BATCHES = 121
 
 # Runs KILL_CONFIG in a fresh interpreter. Prints "<shard file> <batches>" after each progress update; in the
 # "before-progress" mode it kills itself just before writing progress <batches> of <shard file> (after the
-# batch's rows and statistics), in the "before-rename" mode just before renaming <shard file> to its final name.
+# batch's rows and statistics), in the "before-rename" mode just before renaming <shard file> to its final name,
+# in the "pause" mode it waits for a line on stdin after writing progress <batches> of <shard file>.
 CHILD = r"""
 import json, os, signal, sys
 import h5py, numpy as np, torch
-path, mode, target, threads, config = sys.argv[1:6]
+path, mode, target, threads, config, job = sys.argv[1:7]
 torch.set_num_threads(int(threads))
 from cltlab import HarvestConfig, harvest
 from cltlab.models import load_model
@@ -436,6 +439,8 @@ def watched_setitem(self, key, value):
             die()
         setitem(self, key, value)
         print(shard, int(value[1]), flush=True)
+        if mode == "pause" and target == f"{shard}:{int(value[1])}":
+            sys.stdin.readline()  # hold the harvest here until the test says go on
     else:
         setitem(self, key, value)
 h5py.Dataset.__setitem__ = watched_setitem
@@ -447,7 +452,8 @@ def watched_replace(src, dst, **kwargs):
     return replace(src, dst, **kwargs)
 os.replace = watched_replace
 
-harvest(HarvestConfig(**json.loads(config)), path, model=load_model("tiny-gpt2"), device="cpu", progress=False)
+harvest(HarvestConfig(**json.loads(config)), path, model=load_model("tiny-gpt2"), device="cpu", progress=False,
+        job=tuple(json.loads(job)))
 """
 
 
@@ -455,7 +461,7 @@ def run_child(folder: Path, mode: str, target: str = "", *, kill_when=None, dela
     """Harvest KILL_CONFIG into ``folder`` in a subprocess that must end by SIGKILL: its own (``mode``) or ours,
     ``delay`` seconds after ``kill_when(shard, batches)`` first holds for a progress line it prints."""
     stderr = folder.with_name(folder.name + ".stderr")
-    args = [str(folder), mode, target, str(torch.get_num_threads()), json.dumps(KILL_CONFIG)]
+    args = [str(folder), mode, target, str(torch.get_num_threads()), json.dumps(KILL_CONFIG), "[0, 1]"]
     with open(stderr, "w") as err:
         child = subprocess.Popen(
             [sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, stderr=err, text=True
@@ -556,4 +562,63 @@ def test_resume_when_only_the_manifest_is_missing(tmp_path, tiny_gpt2, uninterru
     result = harvest(HarvestConfig(**KILL_CONFIG), folder, model=tiny_gpt2, progress=False)
     assert result.complete and result.n_tokens == 15_000 and not count_forwards
     assert {p.name: p.read_bytes() for p in folder.glob("shard-*.h5")} == shards
+    assert differences(folder, uninterrupted) == []
+
+
+# ------------------------------------------------------------------------------------------------ two harvests at once
+
+
+# 2,000 rows in 17 forward batches of 124 rows, 4 batches per shard: shards of 496 rows and a last one of 16.
+LOCK_CONFIG = dict(
+    model="tiny-gpt2", n_tokens=2000, seq_len=32, batch_size=4, dtype="float32", shard_tokens=500
+)
+
+
+def test_a_second_harvest_of_the_same_shards_is_refused_and_deletes_nothing(tmp_path, tiny_gpt2):
+    """Job 0/2 runs in another process (held after its shard 0's second batch): harvests that would write its
+    shards are refused naming it and change nothing; job 1/2 runs beside it; together they equal one run."""
+    folder = tmp_path / "acts"
+    stderr = tmp_path / "child.stderr"
+    config = HarvestConfig(**LOCK_CONFIG)
+    threads = str(torch.get_num_threads())
+    args = [str(folder), "pause", "shard-00000.h5.partial:2", threads, json.dumps(LOCK_CONFIG), "[0, 2]"]
+    with open(stderr, "w") as err:
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+        )  # fmt: skip
+    watchdog = threading.Timer(120, child.kill)
+    watchdog.start()
+    try:
+        for line in child.stdout:
+            if line.split() == ["shard-00000.h5.partial", "2"]:
+                break
+        else:
+            pytest.fail(f"the first harvest ended early:\n{stderr.read_text()[-3000:]}")
+        partial = folder / "shard-00000.h5.partial"
+        held = (partial.stat().st_ino, partial.stat().st_mtime_ns)
+        before = snapshot(folder)
+        holder = (
+            rf"pid {child.pid} on {re.escape(socket.gethostname())} \(started \d{{4}}-\d\d-\d\dT[\d:]{{8}}Z\)"
+        )
+        for job in [(0, 1), (0, 2), (2, 4)]:
+            with pytest.raises(
+                HarvestBusy,
+                match=rf"acts is being harvested by {holder} as job 0/2, which writes shards of job "
+                rf"{job[0]}/{job[1]} too; wait for it to finish .* Nothing was changed\.",
+            ):
+                harvest(config, folder, model=tiny_gpt2, job=job, progress=False)
+        assert snapshot(folder) == before
+        assert (partial.stat().st_ino, partial.stat().st_mtime_ns) == held
+        beside = harvest(config, folder, model=tiny_gpt2, job=(1, 2), progress=False)
+        assert not beside.complete and beside.n_tokens == 2 * 496  # shards 1 and 3
+        child.stdin.write("go on\n")
+        child.stdin.close()
+        child.stdout.read()
+        assert child.wait() == 0, stderr.read_text()[-3000:]
+    finally:
+        watchdog.cancel()
+        child.kill()
+        child.wait()
+    uninterrupted = harvest(config, tmp_path / "reference", model=tiny_gpt2, progress=False).path
     assert differences(folder, uninterrupted) == []

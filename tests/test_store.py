@@ -68,7 +68,7 @@ def test_shard_names():
 def test_new_shard_is_allocated_up_front_with_zero_progress(tmp_path, dtype, stored):
     path, f = make_shard(tmp_path, 1, 25, dtype=dtype)
     with f:
-        assert tuple(f["progress"][()]) == (0, 0)
+        assert tuple(f["progress"][()]) == (0, 0) and not f["checksums"][()].any()
         assert not f["stats_sum"][()].any() and not f["stats_sq"][()].any()
         shapes = {
             "resid_mid": ((25, L, D), stored),
@@ -77,6 +77,7 @@ def test_new_shard_is_allocated_up_front_with_zero_progress(tmp_path, dtype, sto
             "sequence": ((25,), np.int64),
             "position": ((25,), np.int32),
             "sequences": ((2 * B, T), np.int32),
+            "checksums": ((2,), np.uint32),
             "stats_sum": ((2, L, D), np.float64),
             "stats_sq": ((2, L), np.float64),
             "stats_rows": ((), np.int64),
@@ -169,9 +170,11 @@ def test_open_shard_errors_name_the_file(tmp_path):
     path, f = make_shard(tmp_path, 0, 10)
     f.close()
     with h5py.File(path, "r+") as f:
-        f.attrs["format_version"] = 1
+        f.attrs["format_version"] = 2
     with pytest.raises(
-        ValueError, match=r"shard-00000\.h5 has buffer format version 1; this cltlab reads version 2"
+        ValueError,
+        match=r"shard-00000\.h5 has buffer format version 2; this cltlab reads version 3 \(version 3 added "
+        r"per-batch checksums\)\. Harvest it again",
     ):
         open_shard(path)
 
