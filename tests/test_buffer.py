@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
+import re
+import resource
 import shutil
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
@@ -13,6 +18,7 @@ import pytest
 import torch
 from conftest import BUFFER_SHARD_ROWS
 
+import cltlab.buffer
 from cltlab import DiscBuffer
 from cltlab.buffer import to_storage, to_torch
 from cltlab.harvest import STATS_STRIDE
@@ -396,3 +402,67 @@ def test_fewer_tokens_than_a_batch_per_rank(buffer_path):
 def test_bad_rank(buffer_path, rank, world_size):
     with pytest.raises(ValueError, match=rf"rank must be in \[0, world_size={world_size}\), not {rank}\."):
         DiscBuffer(buffer_path, batch_size=BATCH, rank=rank, world_size=world_size)
+
+
+# ------------------------------------------------------------------------------------------------ file descriptors
+
+
+def shard_fds(folder) -> int:
+    """Descriptors this process holds open on the shards of ``folder``."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(f"{folder}/shard-")
+        except OSError:  # closed meanwhile (another thread, or the listing's own descriptor)
+            pass
+    return count
+
+
+def test_a_buffer_keeps_at_most_max_open_shards_open(buffer_copy, monkeypatch):
+    reference = DiscBuffer(buffer_copy, batch_size=BATCH, block_rows=16)
+    expected = epoch(reference)
+    tokens, mean = reference.token_info()[0], reference.stats.input_mean
+    reference.close()
+    assert shard_fds(buffer_copy) == 0
+    buffer = DiscBuffer(buffer_copy, batch_size=BATCH, block_rows=16, max_open=1)  # three shards
+    open_while_reading = []
+    read_into = cltlab.buffer._read_into
+
+    def counting(fd, array, offset):
+        open_while_reading.append(shard_fds(buffer_copy))
+        return read_into(fd, array, offset)
+
+    monkeypatch.setattr(cltlab.buffer, "_read_into", counting)
+    with ThreadPoolExecutor(4) as pool:  # threads reading at once share the descriptors
+        batches = list(pool.map(buffer.__getitem__, range(len(buffer))))
+    got = torch.cat([b.resid_mid for b in batches]), torch.cat([b.mlp_out for b in batches])
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    # One descriptor per reading thread at most while they read, then one.
+    assert max(open_while_reading) <= 4 and buffer.n_open == shard_fds(buffer_copy) == 1
+    assert np.array_equal(buffer.token_info()[0], tokens) and torch.equal(buffer.stats.input_mean, mean)
+    assert buffer.n_open == shard_fds(buffer_copy) == 2  # one descriptor, one HDF5 handle
+    buffer.close()
+    assert buffer.n_open == shard_fds(buffer_copy) == 0
+
+
+def test_running_out_of_file_descriptors_says_so(buffer_path):
+    """With one descriptor left, a buffer limited to one open shard reads every batch; one that needs two files at
+    once says it ran out of them (not that a shard is corrupt)."""
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    buffer = DiscBuffer(buffer_path, batch_size=64, max_open=1)
+    free = os.dup(0)
+    os.close(free)  # the lowest free descriptor number: the limit makes it the only one
+    resource.setrlimit(resource.RLIMIT_NOFILE, (free + 1, limits[1]))
+    try:
+        rows = sum(buffer[i].resid_mid.shape[0] for i in range(len(buffer)))
+        with pytest.raises(OSError) as info:
+            buffer.token_info()  # an HDF5 handle beside the open descriptor: two files
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        buffer.close()
+    assert rows == 500 and info.value.errno == errno.EMFILE
+    assert re.fullmatch(
+        r"\[Errno 24\] Too many open files: could not open .*acts/shard-0000\d\.h5; this process may hold \d+ "
+        r"\(`ulimit -n`\)\. Raise the limit, or open fewer shards at once \(DiscBuffer\(max_open=\.\.\.\)\)\.",
+        str(info.value),
+    ), str(info.value)
