@@ -13,7 +13,6 @@ and through shared memory for clients on the same host.
 
 from .client import ActivationClient, ActivationDataset, ServedBatch
 from .protocol import Limits, Source
-from .runner import ServerHandle, serve
 from .sources import DiscSource, LiveSource
 
 __all__ = [
@@ -27,3 +26,13 @@ __all__ = [
     "ServerHandle",
     "serve",
 ]
+
+
+def __getattr__(name: str):
+    # The app (FastAPI, uvicorn) loads only when a server starts: a client, e.g. in a DataLoader worker, needs
+    # neither.
+    if name in ("ServerHandle", "serve"):
+        from . import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module 'cltlab.server' has no attribute {name!r}")

@@ -41,11 +41,11 @@ SHM_UNAVAILABLE = "X-Cltlab-Shm"  # the header of a 503 that means "no shared me
 
 
 class ServerError(RuntimeError):
-    """The server answered a 4xx or 5xx; ``status`` and ``headers`` are its answer's."""
+    """The server answered a 4xx or 5xx; ``status`` and ``headers`` (lowercase names) are its answer's."""
 
     def __init__(self, message: str, status: int, headers: dict[str, str]):
         super().__init__(message)
-        self.status, self.headers = status, headers
+        self.status, self.headers = status, {name.lower(): value for name, value in headers.items()}
 
 
 def connection(url: str, timeout: float) -> http.client.HTTPConnection:
@@ -200,6 +200,7 @@ class ActivationClient:
     ) -> Iterator[ServedBatch]:
         """Batches one after the other (``max_batches`` of them, or until the server's limit)."""
         transport = transport or self.transport
+        fallback = transport == "auto"  # to HTTP, when the server has no shared memory to give
         if transport == "auto":
             transport = "shm" if self.same_host else "http"
         if transport == "shm":
@@ -207,7 +208,7 @@ class ActivationClient:
                 raise ValueError(
                     "index needs transport='http': shared memory serves the shared cursor's batches."
                 )
-            return self._stream_shm(batch_size, max_batches, fallback=self.transport == "auto")
+            return self._stream_shm(batch_size, max_batches, fallback=fallback)
         return self._stream_http(batch_size, max_batches, index)
 
     def _stream_http(
@@ -267,7 +268,7 @@ class ActivationClient:
                     "POST", "/shm/lease", params={"batch_size": batch_size, "keep": True}
                 ).json()
             except ServerError as err:
-                if not (fallback and SHM_UNAVAILABLE in err.headers):
+                if not (fallback and SHM_UNAVAILABLE.lower() in err.headers):
                     raise
                 log.warning("%s; streaming over HTTP instead.", err)
                 left = None if max_batches is None else max_batches - received

@@ -150,6 +150,7 @@ class Limits(BaseModel):
     max_rings: int = Field(4, ge=1, description="Shared-memory rings (one per batch size) at once.")
     max_shm_bytes: int = Field(2**32, ge=1, description="Bytes of shared memory of all rings together.")
     lease_s: float = Field(30.0, gt=0, description="Seconds a shared-memory lease lasts unless renewed.")
+    max_errors: int = Field(100, ge=1, description="Errors kept for /stats and the handle (the latest ones).")
 
 
 class Info(BaseModel):

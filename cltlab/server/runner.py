@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..buffer import DiscBuffer
 from .app import create_app
-from .protocol import Limits
+from .protocol import Limits, Source
 from .sources import DiscSource, LiveSource
 from .state import ServerState
 from .wire import with_socket
@@ -50,9 +50,9 @@ def allowed_hosts(host: str, address: str, names: tuple[str, ...]) -> set[str] |
     return {"localhost", "127.0.0.1", "[::1]", host.lower(), f"[{host.lower()}]", shown, *names}
 
 
-def as_source(source, live=None):
-    """A DiscSource or LiveSource from what ``serve`` was given."""
-    if isinstance(source, DiscSource | LiveSource):
+def as_source(source, live=None) -> Source:
+    """A source from what ``serve`` was given."""
+    if isinstance(source, Source):
         return source
     if isinstance(source, DiscBuffer):
         return DiscSource(source.path, seed=source.seed)
@@ -67,7 +67,8 @@ def as_source(source, live=None):
             )  # fmt: skip
         return LiveSource(source, **options)
     raise TypeError(
-        f"serve() takes a harvest folder, a DiscBuffer, a LoadedModel (live mode) or a source, not {type(source).__name__}."
+        f"serve() takes a harvest folder, a DiscBuffer, a LoadedModel (live mode) or a Source, not "
+        f"{type(source).__name__}."
     )
 
 

@@ -146,6 +146,8 @@ class ShmRing:
                 self._state[slot] = FILLING
             try:
                 batch = self.source.take(self.batch_size, out=self._array[slot])
+                if batch.data.ctypes.data != self._array[slot].ctypes.data:  # a source that ignored ``out``
+                    self._array[slot, : batch.data.nbytes] = batch.data
             except Exception as err:  # noqa: BLE001 - answered by lease(); the ring keeps trying
                 with self._cond:
                     self._state[slot] = FREE
@@ -187,6 +189,8 @@ class ShmRing:
             self.last_used = time.monotonic()
             while not self._ready:
                 self._reclaim()
+                if self.error is not None:  # answered now: the producer keeps trying for the next lease
+                    raise NoData(f"The shared-memory producer failed: {self.error}") from self.error
                 remaining = deadline - time.monotonic()
                 busy = self._state.count(LEASED) == self.n_slots
                 if remaining <= 0 or self._stop.is_set() or (busy and time.monotonic() - start > busy_s):
@@ -195,8 +199,6 @@ class ShmRing:
                             f"All {self.n_slots} shared-memory slots of batch size {self.batch_size} are leased; "
                             "release some, or try again shortly."
                         )
-                    if self.error is not None:
-                        raise NoData(f"The shared-memory producer failed: {self.error}") from self.error
                     raise NoData(f"No batch was ready in shared memory within {timeout:.0f} s.")
                 self._cond.wait(min(remaining, 0.1))
             slot = self._ready.popleft()

@@ -51,13 +51,12 @@ class ServerState:
         allowed_hosts: set[str] | None = None,
         n_slots: int = 4,
         ring_idle_s: float = 60.0,
-        max_errors: int = 100,
     ):
         self.source, self.limits, self.token, self.shared_memory = source, limits, token, shared_memory
         self.allowed_hosts, self.n_slots, self.ring_idle_s = allowed_hosts, n_slots, ring_idle_s
         self.started = time.monotonic()
         self.batches = self.bytes = self.inflight_bytes = self.streams = 0
-        self.errors: collections.deque[BaseException] = collections.deque(maxlen=max_errors)
+        self.errors: collections.deque[BaseException] = collections.deque(maxlen=limits.max_errors)
         self.rings: collections.OrderedDict[int, ShmRing] = (
             collections.OrderedDict()
         )  # least recently used first
