@@ -6,7 +6,8 @@ each: one epoch of DiscBuffer batches read directly; the same number of batches 
 over ``/activations/stream`` (HTTP on loopback); and over the shared-memory ring. The server runs in this process,
 as it does in a notebook's kernel. No consumer touches the data: direct reads land in fresh arrays, streamed
 batches in arrays the client recycles from batches already let go, shared-memory batches are the ring's slots.
-Goals: stream/direct >= 0.5, shm/direct >= 0.8.
+Goals: stream/direct >= 0.5, shm/direct >= 0.8. Also the stream as a plain StreamingResponse (the path taken under a
+uvicorn the direct socket writes were not tested with), to see what those writes are worth.
 Usage: python benchmarks/server.py [--rows 16384] [--batch-size 1024]
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from buffer import best_of, make_folder, shape_arguments
 
 from cltlab import ActivationClient, DiscBuffer, serve
+from cltlab.server import wire
 
 
 def consume(batches) -> None:
@@ -46,13 +48,23 @@ def main() -> None:
             stream = best_of(3, lambda: consume(client.stream(args.batch_size, n, transport="http")))
             shm = best_of(3, lambda: consume(client.stream(args.batch_size, n, transport="shm")))
             client.close()
+        wire.supported = lambda: False  # the same stream as a plain StreamingResponse through uvicorn
+        with serve(folder) as handle:
+            client = ActivationClient(handle.url)
+            list(client.stream(args.batch_size, 2, transport="http"))
+            plain = best_of(3, lambda: consume(client.stream(args.batch_size, n, transport="http")))
+            client.close()
     gb = nbytes / 1e9
     print(f"{n} batches of {args.batch_size} rows, {gb:.2f} GB per pass")
     print(f"DiscBuffer direct: {gb / direct:.2f} GB/s")
     print(f"server /activations/stream: {gb / stream:.2f} GB/s")
+    print(f"server /activations/stream without direct socket writes: {gb / plain:.2f} GB/s")
     print(f"server shared memory: {gb / shm:.2f} GB/s")
     print(f"stream/direct = {direct / stream:.2f}")
     print(f"shm/direct = {direct / shm:.2f}")
+    print(
+        f"plain stream/stream = {stream / plain:.2f} (direct socket writes: the stream's path under a tested uvicorn)"
+    )
 
 
 if __name__ == "__main__":

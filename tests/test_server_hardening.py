@@ -436,3 +436,21 @@ def test_a_stopped_live_source_is_a_503(buffer_path):
     with serve(source) as handle:
         response = httpx.get(f"{handle.url}/activations/tensor", params={"batch_size": 4})
         assert response.status_code == 503 and "stopped" in response.json()["detail"]
+
+
+# ---------------------------------------------------------------------------------------------- 14. wire
+
+
+def test_an_untested_uvicorn_streams_the_same_bytes_without_direct_socket_writes(buffer_path, monkeypatch):
+    from cltlab.server import wire
+
+    query = f"/activations/stream?batch_size={B}&max_batches=6&index=2"
+    with serve(buffer_path) as handle:
+        direct = httpx.get(handle.url + query).content
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "0.99.0")
+    assert not wire.supported()
+    sent = []
+    monkeypatch.setattr(wire, "_write", lambda *args: sent.append(args))  # the direct path, never taken now
+    with serve(buffer_path) as handle:
+        assert httpx.get(handle.url + query).content == direct and len(direct) == 6 * (16 + 2 * B * ROW_BYTES)
+    assert sent == []

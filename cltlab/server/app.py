@@ -278,14 +278,18 @@ def shm_lease(
     return LeaseReply(**lease._asdict(), shape=[lease.rows, info.n_layers, info.d_model], dtype=info.dtype)
 
 
-@router.post("/shm/release", summary="Give leased shared-memory slots back (by lease id).")
+@router.post(
+    "/shm/release", summary="Give leased shared-memory slots back (by lease id).", responses=_errors(400)
+)
 def shm_release(state: State, ids: LeaseIds) -> Released:
     rings = state.rings_now()
     return Released(released=[any(ring.release(lease) for ring in rings) for lease in ids.leases])
 
 
 @router.post(
-    "/shm/renew", summary="Keep leased shared-memory slots for another lease_s seconds (by lease id)."
+    "/shm/renew",
+    summary="Keep leased shared-memory slots for another lease_s seconds (by lease id).",
+    responses=_errors(400),
 )
 def shm_renew(state: State, ids: LeaseIds) -> Renewed:
     rings = state.rings_now()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 import struct
 from pathlib import Path
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Annotated, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -207,8 +207,11 @@ class LeaseReply(BaseModel):
     dtype: str
 
 
+LeaseId = Annotated[str, Field(max_length=LEASE_ID_CHARS, pattern=r"^[A-Za-z0-9_-]*$")]
+
+
 class LeaseIds(BaseModel):
-    leases: list[str] = Field(max_length=256, description="Ids of leases (from /shm/lease).")
+    leases: list[LeaseId] = Field(max_length=256, description="Ids of leases (from /shm/lease).")
 
 
 class Released(BaseModel):

@@ -213,6 +213,8 @@ class ShmRing:
         )
 
     def _slot_of(self, lease_id: str) -> int | None:
+        if not lease_id.isascii():  # never one of ours (and compare_digest takes ASCII strings only)
+            return None
         for slot, held in enumerate(self._id):
             if held is not None and secrets.compare_digest(held, lease_id):
                 return slot

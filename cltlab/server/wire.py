@@ -7,8 +7,9 @@ of what loopback TCP carries. So ``with_socket`` wraps the app and, for HTTP/1.1
 connection, offers the connection's transport in ``scope["extensions"]["cltlab.socket"]``. ``SocketStream``
 then sends its status and headers the ASGI way, pauses the transport, writes the chunked body itself from one
 worker thread (``sendmsg`` of the frames' own memory, ``PIECE`` bytes per call, no copy in Python), resumes
-the transport and lets the server write the last chunk, so the connection stays usable. Without the extension (another ASGI server, a test client) it is a StreamingResponse
-of the same bytes.
+the transport and lets the server write the last chunk, so the connection stays usable. Without the extension
+(another ASGI server, a uvicorn outside ``TESTED_UVICORN``, a test client) it is a StreamingResponse of the same
+bytes; the tests check both give the same bytes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import importlib.metadata
 import os
 import socket
 import time
@@ -34,8 +36,23 @@ class ClientGone(Exception):
     """The client closed the connection or stopped reading."""
 
 
+TESTED_UVICORN = ((0, 54), (0, 55))  # [from, to): the uvicorn versions whose internals this was tested with
+
+
+def supported() -> bool:
+    """True when the installed uvicorn is one this module was tested with (``pyproject.toml`` pins the range)."""
+    try:
+        version = tuple(int(part) for part in importlib.metadata.version("uvicorn").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return TESTED_UVICORN[0] <= version < TESTED_UVICORN[1]
+
+
 def with_socket(app):
-    """``app`` with uvicorn's connection offered to responses in ``scope["extensions"]["cltlab.socket"]``."""
+    """``app`` with uvicorn's connection offered to responses in ``scope["extensions"]["cltlab.socket"]``; ``app``
+    itself (every stream a plain StreamingResponse) under a uvicorn this module was not tested with."""
+    if not supported():
+        return app
 
     async def offer(scope, receive, send):
         # uvicorn calls the app with the bound method ``send`` of its RequestResponseCycle, which has the transport.
