@@ -8,7 +8,8 @@ and through shared memory for clients on the same host.
 - ``app.py``: the FastAPI app (routes, validation, Host and token checks);
 - ``wire.py``: a stream's body written straight to the connection's socket;
 - ``runner.py``: ``serve`` runs it in a daemon thread and returns a handle with ``url`` and ``stop()``;
-- ``client.py``: ``ActivationClient`` and the ``ActivationDataset`` for DataLoaders and ``cltlab.train``.
+- ``client.py``: ``ActivationClient`` and the ``ActivationDataset`` for DataLoaders and ``cltlab.train``;
+- ``leases.py``: the client's side of shared-memory leases (renewed while held, released when collected).
 """
 
 from .client import ActivationClient, ActivationDataset, ServedBatch

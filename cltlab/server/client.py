@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import collections
 import http.client
-import json
 import logging
 import mmap
-import threading
 import time
 import urllib.parse
 import weakref
@@ -31,6 +29,7 @@ import torch
 
 from ..buffer import NormStats, to_torch
 from ..store import STORAGE_DTYPES
+from .leases import Renewer, connection, give_back
 from .protocol import FRAME, host_id
 from .shm import attach
 
@@ -46,13 +45,6 @@ class ServerError(RuntimeError):
     def __init__(self, message: str, status: int, headers: dict[str, str]):
         super().__init__(message)
         self.status, self.headers = status, {name.lower(): value for name, value in headers.items()}
-
-
-def connection(url: str, timeout: float) -> http.client.HTTPConnection:
-    """A connection to ``url``'s host over the scheme it names (TLS for ``https``)."""
-    parts = urllib.parse.urlsplit(url)
-    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    return kind(parts.hostname, parts.port, timeout=timeout)
 
 
 class ServedBatch(NamedTuple):
@@ -111,7 +103,8 @@ class ActivationClient:
         return self._request("GET", path, params=params)
 
     def _request(self, method: str, path: str, *, params: dict | None = None, body=None) -> httpx.Response:
-        """A request, retried while the server is unreachable or busy (429); a 4xx/5xx raises ServerError."""
+        """A request, retried while the server is unreachable, busy (429) or has no batch ready (503); a 4xx/5xx
+        raises ServerError."""
         deadline = time.monotonic() + self.retry_s
         params = {k: v for k, v in (params or {}).items() if v is not None}
         while True:
@@ -122,7 +115,10 @@ class ActivationClient:
                     raise ConnectionError(f"The activation server at {self.url} is unreachable.") from None
                 time.sleep(0.2)
                 continue
-            if response.status_code != 429 or time.monotonic() > deadline:
+            busy = response.status_code == 429 or (
+                response.status_code == 503 and SHM_UNAVAILABLE not in response.headers
+            )  # 503: no batch ready yet (a live harvester warming up)
+            if not busy or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         if response.status_code >= 400:
@@ -281,8 +277,8 @@ class ActivationClient:
     def _leased_batch(self, lease: dict, info: dict) -> ServedBatch:
         data = np.frombuffer(self._mapping(lease["segment"]), np.uint8, lease["nbytes"], lease["offset"])
         if lease["keep"]:  # the batch is the slot itself: renewed while it lives, given back once collected
-            _Renewer.of(self.url, self._headers).add(lease["lease"], lease["expires_s"])
-            release = weakref.finalize(data, _give_back, self.url, self._headers, lease["lease"])
+            Renewer.of(self.url, self._headers).add(lease["lease"], lease["expires_s"])
+            release = weakref.finalize(data, give_back, self.url, self._headers, lease["lease"])
             release.atexit = False  # an exiting client's leases expire on the server
         else:  # the ring is short of slots: copy the batch out and give the slot back now
             data = data.copy()
@@ -333,81 +329,6 @@ class Recycler:
         data = np.frombuffer(memoryview(memory), np.uint8, nbytes)
         weakref.finalize(data, self.free.append, memory)
         return data
-
-
-def _give_back(url: str, headers: dict, lease: str) -> None:
-    """Release a kept slot. Called by the garbage collector, which must not wait on I/O: a daemon thread sends it."""
-    _Renewer.of(url, headers).discard(lease)
-    threading.Thread(
-        target=_post,
-        args=(url, headers, "/shm/release", {"leases": [lease]}),
-        name="cltlab-shm-release",
-        daemon=True,
-    ).start()
-
-
-def _post(url: str, headers: dict, path: str, body: dict) -> dict | None:
-    """POST ``body`` as JSON; the answer's JSON, or None when the server is gone (and its rings with it)."""
-    link = connection(url, timeout=10)
-    try:
-        link.request(
-            "POST", path, body=json.dumps(body), headers={**headers, "Content-Type": "application/json"}
-        )
-        response = link.getresponse()
-        answer = response.read()
-        return json.loads(answer) if response.status == 200 else None
-    except (OSError, http.client.HTTPException, ValueError):
-        return None
-    finally:
-        link.close()
-
-
-class _Renewer:
-    """Renews the kept leases of one server while their batches live (the server reclaims a lease that is
-    neither renewed nor released within its ``expires_s``), from a daemon thread that ends when none is left."""
-
-    _lock = threading.Lock()
-    _all: dict[tuple, _Renewer] = {}
-
-    @classmethod
-    def of(cls, url: str, headers: dict) -> _Renewer:
-        with cls._lock:
-            key = (url, tuple(sorted(headers.items())))
-            if key not in cls._all:
-                cls._all[key] = cls(url, headers)
-            return cls._all[key]
-
-    def __init__(self, url: str, headers: dict):
-        self.url, self.headers = url, headers
-        self.leases: dict[str, float] = {}  # lease id → its expires_s
-        self.thread: threading.Thread | None = None
-
-    def add(self, lease: str, expires_s: float) -> None:
-        with self._lock:
-            self.leases[lease] = expires_s
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="cltlab-shm-renew", daemon=True)
-                self.thread.start()
-
-    def discard(self, lease: str) -> None:
-        with self._lock:
-            self.leases.pop(lease, None)
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                if not self.leases:
-                    self.thread = None
-                    return
-                period = min(self.leases.values()) / 3
-            time.sleep(period)
-            with self._lock:
-                leases = list(self.leases)
-            answer = _post(self.url, self.headers, "/shm/renew", {"leases": leases}) if leases else None
-            if answer is not None:
-                for lease, renewed in zip(leases, answer["renewed"], strict=True):
-                    if not renewed:
-                        self.discard(lease)
 
 
 def _receive(response, memory: Recycler, rows: int, index: int, info: dict) -> ServedBatch:

@@ -78,6 +78,8 @@ class Segment:
 
     def __init__(self, size: int):
         self.name, self.size = f"cltlab-{os.getpid()}-{uuid.uuid4().hex[:12]}", size
+        if not (os.path.isdir(SHM_DIR) and hasattr(os, "posix_fallocate")):
+            raise ShmFull(f"Shared memory needs {SHM_DIR} and posix_fallocate (Linux); stream over HTTP.")
         fd = os.open(os.path.join(SHM_DIR, self.name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.posix_fallocate(fd, 0, size)
