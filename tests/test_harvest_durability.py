@@ -1,5 +1,6 @@
 """Harvest durability: each batch reaches the disk before its progress, a full disk is one clear error and a resume
-after it equals an uninterrupted run, a damaged committed batch is written again, float16 refuses overflow."""
+after it equals an uninterrupted run, a damaged committed batch is written again, a shard is deleted only when
+proven damaged, float16 refuses overflow."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import errno
 import importlib
 import os
 import re
+import subprocess
+import sys
 
 import h5py
 import pytest
@@ -154,3 +157,35 @@ def test_float16_storage_refuses_values_beyond_its_range(tmp_path, tiny_gpt2, mo
         harvest(config, folder, model=tiny_gpt2, progress=False)
     with open_shard(folder / "shard-00000.h5.partial") as f:
         assert tuple(f["progress"][()]) == (124, 1)  # nothing of batch 1 was committed
+
+
+def test_a_partial_shard_open_in_another_process_is_not_deleted(
+    tmp_path, buffer_path, harvest_config, tiny_gpt2, monkeypatch
+):
+    """Only a shard proven damaged is started again: one HDF5 cannot lock (a reader elsewhere) is left alone."""
+    folder = tmp_path / "acts"
+    fail_at_batch(monkeypatch, 1, RuntimeError("stopped"))
+    with pytest.raises(RuntimeError, match="stopped"):
+        harvest(harvest_config, folder, model=tiny_gpt2, progress=False)
+    monkeypatch.undo()
+    partial = folder / "shard-00000.h5.partial"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(partial)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "open\n"
+        before = partial.read_bytes()  # as the holder left it (opening marks the file open for writing)
+        with pytest.raises(
+            BlockingIOError, match=r"shard-00000\.h5\.partial is open for writing in another process"
+        ):
+            harvest(harvest_config, folder, model=tiny_gpt2, progress=False)
+        assert partial.read_bytes() == before
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    assert harvest(harvest_config, folder, model=tiny_gpt2, progress=False).complete
+    assert differences(folder, buffer_path) == []
+
+
+# Opens a shard for writing (HDF5 locks it) and keeps it open until stdin closes.
+HOLD = "import sys, h5py; f = h5py.File(sys.argv[1], 'r+'); print('open', flush=True); sys.stdin.read()"
