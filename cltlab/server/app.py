@@ -49,6 +49,7 @@ from fastapi.responses import JSONResponse, Response  # noqa: E402
 from ..store import STORAGE_DTYPES  # noqa: E402
 from .protocol import (  # noqa: E402
     FRAME,
+    SHM_UNAVAILABLE,
     SITES,
     ErrorReply,
     Health,
@@ -72,7 +73,6 @@ log = logging.getLogger("cltlab")
 
 MAX_ROWS = 2**31  # the widest batch_size a request may name (the server's own limits are lower)
 MAX_INDEX = 2**62  # the largest batch index a request may name (frame headers are uint64)
-SHM_UNAVAILABLE = "X-Cltlab-Shm"  # header of a 503 that means "no shared memory here: use HTTP"
 
 
 def _errors(*statuses: int) -> dict:

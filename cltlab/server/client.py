@@ -30,13 +30,12 @@ import torch
 from ..buffer import NormStats, to_torch
 from ..store import STORAGE_DTYPES
 from .leases import Renewer, connection, give_back
-from .protocol import FRAME, host_id
+from .protocol import FRAME, SHM_UNAVAILABLE, host_id
 from .shm import attach
 
 log = logging.getLogger("cltlab")
 
 RETRYABLE = (httpx.TransportError, ConnectionError, http.client.HTTPException, OSError)
-SHM_UNAVAILABLE = "X-Cltlab-Shm"  # the header of a 503 that means "no shared memory here: use HTTP"
 
 
 class ServerError(RuntimeError):
@@ -270,6 +269,10 @@ class ActivationClient:
                 left = None if max_batches is None else max_batches - received
                 yield from self._stream_http(batch_size, left, None)
                 return
+            try:
+                self._mapping(lease["segment"])
+            except FileNotFoundError:  # the server freed the ring just now: its lease is void
+                continue
             received += 1
             # Not kept in a local: the slot goes back as soon as the consumer is done with the batch.
             yield self._leased_batch(lease, info)

@@ -24,6 +24,7 @@ from ..store import STORAGE_DTYPES
 FRAME = struct.Struct("<QQ")  # stream frame header: rows, batch index
 SITES = ("resid_mid", "mlp_out")
 LEASE_ID_CHARS = 64  # a lease id is at most this long (secrets.token_urlsafe(24) is 32)
+SHM_UNAVAILABLE = "X-Cltlab-Shm"  # the header of a 503 that means "no shared memory here: use HTTP"
 
 
 def host_id() -> str:

@@ -189,6 +189,10 @@ class ShmRing:
         deadline = start + timeout
         with self._cond:
             self.last_used = time.monotonic()
+            if self._stop.is_set():
+                raise NoData(
+                    f"The shared-memory ring of batch size {self.batch_size} was freed; lease again."
+                )
             while not self._ready:
                 self._reclaim()
                 if self.error is not None:  # answered now: the producer keeps trying for the next lease
@@ -243,8 +247,8 @@ class ShmRing:
 
     def close(self) -> None:
         """Stop the producer and unlink the segment (clients keep their mappings while their arrays live)."""
-        self._stop.set()
         with self._cond:
+            self._stop.set()
             self._cond.notify_all()
         self._thread.join(timeout=10)
         del self._array
