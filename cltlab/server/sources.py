@@ -11,6 +11,8 @@ in the storage dtype (bfloat16 as its 2-byte bits), back to back in one byte buf
   ``token_sequences(corpus, ..., batch_size=B)``, sequence by sequence, positions ``1..T-1`` (BOS not served),
   i.e. ``trace_sites(model, ids, ...)[:, 1:].reshape(-1, n_layers, d_model)``. Batches are consecutive runs of
   these rows; batch ``k`` is the k-th batch taken. Nothing touches the disc.
+
+Both are ``protocol.Source``s: the server needs nothing else of a source, so any class with those members serves.
 """
 
 from __future__ import annotations
@@ -95,11 +97,6 @@ class DiscSource:
         for size in idle[: max(0, len(self._buffers) - self.max_buffers)]:
             self._buffers.pop(size).close()
             del self._users[size]
-
-    def rows(self, batch_size: int, index: int) -> int:
-        """Rows of batch ``index`` (DiscBuffer batches differ by at most one row)."""
-        with self.buffer(batch_size) as buffer:
-            return buffer.batch_rows(index % len(buffer))
 
     def take(self, batch_size: int, index: int | None = None, out: np.ndarray | None = None) -> Batch:
         """Batch ``index`` (the cursor's next one when None), read straight into ``out`` when it is large enough."""
@@ -267,9 +264,6 @@ class LiveSource:
             index, self._taken = self._taken, self._taken + 1
             self._cond.notify_all()
         return Batch(index, batch_size, data)
-
-    def rows(self, batch_size: int, index: int) -> int:
-        return batch_size
 
     @property
     def stats(self) -> NormStats | None:
