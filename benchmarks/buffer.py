@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from cltlab import DiscBuffer
-from cltlab.store import FORMAT, FORMAT_VERSION, create_shard, shard_name, write_manifest
+from cltlab.shard_writer import create_shard
+from cltlab.store import FORMAT, FORMAT_VERSION, shard_name, write_manifest
 
 
 def make_folder(folder: Path, rows: int, n_layers: int, d_model: int) -> Path:

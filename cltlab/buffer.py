@@ -13,37 +13,25 @@ batches between distributed ranks: disjoint parts of equal count that together c
 
 Files are opened when first read and at most ``max_open`` of each kind stay open (least recently used first out),
 so a folder of thousands of shards does not exhaust the process's file descriptors; one being read is never
-closed under its reader (threads may read batches at once).
+closed under its reader (threads may read batches at once). See ``open_files.py``.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import errno
 import json
 import math
 import os
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Generic, NamedTuple, TypeVar
+from typing import NamedTuple
 
 import h5py
 import numpy as np
 import torch
 
-from .store import (
-    SITES,
-    STORAGE_DTYPES,
-    check_shard,
-    open_shard,
-    read_manifest,
-    too_many_open_files,
-    verify_shard,
-)
-
-H = TypeVar("H")
+from .open_files import OpenFiles
+from .store import SITES, STORAGE_DTYPES, check_shard, open_shard, read_manifest, verify_shard
 
 
 class ActivationBatch(NamedTuple):
@@ -259,12 +247,9 @@ class DiscBuffer(torch.utils.data.Dataset):
 
     def _reset(self) -> None:
         self._pid = os.getpid()
-        self._open_files = _OpenFiles(
-            _Handles(lambda shard: _open_fd(self._shard_path(shard)), os.close, self.max_open),
-            _Handles(lambda shard: open_shard(self._shard_path(shard)), h5py.File.close, self.max_open),
-        )
+        self._open_files = OpenFiles.lazily(self._shard_path, self.max_open)
 
-    def _handles(self) -> _OpenFiles:
+    def _handles(self) -> OpenFiles:
         if os.getpid() != self._pid:  # a forked DataLoader worker: never use the parent's handles
             self._reset()
         return self._open_files
@@ -286,8 +271,7 @@ class DiscBuffer(torch.utils.data.Dataset):
     def close(self) -> None:
         """Close every open file (one being read now is closed as soon as its reader is done)."""
         if getattr(self, "_pid", None) == os.getpid():
-            self._open_files.fds.close()
-            self._open_files.files.close()
+            self._open_files.close()
 
     def __del__(self) -> None:
         self.close()
@@ -376,75 +360,6 @@ class DiscBuffer(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return self.summary()
-
-
-class _Handles(Generic[H]):
-    """At most ``max_open`` open handles by shard (least recently used closed first), opened on first use.
-
-    Thread-safe; a handle in use is never closed under its user (while every open handle is in use, more than
-    ``max_open`` may be open for a moment).
-    """
-
-    def __init__(self, open_: Callable[[int], H], close: Callable[[H], None], max_open: int):
-        self._open, self._close, self.max_open = open_, close, max_open
-        self._lock = threading.Lock()
-        self._entries: collections.OrderedDict[int, list] = (
-            collections.OrderedDict()
-        )  # shard → [handle, users]
-        self._retired: dict[int, list] = {}  # id → entry closed by close() while in use
-
-    @contextlib.contextmanager
-    def use(self, shard: int) -> Iterator[H]:
-        with self._lock:
-            entry = self._entries.get(shard)
-            if entry is None:
-                self._evict(room=1)
-                entry = self._entries[shard] = [self._open(shard), 0]
-            self._entries.move_to_end(shard)
-            entry[1] += 1
-        try:
-            yield entry[0]
-        finally:
-            with self._lock:
-                entry[1] -= 1
-                if entry[1] == 0 and self._retired.pop(id(entry), None) is not None:
-                    self._close(entry[0])
-                self._evict(room=0)
-
-    def _evict(self, room: int) -> None:
-        for shard in list(self._entries):
-            if len(self._entries) + room <= self.max_open:
-                return
-            if self._entries[shard][1] == 0:
-                self._close(self._entries.pop(shard)[0])
-
-    def close(self) -> None:
-        with self._lock:
-            for entry in self._entries.values():
-                if entry[1]:
-                    self._retired[id(entry)] = entry
-                else:
-                    self._close(entry[0])
-            self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries) + len(self._retired)
-
-
-class _OpenFiles(NamedTuple):
-    fds: _Handles[int]
-    """OS file descriptors of shards, for the batch reads."""
-    files: _Handles[h5py.File]
-    """HDF5 handles of shards, for tokens, contexts and statistics."""
-
-
-def _open_fd(path: Path) -> int:
-    try:
-        return os.open(path, os.O_RDONLY)
-    except OSError as err:
-        if err.errno in (errno.EMFILE, errno.ENFILE):
-            raise too_many_open_files(path) from None
-        raise
 
 
 def _read_into(fd: int, array: np.ndarray, offset: int) -> None:

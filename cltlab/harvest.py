@@ -11,9 +11,9 @@ The harvest is resumable: progress is recorded in each shard (see ``store.py``),
 moment (or stopped by a full disk) and started again with the same arguments continues where it stopped and ends
 with exactly the rows an uninterrupted run writes. Different arguments are refused. A large harvest can be split
 into jobs (``job=(i, n)`` writes every n-th shard), each adding its shards to the same folder. A job holds a lock
-on its shards for its lifetime (``store.HarvestLock``): a second harvest of the same shards is refused, never
-interleaved. Each batch is synced to the disk before the progress that counts it (``fsync=False`` skips the syncs,
-keeping the order, for scratch data on a machine that will not lose power).
+on its shards for its lifetime (``locks.HarvestLock``): a second harvest of the same shards is refused, never
+interleaved. Each batch is synced to the disk before the progress that counts it (``shard_writer.py``; ``fsync=False``
+skips the syncs, keeping the order, for scratch data on a machine that will not lose power).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import functools
 import json
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -38,37 +37,28 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .buffer import to_storage, to_torch
+from .buffer import to_storage
 from .config import HarvestConfig
 from .corpus import token_sequences
+from .locks import HarvestLock
 from .models import LoadedModel, load_model
 from .precision import model_dtype
+from .shard_writer import open_shard_for_writing
 from .store import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
-    ROW_DATASETS,
     SITES,
     STORAGE_DTYPES,
-    CorruptShard,
-    HarvestLock,
-    batch_checksum,
-    create_shard,
     disk_full,
     disk_full_error,
     mismatches,
-    open_shard,
     rows_per_batch,
     shard_name,
-    sync,
-    sync_directory,
     write_manifest,
 )
 
 log = logging.getLogger("cltlab")
-
-STATS_STRIDE = 8
-"""Normalization statistics are estimated from every STATS_STRIDE-th row of a shard."""
 
 
 class SiteActivations(NamedTuple):
@@ -205,149 +195,6 @@ def _clear_disk_full(directory: Path, need: int):
         raise
 
 
-class _Shard:
-    """One shard being written: its file, the row it has reached, and running statistics.
-
-    The normalization statistics are estimated from every ``STATS_STRIDE``-th row of the shard (the bfloat16 →
-    float32 conversion of every row cost 15% of a harvest, and a mean and a scale need far fewer rows). They live
-    in memory while the shard is written and go to the file when it is finished; a resumed shard recomputes them
-    from its stored rows, batch by batch in the same arithmetic, so they come out bit-identical to an
-    uninterrupted run's whatever moment the harvest was killed at. A resumed shard also checks each stored
-    batch's checksum and writes again from the first batch whose bytes did not survive (power loss with
-    ``fsync=False``, a disk that lied).
-    """
-
-    def __init__(self, f: h5py.File, partial: Path, final: Path, *, fsync: bool):
-        self.f, self.partial, self.final, self.fsync = f, partial, final, fsync
-        self.first_batch, self.layer_start = int(f.attrs["first_batch"]), int(f.attrs["layer_start"])
-        self.rows, self.batches = 0, 0
-        self.sums, self.squares = np.zeros(f["stats_sum"].shape), np.zeros(f["stats_sq"].shape)
-        self.stats_rows = 0
-        rows, batches = (int(v) for v in f["progress"][()])
-        per_batch, B = rows_per_batch(f.attrs), int(f.attrs["batch_size"])
-        recorded = f["checksums"][()]
-        for k in range(batches):
-            start, stop = k * per_batch, min((k + 1) * per_batch, rows)
-            stored = {name: f[name][start:stop] for name in ROW_DATASETS}
-            if batch_checksum([*stored.values(), f["sequences"][k * B : (k + 1) * B]]) != recorded[k]:
-                log.warning("%s: batch %d did not survive intact; writing again from there", partial.name, k)
-                break
-            for s, site in enumerate(SITES):
-                self._add_stats(s, to_torch(stored[site], f.attrs["dtype"]), start)
-            self.rows, self.batches = stop, k + 1
-
-    def _add_stats(self, site: int, x: torch.Tensor, first_row: int) -> None:
-        """Add the rows of ``x`` (shard rows from ``first_row`` on) that fall on the stride to the statistics."""
-        x = x[(-first_row) % STATS_STRIDE :: STATS_STRIDE]
-        self.stats_rows += len(x) if site == 0 else 0
-        # float32 within a batch, float64 across batches.
-        self.sums[site] += x.sum(0, dtype=torch.float32).double().numpy()
-        norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)  # (rows, n_layers)
-        self.squares[site] += norms.square().sum(0, dtype=torch.float64).numpy()
-
-    def _commit(self) -> None:
-        """Everything written so far reaches the disk before anything written next."""
-        if self.fsync:
-            sync(self.f)
-        else:
-            self.f.flush()
-
-    def write(
-        self, batch: int, ids: torch.Tensor, acts: tuple[list[torch.Tensor], ...], take: int, ready, peaks
-    ) -> None:
-        """Shuffle batch ``batch`` (global index) within itself and write its first ``take`` rows.
-
-        ``acts`` holds, per site, the per-layer ``(batch, seq, d_model)`` tensors in the storage dtype; ``peaks``
-        their ``(2, n_layers, 2)`` minima and maxima when stored as float16 (else None).
-        """
-        if ready is not None:
-            ready.synchronize()  # the device→host copy
-        if peaks is not None:
-            self._refuse_overflow(batch, peaks)
-        B, T = ids.shape
-        # Rows (sequence b, position p >= 1) of the batch, in a seeded random order: (take,) indices into B·T.
-        order = torch.randperm(B * (T - 1), generator=torch.Generator().manual_seed(batch))[:take]
-        index = (order // (T - 1)) * T + 1 + order % (T - 1)
-        rows = np.s_[self.rows : self.rows + take]
-        arrays = {}
-        for s, (site, layers) in enumerate(zip(SITES, acts, strict=True)):
-            # Gather the shuffled rows layer by layer straight into (take, n_layers, d_model): no stacked copy.
-            x = torch.empty(take, len(layers), layers[0].shape[-1], dtype=layers[0].dtype)
-            for layer, values in enumerate(layers):
-                x[:, layer] = values.reshape(B * T, -1)[index]
-            arrays[site] = x.numpy()
-            self._add_stats(s, x.view(torch.bfloat16) if x.dtype == torch.uint16 else x, self.rows)
-        arrays["tokens"] = ids.reshape(-1)[index].to(torch.int32).numpy()
-        arrays["sequence"] = (batch * B + index // T).numpy()
-        arrays["position"] = (index % T).to(torch.int32).numpy()
-        sequences = ids.to(torch.int32).numpy()
-        for name in ROW_DATASETS:
-            self.f[name].write_direct(arrays[name], dest_sel=rows)
-        first = (batch - self.first_batch) * B
-        self.f["sequences"].write_direct(sequences, dest_sel=np.s_[first : first + B])
-        crc = batch_checksum([*(arrays[name] for name in ROW_DATASETS), sequences])
-        self.f["checksums"].write_direct(
-            np.array([crc], np.uint32), dest_sel=np.s_[self.batches : self.batches + 1]
-        )
-        self._commit()  # the rows and their checksum first, then the progress that vouches for them
-        self.rows, self.batches = self.rows + take, self.batches + 1
-        self.f["progress"][...] = (self.rows, self.batches)
-        self.f.flush()
-
-    def _refuse_overflow(self, batch: int, peaks: torch.Tensor) -> None:
-        """Refuse a batch with values beyond float16's range (they would be stored as inf)."""
-        beyond = torch.isinf(peaks.float()).any(-1)  # (2, n_layers)
-        if beyond.any():
-            s, layer = (int(v) for v in beyond.nonzero()[0])
-            raise ValueError(
-                f"{SITES[s]} of layer {self.layer_start + layer} holds values beyond float16's range (±65504) in "
-                f"forward batch {batch}; float16 would store them as inf. Harvest with dtype='bfloat16' (same "
-                "size, float32's range) or 'float32' into a new folder."
-            )
-
-    def finish(self) -> None:
-        self.f["stats_sum"][...] = self.sums
-        self.f["stats_sq"][...] = self.squares
-        self.f["stats_rows"][...] = self.stats_rows
-        self._commit()
-        self.f.close()
-        os.replace(self.partial, self.final)
-        if self.fsync:
-            sync_directory(self.final.parent)
-
-    def abort(self) -> None:
-        """Close the file of a shard left unfinished by an error (it is resumed from its progress next time)."""
-        if self.f.id.valid:
-            try:
-                self.f.close()
-            except OSError as err:  # e.g. the disk is still full: the progress on disk stands
-                log.warning("Closing %s after an error: %s", self.partial.name, err)
-
-
-def _open_shard_for_writing(
-    directory: Path, provenance: dict, index: int, n_rows: int, n_batches: int, fsync: bool
-) -> _Shard:
-    """Resume shard ``index`` or create it (call only while holding the job's ``HarvestLock``)."""
-    final = directory / shard_name(index)
-    partial = final.with_name(final.name + ".partial")
-    first_batch = index * provenance["shard_batches"]
-    if partial.exists():
-        try:
-            shard = _Shard(open_shard(partial, "r+"), partial, final, fsync=fsync)
-            log.info("Resuming %s at row %d", partial.name, shard.rows)
-            return shard
-        except (
-            CorruptShard
-        ) as err:  # killed before the shard's creation reached the disk: start the shard again
-            log.warning("Starting %s again: %s", partial.name, err)
-            partial.unlink()
-    f = create_shard(
-        partial, provenance, index=index, first_batch=first_batch, n_rows=n_rows,
-        n_sequences=n_batches * provenance["batch_size"],
-    )  # fmt: skip
-    return _Shard(f, partial, final, fsync=fsync)
-
-
 def _check_existing(directory: Path, provenance: dict) -> dict | None:
     """Refuse a folder holding a different harvest; return its manifest if it has one."""
     if directory.exists() and not directory.is_dir():
@@ -412,7 +259,7 @@ def harvest(
 
     ``job=(i, n)`` writes only shards i, i+n, i+2n, ... so n jobs (on one machine or many sharing a file system)
     can harvest one folder together; each job's result says whether the folder is complete yet. A harvest whose
-    shards another live harvest is writing is refused (``store.HarvestBusy``). ``fsync=False`` skips the syncs
+    shards another live harvest is writing is refused (``locks.HarvestBusy``). ``fsync=False`` skips the syncs
     that make each committed batch survive power loss (see ``store.py``).
     """
     path = Path(path)
@@ -485,7 +332,7 @@ def _harvest_shards(
             shard_rows = min(n, last * per_batch) - first * per_batch
             writer.raise_error()  # no new shard after a failed write
             with _clear_disk_full(path, shard_bytes):
-                shard = _open_shard_for_writing(path, provenance, index, shard_rows, last - first, fsync)
+                shard = open_shard_for_writing(path, provenance, index, shard_rows, last - first, fsync)
             opened.append(shard)
             bar.total += shard_rows - shard.rows
             bar.refresh()

@@ -4,7 +4,7 @@
       manifest.json        provenance, the shard list, ``complete``       (written atomically, under .lock)
       shard-00000.h5       one shard per run of consecutive forward batches
       shard-00001.h5.partial   a shard being written (renamed when finished)
-      .harvest-0-of-1.lock     held (flock) by the harvest writing job 0 of 1, for its lifetime
+      .harvest-0-of-1.lock     held (flock) by the harvest writing job 0 of 1, for its lifetime   (see locks.py)
       .lock                    held (flock) for a moment while the manifest is merged or a job's lock is taken
 
 A shard holds, with every dataset contiguous and allocated when the shard is created::
@@ -16,7 +16,7 @@ A shard holds, with every dataset contiguous and allocated when the shard is cre
     position   (n_rows,)        int32   position in that sequence (0 is BOS, never stored)
     sequences  (n_sequences, seq_len)  int32  the shard's sequences, BOS included (global index = first_sequence + i)
     checksums  (n_batches,)     uint32  CRC-32 of each forward batch's bytes (see ``batch_checksum``)
-    stats_sum  (2, n_layers, d_model) float64  Σx of resid_mid and mlp_out over every 8th row (see harvest.py)
+    stats_sum  (2, n_layers, d_model) float64  Σx of resid_mid and mlp_out over every 8th row (see shard_writer.py)
     stats_sq   (2, n_layers)          float64  Σ‖x‖² over the same rows
     stats_rows ()                     int64    how many rows those sums cover
     progress   (2,)             int64   rows written, forward batches written
@@ -26,23 +26,22 @@ changes HDF5 metadata: a process killed at any moment (SIGKILL included) leaves 
 committed in two steps: its rows and checksum are written and synced to the disk (``fdatasync``), then
 ``progress`` is overwritten. So ``progress`` never reaches the disk before the rows it counts, even on power loss,
 and the checksums find rows damaged after that (``verify``).
+
+This module names the format and reads it: opening and checking shards, the manifest, ``verify``. Shards are
+created and written by ``shard_writer.py``; the locks that keep two harvests apart live in ``locks.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import functools
 import json
 import os
 import resource
 import shutil
-import socket
-import time
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -50,11 +49,12 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
+from .locks import folder_lock
+
 FORMAT = "cltlab.activations"
 FORMAT_VERSION = 3
 """3: shards gained ``checksums``. Version 2 folders must be harvested again."""
 MANIFEST = "manifest.json"
-LOCK = ".lock"
 SITES = ("resid_mid", "mlp_out")
 ROW_DATASETS = (*SITES, "tokens", "sequence", "position")
 """The datasets with one entry per row, in the order a batch's checksum covers them (then its ``sequences``)."""
@@ -81,14 +81,6 @@ def rows_per_batch(info: dict) -> int:
     return int(info["batch_size"]) * (int(info["seq_len"]) - 1)
 
 
-def _create(f: h5py.File, name: str, shape: tuple[int, ...], dtype) -> None:
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # all space now: later writes touch raw data only
-    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-    space = h5py.h5s.create_simple(shape)
-    h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(np.dtype(dtype)), space, dcpl=dcpl).close()
-
-
 def shard_layout(info: dict, n_rows: int, n_sequences: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every dataset of a shard of ``n_rows`` rows and ``n_sequences`` sequences."""
     L = int(info["layer_stop"]) - int(info["layer_start"])
@@ -107,23 +99,6 @@ def shard_layout(info: dict, n_rows: int, n_sequences: int) -> dict[str, tuple[t
         "stats_rows": ((), np.dtype(np.int64)),
         "progress": ((2,), np.dtype(np.int64)),
     }
-
-
-def create_shard(
-    path: Path, provenance: dict, *, index: int, first_batch: int, n_rows: int, n_sequences: int
-) -> h5py.File:
-    """Create an empty shard at ``path`` and return it open for writing."""
-    f = h5py.File(path, "w")
-    for key, value in provenance.items():
-        f.attrs[key] = value
-    f.attrs.update(shard_index=index, first_batch=first_batch, n_rows=n_rows,
-                   first_sequence=first_batch * provenance["batch_size"])  # fmt: skip
-    for name, (shape, dtype) in shard_layout(provenance, n_rows, n_sequences).items():
-        _create(f, name, shape, dtype)
-    for name in ("checksums", "stats_sum", "stats_sq", "stats_rows", "progress"):
-        f[name][...] = 0
-    f.flush()
-    return f
 
 
 def batch_checksum(arrays: Iterable[np.ndarray]) -> int:
@@ -148,12 +123,6 @@ CHECKSUM_PIECE = 1 << 22
 def _checksum_pool() -> ThreadPoolExecutor:
     """Threads for checksums, started on first use (zlib releases the GIL while it sums)."""
     return ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="cltlab-checksum")
-
-
-def sync(f: h5py.File) -> None:
-    """Push everything written to ``f`` to the disk (HDF5's buffers, then the OS's): a commit point."""
-    f.flush()
-    os.fdatasync(f.id.get_vfd_handle())
 
 
 def sync_directory(directory: Path) -> None:
@@ -303,113 +272,6 @@ def verify(directory: str | Path) -> Verification:
         n_batches += batches
         problems += found
     return Verification(len(manifest["shards"]), n_batches, problems)
-
-
-# ------------------------------------------------------------------------------------------------ locks
-
-
-@contextlib.contextmanager
-def folder_lock(directory: Path) -> Iterator[None]:
-    """Hold the folder's short lock (merging the manifest, taking a job's lock), waiting until it is free."""
-    path = directory / LOCK
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if _same_file(fd, path):
-                break
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)  # the holder removed this file as it let go: lock the new one
-    try:
-        yield
-    finally:
-        os.unlink(
-            path
-        )  # while held, so the folder is left as it was; a waiter sees the file gone and retries
-        os.close(fd)
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        here, there = os.fstat(fd), os.stat(path)
-    except FileNotFoundError:
-        return False
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
-
-
-class HarvestBusy(RuntimeError):
-    """Another live harvest holds shards this one would write."""
-
-
-class HarvestLock:
-    """Job ``i`` of ``n``'s exclusive lock on its shards of a harvest folder, held from ``acquire`` to ``release``.
-
-    The lock is an ``flock`` on ``.harvest-<i>-of-<n>.lock`` naming its holder (the OS drops it when the process
-    dies, so a killed harvest leaves no stale lock). Taking it fails while a live harvest holds a job whose shards
-    overlap (any other ``n`` may overlap); jobs with disjoint shards run side by side. Lock files are created and
-    removed only under the folder's short lock.
-    """
-
-    def __init__(self, directory: Path, job: tuple[int, int], n_shards: int):
-        self.directory, self.job, self.n_shards = Path(directory), job, n_shards
-        self.path = self.directory / f".harvest-{job[0]}-of-{job[1]}.lock"
-        self._fd: int | None = None
-
-    def _overlaps(self, other: tuple[int, int]) -> bool:
-        i, n = self.job
-        return any(shard % other[1] == other[0] for shard in range(i, self.n_shards, n))
-
-    def acquire(self) -> HarvestLock:
-        with folder_lock(self.directory):
-            for path in sorted(self.directory.glob(".harvest-*-of-*.lock")):
-                other = tuple(int(v) for v in path.name[len(".harvest-") : -len(".lock")].split("-of-"))
-                fd = os.open(path, os.O_RDWR)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    if self._overlaps(other):
-                        holder = os.pread(fd, 4096, 0).decode(errors="replace")
-                        raise HarvestBusy(_busy_message(self.directory, self.job, other, holder)) from None
-                    continue
-                else:
-                    path.unlink()  # left by a harvest that was killed; we hold it, nobody else can
-                finally:
-                    os.close(fd)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "job": list(self.job)}  # fmt: skip
-            os.write(fd, json.dumps(holder).encode())
-            self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        with folder_lock(self.directory):
-            self.path.unlink()
-            os.close(self._fd)
-        self._fd = None
-
-    def __enter__(self) -> HarvestLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _busy_message(directory: Path, job: tuple[int, int], other: tuple[int, int], holder: str) -> str:
-    try:
-        h = json.loads(holder)
-        who = f"pid {h['pid']} on {h['host']} (started {h['started']})"
-    except (ValueError, KeyError, TypeError):
-        who = "another process"
-    return (
-        f"{directory} is being harvested by {who} as job {other[0]}/{other[1]}, which writes shards of job "
-        f"{job[0]}/{job[1]} too; wait for it to finish (or stop it) and run this harvest again. Nothing was changed."
-    )
 
 
 # ------------------------------------------------------------------------------------------------ the manifest

@@ -21,7 +21,7 @@ from conftest import BUFFER_SHARD_ROWS
 import cltlab.buffer
 from cltlab import DiscBuffer
 from cltlab.buffer import to_storage, to_torch
-from cltlab.harvest import STATS_STRIDE
+from cltlab.shard_writer import STATS_STRIDE
 
 BATCH = 64  # 500 rows → 8 batches of 62 or 63 rows
 

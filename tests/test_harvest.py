@@ -26,9 +26,11 @@ from helpers import hooked_sites, random_ids
 
 from cltlab import DiscBuffer, HarvestConfig, harvest
 from cltlab.corpus import token_sequences
-from cltlab.harvest import STATS_STRIDE, trace_sites
+from cltlab.harvest import trace_sites
+from cltlab.locks import HarvestBusy
 from cltlab.models import LoadedModel
-from cltlab.store import HarvestBusy, open_shard
+from cltlab.shard_writer import STATS_STRIDE
+from cltlab.store import open_shard
 
 
 def harvested_sequences(model: LoadedModel, config: HarvestConfig, n_sequences: int) -> torch.Tensor:

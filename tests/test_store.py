@@ -8,12 +8,12 @@ import h5py
 import numpy as np
 import pytest
 
+from cltlab.shard_writer import create_shard
 from cltlab.store import (
     FORMAT,
     FORMAT_VERSION,
     IDENTITY,
     MANIFEST,
-    create_shard,
     mismatches,
     open_shard,
     read_manifest,
