@@ -236,7 +236,7 @@ def test_stats_equal_mean_and_scale_of_the_rows(buffer_path):
     buffer = DiscBuffer(buffer_path, batch_size=BATCH)
     stats = buffer.stats
     assert [tuple(s.shape) for s in stats] == [(4, 64), (4, 1), (4, 64), (4, 1)]
-    # Estimated at harvest time from every 8th row of each shard (cltlab.harvest.STATS_STRIDE).
+    # Estimated at harvest time from every 8th row of each shard (cltlab.shard_writer.STATS_STRIDE).
     starts = np.concatenate([[0], np.cumsum([s["n_rows"] for s in buffer.info["shards"]])])
     picked = np.concatenate(
         [np.arange(a, b, STATS_STRIDE) for a, b in zip(starts[:-1], starts[1:], strict=True)]
