@@ -393,10 +393,3 @@ class ActivationDataset(torch.utils.data.IterableDataset):
             count = count // worker.num_workers + (worker.id < count % worker.num_workers)
         with ActivationClient(self.url, token=self.token, transport=self.transport) as client:
             yield from client.stream(self.batch_size, count)
-
-    def check_compatible(self, n_layers: int, d_model: int, *, what: str = "the CLT") -> None:
-        if (self.n_layers, self.d_model) != (n_layers, d_model):
-            raise ValueError(
-                f"{self.url} serves {self.n_layers} layers of d_model {self.d_model}, but {what} has "
-                f"{n_layers} layers of d_model {d_model}."
-            )
