@@ -52,9 +52,11 @@ def test_train_writes_the_clt(trained, buffer_path):
     assert torch.equal(loaded.input_mean, stats.input_mean) and torch.equal(
         loaded.output_scale, stats.output_scale
     )
-    # The weights moved away from their initialisation.
-    init = CrossLayerTranscoder(clt.config)
-    assert not torch.equal(clt.b_enc, init.b_enc)
+    # The weights moved: every parameter changed between the step-5 checkpoint and the end (step 10).
+    halfway = next(result.checkpoint_dir.glob("*step=5*"))
+    earlier = CLTModule.load_from_checkpoint(halfway, map_location="cpu", weights_only=True).clt.float()
+    for (name, before), after in zip(earlier.named_parameters(), clt.parameters(), strict=True):
+        assert not torch.equal(before, after), f"{name} did not change between steps 5 and 10"
 
 
 def test_train_logs_metrics_to_csv(trained):
