@@ -1,5 +1,6 @@
-"""TopK and BatchTopK activations, the alternatives to JumpReLU that researchers compare, and the conversion of a
-trained BatchTopK transcoder to JumpReLU thresholds.
+"""A transcoder's activation function: the ``Activation`` interface, TopK and BatchTopK (the alternatives to
+JumpReLU that researchers compare), the conversion of a trained BatchTopK transcoder to JumpReLU thresholds, and
+``ACTIVATIONS``, the one map from ``CLTConfig.activation`` to a class.
 
 - **TopK** keeps the ``k`` largest pre-activations of every token (and layer): L0 is exactly ``k``.
 - **BatchTopK** (Bussmann et al., 2024) keeps the ``k · n_tokens`` largest pre-activations of a layer over the
@@ -13,8 +14,15 @@ Kept values pass through a ReLU; gradients flow to the kept entries only.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+from torch import nn
+
+from .jumprelu import JumpReLU
+
+if TYPE_CHECKING:
+    from .config import CLTConfig
 
 
 def topk(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -51,3 +59,95 @@ def batchtopk_thresholds(preactivations: Iterable[torch.Tensor], k: int) -> torc
         raise ValueError("batchtopk_thresholds needs at least one batch of pre-activations.")
     minima = torch.stack(minima)
     return torch.where(torch.isfinite(minima), minima, torch.nan).nanmean(0).nan_to_num(nan=0.0)
+
+
+class Activation(Protocol):
+    """What a transcoder asks of its activation function. ``pre`` is ``(batch, n_layers, d_features)``.
+
+    Attributes:
+        log_threshold: ``(n_layers, d_features)`` log θ, under the same name in every kind so that every saved
+            transcoder has the same tensors (only JumpReLU uses and trains it).
+    """
+
+    log_threshold: nn.Parameter
+
+    def __call__(self, pre: torch.Tensor) -> torch.Tensor:
+        """Pre-activations → features, like ``pre``."""
+
+    def forward_layer(self, pre: torch.Tensor, layer: int) -> torch.Tensor:
+        """Pre-activations of one layer ``(..., d_features)`` → its features."""
+
+    def gradient_support(self, pre: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Bool, like ``pre``: where a gradient flows back to the input or θ (what sparse decoding computes)."""
+
+    def preact_loss(self, pre: torch.Tensor, decoder_norms: torch.Tensor) -> torch.Tensor:
+        """The pre-activation loss term (a scalar); ``decoder_norms`` is ``(n_layers, d_features)``."""
+
+    def to_jumprelu(self, preactivations: Iterable[torch.Tensor], *, bandwidth: float) -> JumpReLU:
+        """A JumpReLU that stands in for this activation at inference, fitted on batches of pre-activations."""
+
+
+class TopK(nn.Module):
+    """Keeps the ``k`` largest pre-activations of every token and layer (ReLU'd).
+
+    Attributes:
+        k: active features per token and layer.
+        log_threshold: ``(n_layers, d_features)``, frozen and unused: a TopK transcoder is saved with the same
+            tensors as a JumpReLU one.
+    """
+
+    def __init__(self, shape: tuple[int, int], *, k: int, threshold_init: float = 0.1):
+        super().__init__()
+        self.k = k
+        # Frozen: DDP refuses a trainable parameter that gets no gradient.
+        log_threshold = torch.full(shape, float(threshold_init)).log()
+        self.log_threshold = nn.Parameter(log_threshold, requires_grad=False)
+
+    @classmethod
+    def from_config(cls, config: CLTConfig) -> TopK:
+        return cls((config.n_layers, config.d_features), k=config.k, threshold_init=config.threshold_init)
+
+    def forward(self, pre: torch.Tensor) -> torch.Tensor:
+        return topk(pre, self.k)
+
+    def forward_layer(self, pre: torch.Tensor, layer: int) -> torch.Tensor:
+        return topk(pre, self.k)
+
+    def gradient_support(self, pre: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The kept entries."""
+        return features > 0
+
+    def preact_loss(self, pre: torch.Tensor, decoder_norms: torch.Tensor) -> torch.Tensor:
+        """None: every token has its k features, so none needs pulling back. Zero."""
+        return pre.new_zeros(())
+
+    @torch.no_grad()
+    def to_jumprelu(self, preactivations: Iterable[torch.Tensor], *, bandwidth: float) -> JumpReLU:
+        """Per layer, θ is the mean over the batches of the smallest activation BatchTopK kept."""
+        theta = batchtopk_thresholds(preactivations, self.k)  # (n_layers,)
+        converted = JumpReLU(tuple(self.log_threshold.shape), bandwidth=bandwidth)
+        converted.log_threshold.copy_(theta.clamp_min(1e-6).log()[:, None].expand_as(converted.log_threshold))
+        return converted
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+class BatchTopK(TopK):
+    """Keeps the ``k · n_tokens`` largest pre-activations of each layer over the batch (see ``batch_topk``)."""
+
+    def forward(self, pre: torch.Tensor) -> torch.Tensor:
+        return batch_topk(pre, self.k)
+
+    def forward_layer(self, pre: torch.Tensor, layer: int) -> torch.Tensor:
+        """All of ``pre``'s leading dimensions count as tokens of one batch."""
+        return batch_topk(pre.reshape(-1, pre.shape[-1]), self.k).view(pre.shape)
+
+
+ACTIVATIONS: dict[str, type[JumpReLU | TopK]] = {"jumprelu": JumpReLU, "topk": TopK, "batchtopk": BatchTopK}
+"""``CLTConfig.activation`` → the class; each builds itself with ``from_config``."""
+
+
+def activation_for(config: CLTConfig) -> Activation:
+    """The activation function ``config`` names, shaped ``(n_layers, d_features)``."""
+    return ACTIVATIONS[config.activation].from_config(config)

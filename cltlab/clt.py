@@ -1,8 +1,9 @@
 """The cross-layer transcoder (and the per-layer transcoder baseline, from the same class).
 
-For each covered layer l, an encoder reads ``resid_mid[l]`` and produces ``d_features`` JumpReLU features; a
-feature at source layer l has one decoder vector for every target layer l' >= l, and the reconstruction of
-``mlp_out[l']`` sums the contributions of every source l <= l'. The decoder of source l is one tensor of shape
+For each covered layer l, an encoder reads ``resid_mid[l]`` and produces ``d_features`` features through the
+activation function (JumpReLU, TopK or BatchTopK; see ``activations``); a feature at source layer l has one
+decoder vector for every target layer l' >= l, and the reconstruction of ``mlp_out[l']`` sums the contributions
+of every source l <= l'. The decoder of source l is one tensor of shape
 ``(d_features, n_layers - l, d_model)``: no dense ``[L, L, F, d]`` block with half of it masked away.
 
 Normalization lives inside the module: inputs and targets are centred by a per-layer mean and divided by a
@@ -22,9 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import decoding
-from .activations import batch_topk, batchtopk_thresholds, topk
+from .activations import activation_for
 from .config import CLTConfig
-from .jumprelu import JumpReLU
 
 FORMAT = "cltlab.clt"
 FORMAT_VERSION = 1
@@ -34,11 +34,11 @@ class CLTOutput(NamedTuple):
     """What ``CrossLayerTranscoder.forward`` returns."""
 
     features: torch.Tensor
-    """``(batch, n_layers, d_features)`` JumpReLU feature activations."""
+    """``(batch, n_layers, d_features)`` feature activations."""
     reconstruction: torch.Tensor
     """``(batch, n_layers, d_model)`` reconstructed ``mlp_out`` in raw (model) units."""
     preactivations: torch.Tensor
-    """``(batch, n_layers, d_features)`` encoder outputs before the JumpReLU."""
+    """``(batch, n_layers, d_features)`` encoder outputs before the activation function."""
 
 
 class CLTLoss(NamedTuple):
@@ -51,7 +51,7 @@ class CLTLoss(NamedTuple):
     sparsity: torch.Tensor
     """Σ over layers and features of tanh(c · ‖W_dec,i‖ · f_i), averaged over the batch."""
     preact: torch.Tensor
-    """Σ relu(θ_i − h_i) · ‖W_dec,i‖, averaged over the batch."""
+    """Σ relu(θ_i − h_i) · ‖W_dec,i‖, averaged over the batch (JumpReLU; zero for TopK / BatchTopK)."""
     nmse: torch.Tensor
     """``(n_layers,)`` squared error ÷ variance of the target, per layer."""
     l0: torch.Tensor
@@ -61,13 +61,14 @@ class CLTLoss(NamedTuple):
 
 
 class CrossLayerTranscoder(nn.Module):
-    """A cross-layer transcoder with JumpReLU features.
+    """A cross-layer transcoder.
 
     Attributes:
         config: the ``CLTConfig`` it was built from.
         W_enc: ``(n_layers, d_model, d_features)`` encoder weights (normalized units).
         b_enc: ``(n_layers, d_features)`` encoder biases.
-        activation: ``JumpReLU`` with thresholds ``(n_layers, d_features)``.
+        activation: the ``activations.Activation`` that ``config.activation`` names: ``JumpReLU``, ``TopK`` or
+            ``BatchTopK``, each with ``log_threshold`` ``(n_layers, d_features)``.
         W_dec: list over source layers l of ``(d_features, n_targets(l), d_model)``; ``n_targets(l)`` is
             ``n_layers - l`` for a CLT and 1 for a per-layer transcoder.
         b_dec: ``(n_layers, d_model)`` decoder biases (normalized units).
@@ -83,7 +84,7 @@ class CrossLayerTranscoder(nn.Module):
         dec_bound = 1.0 / (L * d) ** 0.5
         self.W_enc = nn.Parameter(torch.empty(L, d, F).uniform_(-enc_bound, enc_bound))
         self.b_enc = nn.Parameter(torch.zeros(L, F))
-        self.activation = JumpReLU((L, F), threshold_init=config.threshold_init, bandwidth=config.bandwidth)
+        self.activation = activation_for(config)
         self.W_dec = nn.ParameterList(
             [
                 nn.Parameter(torch.empty(F, self.n_targets(source), d).uniform_(-dec_bound, dec_bound))
@@ -147,27 +148,15 @@ class CrossLayerTranscoder(nn.Module):
         x = (x.to(self.W_enc.dtype) - self.input_mean) / self.input_scale  # (batch, n_layers, d_model)
         return torch.einsum("bld,ldf->blf", x, self.W_enc) + self.b_enc
 
-    def activate(self, pre: torch.Tensor) -> torch.Tensor:
-        """Pre-activations ``(batch, n_layers, d_features)`` → features, with the configured activation."""
-        if self.config.activation == "topk":
-            return topk(pre, self.config.k)
-        if self.config.activation == "batchtopk":
-            return batch_topk(pre, self.config.k)
-        return self.activation(pre)
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Raw ``resid_mid`` ``(batch, n_layers, d_model)`` → features ``(batch, n_layers, d_features)``."""
-        return self.activate(self.preactivations(x))
+        return self.activation(self.preactivations(x))
 
     def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Raw ``resid_mid`` of one layer ``(..., d_model)`` → its features ``(..., d_features)``."""
         x = (x.to(self.W_enc.dtype) - self.input_mean[layer]) / self.input_scale[layer]
-        pre = x @ self.W_enc[layer] + self.b_enc[layer]
-        if self.config.activation == "topk":
-            return topk(pre, self.config.k)
-        if self.config.activation == "batchtopk":
-            return batch_topk(pre.reshape(-1, self.d_features), self.config.k).view(pre.shape)
-        return pre * (pre > self.activation.threshold[layer])  # the JumpReLU, for one layer
+        pre = x @ self.W_enc[layer] + self.b_enc[layer]  # (..., d_features)
+        return self.activation.forward_layer(pre, layer)
 
     @torch.no_grad()
     def to_jumprelu(self, inputs) -> CrossLayerTranscoder:
@@ -176,26 +165,12 @@ class CrossLayerTranscoder(nn.Module):
         Each layer's threshold is the mean, over the batches of raw ``resid_mid`` that ``inputs`` yields, of the
         smallest activation BatchTopK kept; every other weight is shared by value.
         """
-        if self.config.activation == "jumprelu":
-            raise ValueError(
-                "to_jumprelu converts a topk or batchtopk transcoder; this one is already jumprelu."
-            )
-        theta = batchtopk_thresholds((self.preactivations(x) for x in inputs), self.config.k)
+        preactivations = (self.preactivations(x) for x in inputs)
+        jumprelu = self.activation.to_jumprelu(preactivations, bandwidth=self.config.bandwidth)
         converted = type(self)(dataclasses.replace(self.config, activation="jumprelu"))
         converted.load_state_dict(self.state_dict())
-        log_theta = theta.clamp_min(1e-6).log()[:, None].expand_as(converted.activation.log_threshold)
-        converted.activation.log_threshold.copy_(log_theta)
+        converted.activation.log_threshold.copy_(jumprelu.log_threshold)
         return converted.to(self.W_enc.device).train(self.training)
-
-    def gradient_support(self, pre: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Bool ``(batch, n_layers, d_features)``: where the activation passes a gradient back to its input or θ.
-
-        JumpReLU: above θ (the input gradient) and within ε/2 below it (the threshold's pseudo-gradient).
-        TopK / BatchTopK: the kept entries.
-        """
-        if self.config.activation != "jumprelu":
-            return features > 0
-        return pre > self.activation.threshold - self.activation.bandwidth / 2
 
     # ------------------------------------------------------------------------------------------- decoding
 
@@ -205,7 +180,7 @@ class CrossLayerTranscoder(nn.Module):
         """Features ``(batch, n_layers, d_features)`` → normalized reconstruction ``(batch, n_layers, d_model)``.
 
         ``mode`` ``sparse`` or ``auto`` decodes from the active features only (see ``cltlab.decoding``); it then
-        needs ``needed``, the bool mask of entries whose gradient the caller uses (``gradient_support``).
+        needs ``needed``, the bool mask of entries whose gradient the caller uses (``activation.gradient_support``).
         """
         device = features.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features.dtype
@@ -228,7 +203,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> CLTOutput:
         pre = self.preactivations(x)
-        features = self.activate(pre)
+        features = self.activation(pre)
         return CLTOutput(features, self.decode(features), pre)
 
     # ----------------------------------------------------------------------------------------------- loss
@@ -254,18 +229,15 @@ class CrossLayerTranscoder(nn.Module):
         """
         self._check(y, "mlp_out")
         pre = self.preactivations(x)  # (batch, n_layers, d_features)
-        features = self.activate(pre)
-        needed = self.gradient_support(pre, features) if decoding != "dense" else None
+        features = self.activation(pre)
+        needed = self.activation.gradient_support(pre, features) if decoding != "dense" else None
         recon = self.decode_normalized(features, needed=needed, mode=decoding)  # (batch, n_layers, d_model)
         target = (y.to(recon.dtype) - self.output_mean) / self.output_scale
         err = (recon - target).pow(2)
         mse = err.mean()
         norms = self.decoder_norms()  # (n_layers, d_features)
         sparsity = torch.tanh(sparsity_c * norms * features).sum((1, 2)).mean()
-        if self.config.activation == "jumprelu":
-            preact = (torch.relu(self.activation.threshold - pre) * norms).sum((1, 2)).mean()
-        else:
-            preact = pre.new_zeros(())
+        preact = self.activation.preact_loss(pre, norms)
         with torch.no_grad():
             variance = (target - target.mean(0)).pow(2).sum((0, 2)).clamp_min(1e-12)
             nmse = err.sum((0, 2)) / variance

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .activations import ACTIVATIONS
+
 
 @dataclass
 class HarvestConfig:
@@ -48,9 +50,6 @@ class HarvestConfig:
                 raise ValueError(
                     f"layers must be a range (start, stop) with 0 <= start < stop, not {self.layers}."
                 )
-
-
-ACTIVATIONS = ("jumprelu", "topk", "batchtopk")
 
 
 @dataclass

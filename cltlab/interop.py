@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .clt import CrossLayerTranscoder
 from .config import CLTConfig
+from .jumprelu import JumpReLU
 
 log = logging.getLogger("cltlab")
 
@@ -63,32 +64,8 @@ def export_circuit_tracer(
     Returns the directory as an absolute path: circuit-tracer's ``ReplacementModel.from_pretrained(model,
     str(path))`` takes a local folder only by its absolute path (a relative one is looked up in its cache).
     """
-    if clt.config.activation != "jumprelu":
-        raise ValueError(
-            f"circuit-tracer reads JumpReLU transcoders; convert this {clt.config.activation} one first "
-            "with clt.to_jumprelu(batches)."
-        )
+    n_files = _n_files(clt, model_n_layers)
     offset, L = clt.config.layer_offset, clt.n_layers
-    if model_n_layers is None and offset > 0:
-        raise ValueError(
-            f"This transcoder starts at model layer {offset} (layer_offset={offset}), but circuit-tracer reads "
-            "the first layer of an export as model layer 0; pass model_n_layers=<the model's number of layers> "
-            "so the layers it does not cover are padded with features that never fire."
-        )
-    n_files = L if model_n_layers is None else model_n_layers
-    if n_files < offset + L:
-        raise ValueError(
-            f"This transcoder covers model layers {offset}..{offset + L - 1}, more than "
-            f"model_n_layers={model_n_layers}; pass the model's number of layers."
-        )
-    if n_files != L:
-        log.warning(
-            "Padding the circuit-tracer export to the model's %d layers: only layers %d..%d carry features, "
-            "so that file i is model layer i.",
-            n_files,
-            offset,
-            offset + L - 1,
-        )
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
     for stale in [*directory.glob("W_enc_*.safetensors"), *directory.glob("W_dec_*.safetensors")]:
@@ -125,6 +102,38 @@ def export_circuit_tracer(
         config["model_name"] = model_name
     (directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return directory
+
+
+def _n_files(clt: CrossLayerTranscoder, model_n_layers: int | None) -> int:
+    """How many layer files an export of ``clt`` writes (one per model layer); raises when circuit-tracer could
+    not read it as it is."""
+    if not isinstance(clt.activation, JumpReLU):
+        raise ValueError(
+            f"circuit-tracer reads JumpReLU transcoders; convert this {clt.config.activation} one first "
+            "with clt.to_jumprelu(batches)."
+        )
+    offset, L = clt.config.layer_offset, clt.n_layers
+    if model_n_layers is None and offset > 0:
+        raise ValueError(
+            f"This transcoder starts at model layer {offset} (layer_offset={offset}), but circuit-tracer reads "
+            "the first layer of an export as model layer 0; pass model_n_layers=<the model's number of layers> "
+            "so the layers it does not cover are padded with features that never fire."
+        )
+    n_files = L if model_n_layers is None else model_n_layers
+    if n_files < offset + L:
+        raise ValueError(
+            f"This transcoder covers model layers {offset}..{offset + L - 1}, more than "
+            f"model_n_layers={model_n_layers}; pass the model's number of layers."
+        )
+    if n_files != L:
+        log.warning(
+            "Padding the circuit-tracer export to the model's %d layers: only layers %d..%d carry features, "
+            "so that file i is model layer i.",
+            n_files,
+            offset,
+            offset + L - 1,
+        )
+    return n_files
 
 
 def _layer_files(clt: CrossLayerTranscoder, n_files: int) -> Iterator[dict[str, dict[str, torch.Tensor]]]:

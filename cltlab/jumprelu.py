@@ -13,8 +13,14 @@ separate pre-activation loss (see ``clt.py``), which is what that loss exists fo
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .config import CLTConfig
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -50,7 +56,7 @@ def jumprelu(x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torc
 
 
 class JumpReLU(nn.Module):
-    """JumpReLU with one learnable threshold per feature.
+    """JumpReLU with one learnable threshold per feature; a transcoder's ``activations.Activation``.
 
     Attributes:
         log_threshold: ``(*shape)`` — θ = exp(log_threshold), so θ stays positive.
@@ -63,12 +69,34 @@ class JumpReLU(nn.Module):
         self.log_threshold = nn.Parameter(torch.full(shape, float(threshold_init)).log())
         self.bandwidth = bandwidth
 
+    @classmethod
+    def from_config(cls, config: CLTConfig) -> JumpReLU:
+        """Thresholds ``(n_layers, d_features)`` starting at ``config.threshold_init``."""
+        shape = (config.n_layers, config.d_features)
+        return cls(shape, threshold_init=config.threshold_init, bandwidth=config.bandwidth)
+
     @property
     def threshold(self) -> torch.Tensor:
         return self.log_threshold.exp()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return jumprelu(x, self.threshold, self.bandwidth)
+
+    def forward_layer(self, pre: torch.Tensor, layer: int) -> torch.Tensor:
+        """Pre-activations of one layer ``(..., d_features)`` → its features, without a pseudo-gradient for θ."""
+        return pre * (pre > self.threshold[layer])
+
+    def gradient_support(self, pre: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Bool, like ``pre``: above θ (the input gradient) and within ε/2 below it (θ's pseudo-gradient)."""
+        return pre > self.threshold - self.bandwidth / 2
+
+    def preact_loss(self, pre: torch.Tensor, decoder_norms: torch.Tensor) -> torch.Tensor:
+        """Σ relu(θ − h) · ‖W_dec‖ over layers and features, averaged over the batch: it pulls features that
+        have stopped firing back towards their threshold. ``pre`` is ``(batch, n_layers, d_features)``."""
+        return (torch.relu(self.threshold - pre) * decoder_norms).sum((1, 2)).mean()
+
+    def to_jumprelu(self, preactivations: Iterable[torch.Tensor], *, bandwidth: float) -> JumpReLU:
+        raise ValueError("to_jumprelu converts a topk or batchtopk transcoder; this one is already jumprelu.")
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.log_threshold.shape)}, bandwidth={self.bandwidth}"

@@ -268,9 +268,6 @@ def train(
     )
     module = CLTModule(dataclasses.asdict(clt_config), dataclasses.asdict(config))
     module.clt.set_normalization(*buffer.stats)
-    if clt_config.activation != "jumprelu":
-        # TopK leaves the JumpReLU thresholds unused, and DDP refuses a trainable parameter without a gradient.
-        module.clt.activation.requires_grad_(False)
     if isinstance(buffer, DiscBuffer):
         buffer.close()  # each rank opens its own part in ActivationData.setup
     trainer = make_trainer(config, run_dir, **trainer_overrides)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers import make_clt
 
-from cltlab import CLTConfig, TrainConfig, train
-from cltlab.activations import batch_topk, batchtopk_thresholds, topk
+from cltlab import CLTConfig, CrossLayerTranscoder, JumpReLU, TrainConfig, train
+from cltlab.activations import ACTIVATIONS, BatchTopK, TopK, batch_topk, batchtopk_thresholds, topk
 from cltlab.interop import export_circuit_tracer
 
 
@@ -39,6 +39,38 @@ def test_topk_gradients_reach_only_the_kept_entries():
     out = batch_topk(pre, 3)
     out.sum().backward()
     assert torch.equal(pre.grad, (out > 0).float())
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_each_activation_name_builds_its_class_and_saves_the_same_tensors(name, tmp_path):
+    clt = make_clt(2, 8, 16, activation=name, k=3)
+    assert type(clt.activation) is ACTIVATIONS[name]
+    assert list(clt.state_dict()) == list(make_clt(2, 8, 16).state_dict())  # one file layout for every kind
+    # Only JumpReLU trains its thresholds; a frozen one is what DDP needs of a parameter without a gradient.
+    assert clt.activation.log_threshold.requires_grad == (name == "jumprelu")
+    loaded = CrossLayerTranscoder.load(clt.save(tmp_path / "clt"))
+    assert type(loaded.activation) is ACTIVATIONS[name]
+    torch.testing.assert_close(loaded.state_dict(), clt.state_dict())
+
+
+@pytest.mark.parametrize("cls", [TopK, BatchTopK])
+def test_topk_kinds_support_their_kept_entries_and_convert_to_a_jumprelu(cls):
+    activation = cls((3, 20), k=4)
+    pre = torch.randn(8, 3, 20)
+    features = activation(pre)
+    assert torch.equal(activation.gradient_support(pre, features), features > 0)
+    assert activation.preact_loss(pre, torch.ones(3, 20)).item() == 0.0
+    converted = activation.to_jumprelu([pre, pre * 2], bandwidth=0.05)
+    theta = batchtopk_thresholds([pre, pre * 2], 4)
+    assert isinstance(converted, JumpReLU) and converted.bandwidth == 0.05
+    torch.testing.assert_close(converted.threshold, theta[:, None].expand(3, 20))
+
+
+def test_batchtopk_of_one_layer_counts_every_leading_dimension_as_tokens():
+    activation = BatchTopK((1, 20), k=2)
+    pre = torch.randn(4, 5, 20)  # (batch, position, d_features) of one layer
+    out = activation.forward_layer(pre, 0)
+    torch.testing.assert_close(out, batch_topk(pre.reshape(20, 20), 2).view(4, 5, 20))
 
 
 def test_topk_transcoder_has_l0_k_and_no_preactivation_loss():

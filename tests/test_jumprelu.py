@@ -113,3 +113,14 @@ def test_module_log_threshold_gradient_applies_chain_rule():
     expected = theta * expected_threshold_grad(x, theta, grad_out, EPS)
     assert torch.allclose(act.log_threshold.grad, expected, rtol=1e-5, atol=1e-6)
     assert (expected != 0).all()
+
+
+def test_gradient_support_and_preactivation_loss():
+    act = JumpReLU((2, 3), threshold_init=0.3, bandwidth=0.2)
+    pre = torch.tensor([[[0.1, 0.25, 0.5], [0.19, 0.21, -1.0]]])  # (batch 1, 2 layers, 3 features)
+    support = act.gradient_support(pre, act(pre))  # above θ − ε/2 = 0.2
+    assert support.tolist() == [[[False, True, True], [False, True, False]]]
+    norms = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]])
+    expected = 0.2 * 1.0 + 0.05 * 2.0 + 0.11 + 0.09 + 1.3  # Σ relu(θ − h) · ‖W_dec‖
+    assert act.preact_loss(pre, norms).item() == pytest.approx(expected)
+    assert torch.equal(act.forward_layer(pre[0, 1], 1), torch.zeros(3))
