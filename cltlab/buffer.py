@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .open_files import OpenFiles
+from .sites import NormAccumulator, NormStats, row_bytes, to_torch
 from .store import SITES, STORAGE_DTYPES, check_shard, open_shard, read_manifest, verify_shard
 
 
@@ -50,32 +51,6 @@ class TokenContext(NamedTuple):
     """Token ids of the window, in sequence order."""
     index: int
     """Position of the row's own token in ``ids``."""
-
-
-class NormStats(NamedTuple):
-    """Per-layer normalization statistics measured at harvest time."""
-
-    input_mean: torch.Tensor
-    """``(n_layers, d_model)``"""
-    input_scale: torch.Tensor
-    """``(n_layers, 1)``: RMS over d_model of the centred ``resid_mid``."""
-    output_mean: torch.Tensor
-    """``(n_layers, d_model)``"""
-    output_scale: torch.Tensor
-    """``(n_layers, 1)``"""
-
-
-def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
-    """Storage array → tensor of the stored dtype (bfloat16 is kept as its uint16 bits on disk)."""
-    tensor = torch.from_numpy(array)
-    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
-
-
-def to_storage(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Tensor → tensor whose numpy view has the storage dtype."""
-    if dtype == "bfloat16":
-        return tensor.to(torch.bfloat16).view(torch.uint16)
-    return tensor.to(getattr(torch, dtype))
 
 
 class DiscBuffer(torch.utils.data.Dataset):
@@ -126,7 +101,7 @@ class DiscBuffer(torch.utils.data.Dataset):
         self._shard_start = np.concatenate(
             [[0], np.cumsum(self._shard_rows)]
         )  # global row of each shard's row 0
-        self._row_bytes = self.n_layers * self.d_model * np.dtype(STORAGE_DTYPES[self.dtype]).itemsize
+        self._row_bytes = row_bytes(self.n_layers, self.d_model, self.dtype)
         self.block_rows = block_rows or _block_rows(batch_size, self._row_bytes)
         self._batches = self._plan()
         # Find a damaged or foreign shard now, not in a worker later; one shard open at a time.
@@ -325,17 +300,11 @@ class DiscBuffer(torch.utils.data.Dataset):
     @property
     def stats(self) -> NormStats:
         """Mean and RMS scale per layer of both sites, estimated at harvest time (every 8th stored row)."""
-        total, squares, n = 0.0, 0.0, 0
+        norms = NormAccumulator(self.n_layers, self.d_model)
         for shard in range(len(self._shard_rows)):
             with self._file(shard) as f:
-                total = total + f["stats_sum"][()]  # (2, L, d)
-                squares = squares + f["stats_sq"][()]  # (2, L)
-                n += int(f["stats_rows"][()])
-        mean = total / n
-        variance = (squares / n - (mean**2).sum(-1)) / self.d_model
-        scale = np.sqrt(np.maximum(variance, 1e-24))[..., None]
-        f32 = lambda a: torch.from_numpy(a.astype(np.float32))  # noqa: E731
-        return NormStats(f32(mean[0]), f32(scale[0]), f32(mean[1]), f32(scale[1]))
+                norms.merge(f["stats_sum"][()], f["stats_sq"][()], int(f["stats_rows"][()]))
+        return norms.stats()
 
     # ------------------------------------------------------------------------------------------ checks
 

@@ -26,6 +26,7 @@ import lightning as L
 import torch
 
 from .buffer import ActivationBatch, DiscBuffer
+from .sites import to_storage, torch_dtype
 from .store import SITES
 
 
@@ -71,7 +72,7 @@ class ThreadedBatches:
     def __iter__(self):
         buffer = self.buffer.open()  # every shard opened before the threads share the handles
         rows = max(buffer.batch_rows(i) for i in range(len(buffer)))
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[buffer.dtype]
+        dtype = torch_dtype(buffer.dtype)
         shape = (rows, buffer.n_layers, buffer.d_model)
         slots = [
             tuple(torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory) for _ in SITES)
@@ -88,7 +89,7 @@ class ThreadedBatches:
                 return
             slot, n = free.popleft(), buffer.batch_rows(index)
             views = tuple(t[:n] for t in slots[slot])
-            arrays = tuple((v.view(torch.int16) if v.dtype == torch.bfloat16 else v).numpy() for v in views)
+            arrays = tuple(to_storage(v, buffer.dtype).numpy() for v in views)  # views of the slot's memory
             pending.append((pool.submit(buffer.read_batch_into, index, arrays), slot, views))
 
         with ThreadPoolExecutor(self.threads, thread_name_prefix="cltlab-read") as pool:

@@ -12,6 +12,7 @@ import torch
 
 from .clt import CrossLayerTranscoder
 from .models import LoadedModel
+from .sites import trace_sites
 
 
 @torch.no_grad()
@@ -20,14 +21,9 @@ def feature_activations(
 ) -> torch.Tensor:
     """Features of CLT ``layer`` on every token of ``ids`` ``(batch, seq)`` in the original model:
     ``(batch, seq, d_features)``. ``ids`` start with BOS, as in the harvest."""
-    captured = {}
-    norm = model.pre_mlp_norm(clt.config.layer_offset + layer)
-    handle = norm.register_forward_pre_hook(lambda module, args: captured.__setitem__("x", args[0]))
-    try:
-        model.model(ids.to(model.device))
-    finally:
-        handle.remove()
-    x = captured["x"].float().to(clt.W_enc.device)  # (batch, seq, d_model)
+    at = clt.config.layer_offset + layer
+    x = trace_sites(model, ids, at, at + 1).resid_mid[:, :, 0]  # (batch, seq, d_model)
+    x = x.float().to(clt.W_enc.device)
     return clt.encode_layer(x, layer).cpu()
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.metadata
 import json
 import logging
 import math
@@ -32,24 +33,21 @@ from pathlib import Path
 from typing import NamedTuple
 
 import h5py
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .buffer import to_storage
 from .config import HarvestConfig
 from .corpus import token_sequences
 from .locks import HarvestLock
 from .models import LoadedModel, load_model
 from .precision import model_dtype
 from .shard_writer import open_shard_for_writing
+from .sites import row_bytes, to_storage, trace_layers
 from .store import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
     SITES,
-    STORAGE_DTYPES,
     disk_full,
     disk_full_error,
     mismatches,
@@ -59,48 +57,6 @@ from .store import (
 )
 
 log = logging.getLogger("cltlab")
-
-
-class SiteActivations(NamedTuple):
-    """Activations of the two sites for a batch of sequences."""
-
-    resid_mid: torch.Tensor
-    """``(batch, seq, n_layers, d_model)``"""
-    mlp_out: torch.Tensor
-    """``(batch, seq, n_layers, d_model)``"""
-    logits: torch.Tensor | None = None
-    """``(batch, seq, vocab)`` when the whole model was run (``with_logits=True``), else None."""
-
-
-@torch.no_grad()
-def trace_sites(
-    model: LoadedModel, ids: torch.Tensor, layer_start: int, layer_stop: int, *, with_logits: bool = False
-) -> SiteActivations:
-    """Run ``ids`` ``(batch, seq)`` through the model with nnsight and return both sites of the given layers.
-
-    Without ``with_logits`` the run stops right after the last needed MLP.
-    """
-    resid, mlp, logits = _trace_layers(model, ids, layer_start, layer_stop, with_logits)
-    return SiteActivations(torch.stack(resid, 2), torch.stack(mlp, 2), logits)
-
-
-@torch.no_grad()
-def _trace_layers(
-    model: LoadedModel, ids: torch.Tensor, layer_start: int, layer_stop: int, with_logits: bool
-):
-    """The sites as per-layer lists of ``(batch, seq, d_model)`` tensors, and the logits or None."""
-    blocks = model.envoy_blocks()
-    resid, mlp, out = [], [], {}
-    with model.envoy.trace(ids.to(model.device), use_cache=False) as tracer:
-        for layer in range(layer_start, layer_stop):
-            block = blocks[layer]
-            resid.append(getattr(block, model.sites.pre_mlp_norm).input.save())
-            mlp.append(getattr(block, model.sites.mlp).output.save())
-        if with_logits:
-            out["logits"] = model.envoy.output.logits.save()
-        else:
-            tracer.stop()  # nothing after the last needed MLP runs
-    return resid, mlp, out.get("logits")
 
 
 class HarvestResult(NamedTuple):
@@ -124,10 +80,8 @@ class HarvestResult(NamedTuple):
 
 def _provenance(config: HarvestConfig, model: LoadedModel, layer_start: int, layer_stop: int) -> dict:
     per_batch = config.batch_size * (config.seq_len - 1)
-    row_bytes = (
-        2 * (layer_stop - layer_start) * model.d_model * np.dtype(STORAGE_DTYPES[config.dtype]).itemsize
-    )
-    shard_tokens = config.shard_tokens or max(per_batch, 2**31 // row_bytes)  # ~2 GiB shards by default
+    both_sites = 2 * row_bytes(layer_stop - layer_start, model.d_model, config.dtype)
+    shard_tokens = config.shard_tokens or max(per_batch, 2**31 // both_sites)  # ~2 GiB shards by default
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -147,7 +101,7 @@ def _provenance(config: HarvestConfig, model: LoadedModel, layer_start: int, lay
         "tokenizer": f"{type(model.tokenizer).__name__}(vocab={len(model.tokenizer)})",
         "bos_token_id": model.bos_token_id,
         "config": json.dumps(dataclasses.asdict(config)),
-        "cltlab_version": __version__,
+        "cltlab_version": importlib.metadata.version("cltlab"),
     }
 
 
@@ -240,6 +194,38 @@ def _to_host(tensor: torch.Tensor, stream) -> torch.Tensor:
     return host
 
 
+def _guarded(directory: Path, need: int, write: Callable[..., None], *args) -> None:
+    """``write(*args)``, a full disk reported as one sentence (see ``_clear_disk_full``)."""
+    with _clear_disk_full(directory, need):
+        write(*args)
+
+
+def _next_batch(batches, number: int, n_batches: int, config: HarvestConfig) -> torch.Tensor:
+    """The ids of forward batch ``number``, skipping what earlier shards or runs already hold."""
+    batch, ids = next(batches, (None, None))
+    while batch is not None and batch < number:
+        batch, ids = next(batches, (None, None))
+    if batch is None:
+        raise ValueError(
+            f"Corpus {config.corpus!r} ({config.split}) ran out before batch {number} of {n_batches}; "
+            "ask for fewer tokens."
+        )
+    return ids
+
+
+def _trace_to_host(model: LoadedModel, ids: torch.Tensor, layers: tuple[int, int], dtype: str, stream):
+    """Trace one forward batch into the storage dtype and start its copy to the host: the per-site lists of
+    per-layer host tensors, the CUDA event that marks the copy done (None on the CPU), and the float16 peaks."""
+    resid, mlp, _ = trace_layers(model, ids, *layers)
+    stored = tuple([to_storage(x, dtype) for x in site] for site in (resid, mlp))
+    peaks = _to_host(_peaks(stored), stream) if dtype == "float16" else None
+    host = tuple([_to_host(x, stream) for x in site] for site in stored)
+    ready = torch.cuda.Event() if stream is not None else None
+    if ready is not None:
+        ready.record(stream)
+    return host, ready, peaks
+
+
 def _peaks(stored: tuple[list[torch.Tensor], ...]) -> torch.Tensor:
     """``(2, n_layers, 2)`` minimum and maximum of each site and layer (inf where float16 overflowed)."""
     return torch.stack([torch.stack([torch.stack(torch.aminmax(x)) for x in site]) for site in stored])
@@ -307,8 +293,7 @@ def _harvest_shards(
     per_batch = rows_per_batch(provenance)
     n_batches = math.ceil(n / per_batch)
     per_shard = provenance["shard_batches"]
-    itemsize = np.dtype(STORAGE_DTYPES[config.dtype]).itemsize
-    shard_bytes = per_shard * per_batch * 2 * (layers[1] - layers[0]) * model.d_model * itemsize
+    shard_bytes = per_shard * per_batch * 2 * row_bytes(layers[1] - layers[0], model.d_model, config.dtype)
     todo = [i for i in range(job[0], n_shards, job[1]) if not (path / shard_name(i)).exists()]
     stream = torch.cuda.Stream() if model.device.type == "cuda" else None
     batches = enumerate(
@@ -318,13 +303,6 @@ def _harvest_shards(
     writer = _Writer()
     bar = tqdm(total=0, unit="tok", desc=f"harvest {config.model}", disable=not progress)
     written, opened = 0, []
-
-    def guarded(write: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            with _clear_disk_full(path, shard_bytes):
-                write()
-
-        return run
 
     try:
         for index in todo:
@@ -337,26 +315,17 @@ def _harvest_shards(
             bar.total += shard_rows - shard.rows
             bar.refresh()
             for number in range(first + shard.batches, last):
-                batch, ids = next(batches, (None, None))
-                while batch is not None and batch < number:  # skip what earlier shards or runs already hold
-                    batch, ids = next(batches, (None, None))
-                if batch is None:
-                    raise ValueError(
-                        f"Corpus {config.corpus!r} ({config.split}) ran out before batch {number} of {n_batches}; "
-                        "ask for fewer tokens."
-                    )
-                resid, mlp, _ = _trace_layers(model, ids, *layers, with_logits=False)
-                stored = tuple([to_storage(x, config.dtype) for x in site] for site in (resid, mlp))
-                peaks = _to_host(_peaks(stored), stream) if config.dtype == "float16" else None
-                host = tuple([_to_host(x, stream) for x in site] for site in stored)
-                ready = torch.cuda.Event() if stream is not None else None
-                if ready is not None:
-                    ready.record(stream)
+                ids = _next_batch(batches, number, n_batches, config)
+                host, ready, peaks = _trace_to_host(model, ids, layers, config.dtype, stream)
                 take = min(per_batch, n - number * per_batch)
-                writer.put(guarded(functools.partial(shard.write, number, ids, host, take, ready, peaks)))
+                writer.put(
+                    functools.partial(
+                        _guarded, path, shard_bytes, shard.write, number, ids, host, take, ready, peaks
+                    )
+                )
                 written += take
                 bar.update(take)
-            writer.put(guarded(shard.finish))
+            writer.put(functools.partial(_guarded, path, shard_bytes, shard.finish))
         writer.close()
         writer.raise_error()
     finally:

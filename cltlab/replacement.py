@@ -21,8 +21,8 @@ from .attribution import AttributionGraph, attribute
 from .clt import CrossLayerTranscoder
 from .config import EvalConfig
 from .corpus import token_sequences
-from .harvest import trace_sites
 from .models import LoadedModel
+from .sites import SiteActivations, trace_sites
 
 
 class ReplacementMetrics(NamedTuple):
@@ -189,14 +189,13 @@ def evaluate(
     )
     L = clt.n_layers
     totals = dict(ce_original=0.0, ce_replacement=0.0, ce_zero_ablation=0.0, kl=0.0, top1=0.0)
-    err_sq, target_sum, target_sq, l0_sum = (
-        torch.zeros(L),
-        torch.zeros(L, clt.d_model),
-        torch.zeros(L),
-        torch.zeros(L),
+    local = dict(
+        err_sq=torch.zeros(L),
+        target_sum=torch.zeros(L, clt.d_model),
+        target_sq=torch.zeros(L),
+        l0_sum=torch.zeros(L),
     )
-    n_pred = n_rows = 0
-    seen = 0
+    n_pred = n_rows = seen = 0
     bar = tqdm(total=config.n_sequences, desc="evaluate", unit="seq", disable=not progress)
     for ids in batches:
         if seen >= config.n_sequences:
@@ -209,28 +208,12 @@ def evaluate(
         )
         logits = {mode: replacement.logits(ids, mode=mode) for mode in ("replacement", "zero_ablation")}
         logits["original"] = original.logits.float()
-        targets = ids[:, 2:].reshape(-1)
-        logp = {mode: F.log_softmax(value[:, 1:-1], -1).flatten(0, 1) for mode, value in logits.items()}
-        for mode in ("original", "replacement", "zero_ablation"):
-            totals[f"ce_{mode}"] += F.nll_loss(logp[mode], targets, reduction="sum").item()
-        totals["kl"] += F.kl_div(
-            logp["replacement"], logp["original"], log_target=True, reduction="sum"
-        ).item()
-        totals["top1"] += (logp["original"].argmax(-1) == logp["replacement"].argmax(-1)).sum().item()
-        n_pred += targets.numel()
-        # Local reconstruction quality on the original run, BOS excluded.
-        x = original.resid_mid[:, 1:].float().flatten(0, 1).to(clt.W_enc.device)
-        y = original.mlp_out[:, 1:].float().flatten(0, 1).to(clt.W_enc.device).cpu()
-        out = replacement.clt(x)
-        err_sq += (out.reconstruction.cpu() - y).pow(2).sum((0, 2))
-        target_sum += y.sum(0)
-        target_sq += y.pow(2).sum((0, 2))
-        l0_sum += (out.features > 0).sum(-1).float().sum(0).cpu()
-        n_rows += y.shape[0]
+        n_pred += _score_logits(totals, logits, ids)
+        n_rows += _score_reconstruction(local, replacement.clt, original)
     bar.close()
     if n_pred == 0:
         raise ValueError(f"Corpus {corpus!r} has no eval sequences of length {seq_len}.")
-    variance = target_sq - target_sum.pow(2).sum(-1) / n_rows
+    variance = local["target_sq"] - local["target_sum"].pow(2).sum(-1) / n_rows
     ce = {mode: totals[f"ce_{mode}"] / n_pred for mode in ("original", "replacement", "zero_ablation")}
     gap = ce["zero_ablation"] - ce["original"]
     return ReplacementMetrics(
@@ -240,7 +223,33 @@ def evaluate(
         ce_recovered=(ce["zero_ablation"] - ce["replacement"]) / gap if gap else float("nan"),
         kl=totals["kl"] / n_pred,
         top1_agreement=totals["top1"] / n_pred,
-        nmse=(err_sq / variance.clamp_min(1e-12)).tolist(),
-        l0=(l0_sum / n_rows).tolist(),
+        nmse=(local["err_sq"] / variance.clamp_min(1e-12)).tolist(),
+        l0=(local["l0_sum"] / n_rows).tolist(),
         n_tokens=n_pred,
     )
+
+
+def _score_logits(totals: dict[str, float], logits: dict[str, torch.Tensor], ids: torch.Tensor) -> int:
+    """Add one batch's summed next-token CE of each mode, KL and top-1 agreement (BOS excluded) to ``totals``;
+    return the positions it predicted."""
+    targets = ids[:, 2:].reshape(-1)
+    logp = {mode: F.log_softmax(value[:, 1:-1], -1).flatten(0, 1) for mode, value in logits.items()}
+    for mode in ("original", "replacement", "zero_ablation"):
+        totals[f"ce_{mode}"] += F.nll_loss(logp[mode], targets, reduction="sum").item()
+    totals["kl"] += F.kl_div(logp["replacement"], logp["original"], log_target=True, reduction="sum").item()
+    totals["top1"] += (logp["original"].argmax(-1) == logp["replacement"].argmax(-1)).sum().item()
+    return targets.numel()
+
+
+def _score_reconstruction(
+    local: dict[str, torch.Tensor], clt: CrossLayerTranscoder, original: SiteActivations
+) -> int:
+    """Add one batch's local reconstruction sums on the original run (BOS excluded) to ``local``; return its rows."""
+    x = original.resid_mid[:, 1:].float().flatten(0, 1).to(clt.W_enc.device)  # (rows, n_layers, d_model)
+    y = original.mlp_out[:, 1:].float().flatten(0, 1).to(clt.W_enc.device).cpu()
+    out = clt(x)
+    local["err_sq"] += (out.reconstruction.cpu() - y).pow(2).sum((0, 2))
+    local["target_sum"] += y.sum(0)
+    local["target_sq"] += y.pow(2).sum((0, 2))
+    local["l0_sum"] += (out.features > 0).sum(-1).float().sum(0).cpu()
+    return y.shape[0]

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import torch
 
-from .buffer import to_torch
+from .sites import NormAccumulator, to_torch
 from .store import (
     ROW_DATASETS,
     SITES,
@@ -81,9 +81,9 @@ class ShardWriter:
     def __init__(self, f: h5py.File, partial: Path, final: Path, *, fsync: bool):
         self.f, self.partial, self.final, self.fsync = f, partial, final, fsync
         self.first_batch, self.layer_start = int(f.attrs["first_batch"]), int(f.attrs["layer_start"])
+        self.dtype = str(f.attrs["dtype"])
         self.rows, self.batches = 0, 0
-        self.sums, self.squares = np.zeros(f["stats_sum"].shape), np.zeros(f["stats_sq"].shape)
-        self.stats_rows = 0
+        self.norms = NormAccumulator(*f["stats_sum"].shape[1:])  # of every STATS_STRIDE-th row
         rows, batches = (int(v) for v in f["progress"][()])
         per_batch, B = rows_per_batch(f.attrs), int(f.attrs["batch_size"])
         recorded = f["checksums"][()]
@@ -94,17 +94,12 @@ class ShardWriter:
                 log.warning("%s: batch %d did not survive intact; writing again from there", partial.name, k)
                 break
             for s, site in enumerate(SITES):
-                self._add_stats(s, to_torch(stored[site], f.attrs["dtype"]), start)
+                self._add_stats(s, to_torch(stored[site], self.dtype), start)
             self.rows, self.batches = stop, k + 1
 
     def _add_stats(self, site: int, x: torch.Tensor, first_row: int) -> None:
         """Add the rows of ``x`` (shard rows from ``first_row`` on) that fall on the stride to the statistics."""
-        x = x[(-first_row) % STATS_STRIDE :: STATS_STRIDE]
-        self.stats_rows += len(x) if site == 0 else 0
-        # float32 within a batch, float64 across batches.
-        self.sums[site] += x.sum(0, dtype=torch.float32).double().numpy()
-        norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)  # (rows, n_layers)
-        self.squares[site] += norms.square().sum(0, dtype=torch.float64).numpy()
+        self.norms.add(site, x[(-first_row) % STATS_STRIDE :: STATS_STRIDE])
 
     def _commit(self) -> None:
         """Everything written so far reaches the disk before anything written next."""
@@ -137,7 +132,7 @@ class ShardWriter:
             for layer, values in enumerate(layers):
                 x[:, layer] = values.reshape(B * T, -1)[index]
             arrays[site] = x.numpy()
-            self._add_stats(s, x.view(torch.bfloat16) if x.dtype == torch.uint16 else x, self.rows)
+            self._add_stats(s, to_torch(arrays[site], self.dtype), self.rows)
         arrays["tokens"] = ids.reshape(-1)[index].to(torch.int32).numpy()
         arrays["sequence"] = (batch * B + index // T).numpy()
         arrays["position"] = (index % T).to(torch.int32).numpy()
@@ -167,9 +162,9 @@ class ShardWriter:
             )
 
     def finish(self) -> None:
-        self.f["stats_sum"][...] = self.sums
-        self.f["stats_sq"][...] = self.squares
-        self.f["stats_rows"][...] = self.stats_rows
+        self.f["stats_sum"][...] = self.norms.sums
+        self.f["stats_sq"][...] = self.norms.squares
+        self.f["stats_rows"][...] = self.norms.rows
         self._commit()
         self.f.close()
         os.replace(self.partial, self.final)

@@ -20,8 +20,8 @@ from conftest import BUFFER_SHARD_ROWS
 
 import cltlab.buffer
 from cltlab import DiscBuffer
-from cltlab.buffer import to_storage, to_torch
 from cltlab.shard_writer import STATS_STRIDE
+from cltlab.sites import to_storage, to_torch
 
 BATCH = 64  # 500 rows → 8 batches of 62 or 63 rows
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import json
+import os
 import random
 import re
 import shutil
@@ -26,10 +27,10 @@ from helpers import hooked_sites, random_ids
 
 from cltlab import DiscBuffer, HarvestConfig, harvest
 from cltlab.corpus import token_sequences
-from cltlab.harvest import trace_sites
 from cltlab.locks import HarvestBusy
 from cltlab.models import LoadedModel
 from cltlab.shard_writer import STATS_STRIDE
+from cltlab.sites import trace_sites
 from cltlab.store import open_shard
 
 
@@ -104,17 +105,17 @@ def finished_shards(folder: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture
 def count_forwards(monkeypatch) -> list[int]:
-    """Counts the forward batches ``harvest`` runs (one ``_trace_layers`` call each)."""
+    """Counts the forward batches ``harvest`` runs (one ``trace_layers`` call each)."""
     calls = []
     # The module, not the ``harvest`` function that cltlab/__init__ exports under the same name.
     module = importlib.import_module("cltlab.harvest")
-    trace = module._trace_layers
+    trace = module.trace_layers
 
     def counting(model, ids, *args, **kwargs):
         calls.append(len(ids))
         return trace(model, ids, *args, **kwargs)
 
-    monkeypatch.setattr(module, "_trace_layers", counting)
+    monkeypatch.setattr(module, "trace_layers", counting)
     return calls
 
 
@@ -523,7 +524,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(
     tmp_path, tiny_gpt2, uninterrupted, count_forwards, kill_point
 ):
     folder = tmp_path / "acts"
-    delay = random.uniform(0.0, 0.1)
+    seed = int(os.environ.get("CLTLAB_KILL_SEED") or random.randrange(2**32))
+    delay = random.Random(seed).uniform(0.0, 0.1)
+    print(f"kill delay {delay:.3f} s from seed {seed} (CLTLAB_KILL_SEED={seed} repeats it)")
     run_child(folder, "watch", kill_when=KILL_POINTS[kill_point], delay=delay)
     finished = finished_shards(folder)
     if kill_point == "third-shard":
@@ -537,10 +540,11 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(
     assert snapshot(folder) == before
 
     done = resume(folder, tiny_gpt2, count_forwards)
-    assert done >= (2 if kill_point == "mid-first-shard" else 64 + 2), f"killed {delay:.3f} s after the mark"
+    killed = f"killed {delay:.3f} s after the mark (CLTLAB_KILL_SEED={seed})"
+    assert done >= (2 if kill_point == "mid-first-shard" else 64 + 2), killed
     # Finished shards were kept as they were, not written again.
     assert {name: ident for name, ident in finished_shards(folder).items() if name in finished} == finished
-    assert differences(folder, uninterrupted) == [], f"killed {delay:.3f} s after the mark"
+    assert differences(folder, uninterrupted) == [], killed
 
 
 def test_resume_after_sigkills_at_the_commit_points(tmp_path, tiny_gpt2, uninterrupted, count_forwards):

@@ -137,7 +137,7 @@ def test_each_batch_reaches_the_disk_before_its_progress(tmp_path, harvest_confi
 
 def test_float16_storage_refuses_values_beyond_its_range(tmp_path, tiny_gpt2, monkeypatch):
     module = importlib.import_module("cltlab.harvest")
-    trace, calls = module._trace_layers, []
+    trace, calls = module.trace_layers, []
 
     def overflowing(model, ids, *args, **kwargs):
         resid, mlp, logits = trace(model, ids, *args, **kwargs)
@@ -146,7 +146,7 @@ def test_float16_storage_refuses_values_beyond_its_range(tmp_path, tiny_gpt2, mo
             mlp[2] = mlp[2] * 1e9
         return resid, mlp, logits
 
-    monkeypatch.setattr(module, "_trace_layers", overflowing)
+    monkeypatch.setattr(module, "trace_layers", overflowing)
     config = HarvestConfig(**{**BUFFER_CONFIG, "dtype": "float16"})
     folder = tmp_path / "acts"
     with pytest.raises(

@@ -17,12 +17,12 @@ import torch
 import cltlab
 from cltlab import DiscBuffer, TrainConfig
 from cltlab.corpus import token_sequences
-from cltlab.harvest import trace_sites
 from cltlab.server import ActivationClient, DiscSource, Limits, LiveSource, serve
 from cltlab.server.app import create_app
 from cltlab.server.client import Recycler, to_batch
 from cltlab.server.protocol import FRAME
 from cltlab.server.state import ServerState
+from cltlab.sites import trace_sites
 
 B = 100  # rows per batch: the 500-row buffer holds 5 batches
 

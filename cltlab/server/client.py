@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import torch
 
-from ..buffer import NormStats, to_torch
+from ..sites import NormStats, to_torch
 from ..store import STORAGE_DTYPES
 from .leases import Renewer, connection, give_back
 from .protocol import FRAME, SHM_UNAVAILABLE, host_id

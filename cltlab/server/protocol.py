@@ -18,8 +18,7 @@ from typing import Annotated, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 from pydantic import BaseModel, Field
 
-from ..buffer import NormStats
-from ..store import STORAGE_DTYPES
+from ..sites import NormStats, row_bytes
 
 FRAME = struct.Struct("<QQ")  # stream frame header: rows, batch index
 SITES = ("resid_mid", "mlp_out")
@@ -79,7 +78,7 @@ class SourceInfo(NamedTuple):
     @property
     def row_bytes(self) -> int:
         """Bytes of one row of one site."""
-        return self.n_layers * self.d_model * np.dtype(STORAGE_DTYPES[self.dtype]).itemsize
+        return row_bytes(self.n_layers, self.d_model, self.dtype)
 
     def batch_bytes(self, rows: int) -> int:
         """Bytes of a batch of ``rows`` rows on the wire (both sites)."""

@@ -26,9 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..buffer import DiscBuffer, NormStats, to_storage
+from ..buffer import DiscBuffer
+from ..sites import NormAccumulator, NormStats, to_storage, trace_sites
 from ..store import STORAGE_DTYPES
 from .protocol import Batch, NoData, SourceError, SourceInfo
 
@@ -165,9 +165,7 @@ class LiveSource:
         self._offset = 0  # rows of the first chunk already taken
         self._rows = 0  # rows ready
         self._taken = 0  # batches taken
-        self._sums = np.zeros((2, self.info.n_layers, self.info.d_model))
-        self._squares = np.zeros((2, self.info.n_layers))
-        self._harvested = 0
+        self._norms = NormAccumulator(self.info.n_layers, self.info.d_model)  # of every row harvested
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self.error: BaseException | None = None
@@ -186,13 +184,13 @@ class LiveSource:
                 return
 
     def _harvest(self) -> None:
-        from ..harvest import trace_sites
-
         try:
             for ids in self._batches():
                 acts = trace_sites(self.model, ids, self.layer_start, self.layer_stop)
                 sites = [x[:, 1:].reshape(-1, self.info.n_layers, self.info.d_model).cpu() for x in acts[:2]]
-                self._add_stats(sites)
+                with self._cond:
+                    for s, x in enumerate(sites):
+                        self._norms.add(s, x)
                 chunk = np.stack([to_storage(x, self.info.dtype).numpy() for x in sites])
                 chunk = chunk.reshape(2, chunk.shape[1], -1)
                 with self._cond:
@@ -208,12 +206,6 @@ class LiveSource:
             self.error = err
             with self._cond:
                 self._cond.notify_all()
-
-    def _add_stats(self, sites: list[torch.Tensor]) -> None:
-        for s, x in enumerate(sites):
-            self._sums[s] += x.sum(0, dtype=torch.float32).double().numpy()
-            self._squares[s] += torch.linalg.vector_norm(x.float(), dim=-1).square().sum(0).double().numpy()
-        self._harvested += sites[0].shape[0]
 
     @property
     def alive(self) -> bool:
@@ -269,14 +261,7 @@ class LiveSource:
     def stats(self) -> NormStats | None:
         """Normalization statistics of the rows harvested so far (None before the first forward batch)."""
         with self._cond:
-            n = self._harvested
-            if n == 0:
-                return None
-            mean = self._sums / n
-            variance = (self._squares / n - (mean**2).sum(-1)) / self.info.d_model
-        scale = np.sqrt(np.maximum(variance, 1e-24))[..., None]
-        f32 = lambda a: torch.from_numpy(a.astype(np.float32))  # noqa: E731
-        return NormStats(f32(mean[0]), f32(scale[0]), f32(mean[1]), f32(scale[1]))
+            return self._norms.stats()
 
     def fill(self) -> float:
         """Fraction of the ring's capacity holding rows ready to serve."""
