@@ -118,7 +118,7 @@ class TopK(nn.Module):
         return features > 0
 
     def preact_loss(self, pre: torch.Tensor, decoder_norms: torch.Tensor) -> torch.Tensor:
-        """None: every token has its k features, so none needs pulling back. Zero."""
+        """Zero: every token keeps k features, so none needs pulling back."""
         return pre.new_zeros(())
 
     @torch.no_grad()
