@@ -16,7 +16,7 @@ from .interop import export_circuit_tracer, import_circuit_tracer  # noqa: E402
 from .jumprelu import JumpReLU  # noqa: E402
 from .models import load_model  # noqa: E402
 from .replacement import ReplacementModel, evaluate  # noqa: E402
-from .run import RunPaths, run_paths  # noqa: E402
+from .run import RunPaths, notebook, run_paths  # noqa: E402
 from .train import train  # noqa: E402
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "import_circuit_tracer",
     "intervene",
     "load_model",
+    "notebook",
     "plots",
     "run_paths",
     "serve",

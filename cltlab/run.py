@@ -7,15 +7,17 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
+
+from .config import Profile, get_profile
 
 if TYPE_CHECKING:
     from .attribution import AttributionGraph
 
 log = logging.getLogger("cltlab")
 
-NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 MAIN_JOB = (
     "01_harvest.ipynb",
     "02_train.ipynb",
@@ -143,37 +145,66 @@ def run_paths(profile: str, run_dir: str | Path | None = None) -> RunPaths:
     return RunPaths(Path(root).resolve())
 
 
+class NotebookSetup(NamedTuple):
+    """What the first cell of every notebook needs: ``profile, paths = cltlab.notebook()``."""
+
+    profile: Profile
+    """The profile named by ``$CLTLAB_PROFILE`` (a copy the notebook may edit)."""
+    paths: RunPaths
+    """The run folder: ``$CLTLAB_RUN_DIR``, else ``<runs>/<profile>``."""
+
+
+def notebook(default_profile: str = "default", *, runs: str | Path = "../runs") -> NotebookSetup:
+    """The profile and run folder of a notebook, chosen by ``$CLTLAB_PROFILE`` and ``$CLTLAB_RUN_DIR``.
+
+    ``cltlab run`` and ``make test`` set both; a notebook opened by hand in ``notebooks/`` gets
+    ``default_profile`` and ``runs/<profile>`` of the checkout (``runs`` is relative to the notebook's folder).
+    """
+    name = os.environ.get("CLTLAB_PROFILE") or default_profile
+    run_dir = os.environ.get("CLTLAB_RUN_DIR") or Path(runs) / name
+    return NotebookSetup(get_profile(name), run_paths(name, run_dir))
+
+
+def find_notebooks() -> Path:
+    """Where ``cltlab run`` finds its notebooks: the checkout's ``notebooks/`` beside the package, else the copy
+    an installed wheel keeps in ``<prefix>/share/cltlab/notebooks`` (pyproject's data-files)."""
+    checkout = Path(__file__).resolve().parents[1] / "notebooks"
+    if (checkout / MAIN_JOB[0]).exists():
+        return checkout
+    for file in metadata.files("cltlab") or ():
+        if file.name == MAIN_JOB[0] and file.parent.name == "notebooks":
+            return Path(file.locate()).resolve().parent
+    return checkout  # _execute says it is missing
+
+
 def run_notebooks(
     profile: str,
     run_dir: str | Path | None = None,
     *,
     notebooks: tuple[str, ...] = MAIN_JOB,
-    notebooks_dir: Path = NOTEBOOKS_DIR,
+    notebooks_dir: Path | None = None,
     timeout: int = 3600,
 ) -> RunPaths:
-    """Execute the ordered notebooks for ``profile``; keep executed copies (ipynb + HTML) in ``<run>/report``."""
+    """Execute the ordered notebooks for ``profile``; keep executed copies (ipynb + HTML) in ``<run>/report``.
+
+    The notebooks come from ``notebooks_dir``, by default the checkout's or the installed wheel's
+    (``find_notebooks()``). Their kernels get the profile and run folder in their own environment; this process's
+    ``os.environ`` is left as it was.
+    """
     paths = run_paths(profile, run_dir)
     paths.report.mkdir(parents=True, exist_ok=True)
-    # The kernels inherit these. Plotly's "notebook" renderer also embeds plotly.js as HTML, so the plots
-    # show in the HTML copies of the report (offline) as well as in JupyterLab.
-    env = dict(
+    folder = notebooks_dir or find_notebooks()
+    # Plotly's "notebook" renderer also embeds plotly.js as HTML, so the plots show in the HTML copies of the
+    # report (offline) as well as in JupyterLab.
+    env = os.environ | dict(
         CLTLAB_PROFILE=profile, CLTLAB_RUN_DIR=str(paths.root), PLOTLY_RENDERER="plotly_mimetype+notebook"
     )
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        for name in notebooks:
-            _execute(notebooks_dir / name, paths.report / name, timeout)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    for name in notebooks:
+        _execute(Path(folder) / name, paths.report / name, timeout, env)
     return paths
 
 
-def _execute(source: Path, target: Path, timeout: int) -> None:
+def _execute(source: Path, target: Path, timeout: int, env: dict[str, str]) -> None:
     import nbformat
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
@@ -189,7 +220,7 @@ def _execute(source: Path, target: Path, timeout: int) -> None:
         nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(source.parent)}}
     )
     try:
-        client.execute()
+        client.execute(env=env)  # the kernel's environment
     finally:  # keep the executed copy, error included
         nbformat.write(nb, target)
         target.with_suffix(".html").write_text(HTMLExporter().from_notebook_node(nb)[0])

@@ -35,6 +35,7 @@ def test_notebook_is_committed_without_outputs(path):
 def test_notebook_is_thin(path):
     cells = code_cells(path)
     assert "CLTLAB_PROFILE" in source(cells[0])  # the parameters cell comes first
+    assert "profile, paths = cltlab.notebook()" in source(cells[0])  # one preamble, in cltlab
     for cell in cells:
         tree = ast.parse(source(cell))
         for node in ast.walk(tree):

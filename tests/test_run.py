@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nbformat
@@ -10,17 +11,17 @@ import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_notebook
 
+import cltlab
 from cltlab import run_paths
 from cltlab.replacement import ReplacementMetrics
-from cltlab.run import MAIN_JOB, NOTEBOOKS_DIR, run_notebooks
+from cltlab.run import MAIN_JOB, find_notebooks, run_notebooks
 
 
 @pytest.fixture(autouse=True)
-def _restore_environment(monkeypatch):
-    """run_notebooks sets CLTLAB_PROFILE / CLTLAB_RUN_DIR for its kernels; undo that after each test."""
-    monkeypatch.setenv("CLTLAB_PROFILE", "unset")
-    monkeypatch.setenv("CLTLAB_RUN_DIR", "unset")  # recorded, so teardown restores the caller's value
-    monkeypatch.delenv("CLTLAB_RUN_DIR")
+def _no_run_environment(monkeypatch):
+    """`make test` sets CLTLAB_PROFILE / CLTLAB_RUN_DIR for the notebooks; these tests start without them."""
+    monkeypatch.delenv("CLTLAB_PROFILE", raising=False)
+    monkeypatch.delenv("CLTLAB_RUN_DIR", raising=False)
 
 
 def test_run_paths_precedence(monkeypatch, tmp_path):
@@ -69,7 +70,23 @@ def test_save_attribution_writes_the_graph_and_its_scores(tmp_path, tiny_gpt2):
 
 
 def test_main_job_notebooks_exist():
-    assert all((NOTEBOOKS_DIR / name).exists() for name in MAIN_JOB)
+    assert find_notebooks() == Path(__file__).resolve().parents[1] / "notebooks"  # in a checkout
+    assert all((find_notebooks() / name).exists() for name in MAIN_JOB)
+
+
+def test_notebook_takes_profile_and_run_folder_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLTLAB_PROFILE", "ci")
+    monkeypatch.setenv("CLTLAB_RUN_DIR", str(tmp_path / "run"))
+    profile, paths = cltlab.notebook()
+    assert profile == cltlab.get_profile("ci") and paths.root == tmp_path / "run"
+
+
+def test_notebook_defaults_to_the_checkouts_runs_folder(monkeypatch, tmp_path):
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")  # a kernel's working directory is the notebook's folder
+    setup = cltlab.notebook()
+    assert setup.profile.name == "default" and setup.paths.root == tmp_path / "runs" / "default"
+    assert cltlab.notebook("ci", runs=tmp_path / "elsewhere").paths.root == tmp_path / "elsewhere" / "ci"
 
 
 def write_notebook(folder: Path, name: str, *sources: str) -> None:
@@ -83,7 +100,9 @@ def test_run_notebooks_executes_into_the_report(tmp_path):
         "a.ipynb",
         "import os\nprint(os.environ['CLTLAB_PROFILE'], os.environ['CLTLAB_RUN_DIR'])",
     )
+    environ = dict(os.environ)
     paths = run_notebooks("ci", tmp_path / "run", notebooks=("a.ipynb",), notebooks_dir=tmp_path / "nbs")
+    assert dict(os.environ) == environ  # the kernel's environment only
     assert paths.root == tmp_path / "run"
     executed = nbformat.read(paths.report / "a.ipynb", as_version=4)
     assert executed.cells[0].outputs[0]["text"] == f"ci {tmp_path / 'run'}\n"
