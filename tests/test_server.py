@@ -112,8 +112,9 @@ def test_json_tensor_and_stream_bytes_equal_the_buffer(server, reference):
     assert server.stats["batches"] == before + 6 and client.same_host
 
 
-def test_eight_concurrent_clients_get_whole_exact_batches(server, reference):
+def test_eight_concurrent_clients_get_disjoint_whole_exact_batches(server, reference):
     received, failures = [], []
+    served = server.stats["batches"]
 
     def work(k: int) -> None:
         client = ActivationClient(server.url)
@@ -140,6 +141,10 @@ def test_eight_concurrent_clients_get_whole_exact_batches(server, reference):
         t.join(timeout=30)
     assert not failures and len(received) >= 8
     assert server.errors == []
+    # The shared cursor hands each batch to one client: no index twice, none skipped, each served once.
+    indices = sorted(batch.index for batch in received)
+    assert indices == list(range(indices[0], indices[0] + len(received)))
+    assert server.stats["batches"] - served == len(received)
 
 
 def test_server_survives_a_client_that_disconnects_mid_stream(server, reference):
