@@ -2,8 +2,9 @@
 
 03_features and 04_replacement run top to bottom in the page; the FeatureBrowser must render its plotly figure
 and its shaded contexts and answer a changed feature number through the kernel, and a feature button of the
-ReplacementComparison must open that feature in the browser below it. Screenshots of both widgets are saved under
-``runs/screenshots/``. Skipped only where no Chromium is installed (``.ci/run`` installs Debian's ``chromium``).
+ReplacementComparison must open that feature in the browser below it. Screenshots of the widgets are saved in
+pytest's tmp dir, and copied to the checkout's ``runs/screenshots/`` only with ``CLTLAB_KEEP_SCREENSHOTS=1``.
+Skipped only where no Chromium is installed (``.ci/run`` installs Debian's ``chromium``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from helpers import make_clt
 import cltlab
 
 ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOTS = ROOT / "runs" / "screenshots"
+KEPT_SCREENSHOTS = ROOT / "runs" / "screenshots"
+"""Where the screenshots are copied with ``CLTLAB_KEEP_SCREENSHOTS=1``."""
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = [
     "--headless",
@@ -63,6 +65,15 @@ def run_dir(tmp_path_factory, tiny_gpt2):
         clt.activation.log_threshold[:, -1] = 10.0  # one dead feature per layer
     clt.save(paths.clt)
     return paths.root
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory):
+    """The screenshots' folder in pytest's tmp dir; copied to ``KEPT_SCREENSHOTS`` when asked, failures included."""
+    folder = tmp_path_factory.mktemp("screenshots")
+    yield folder
+    if os.environ.get("CLTLAB_KEEP_SCREENSHOTS"):
+        shutil.copytree(folder, KEPT_SCREENSHOTS, dirs_exist_ok=True)
 
 
 def free_port() -> int:
@@ -136,7 +147,7 @@ def page(lab):
         context.close()
 
 
-def run_all(page, url: str, token: str, notebook: str) -> None:
+def run_all(page, url: str, token: str, notebook: str, screenshots: Path) -> None:
     """Open ``notebook`` in the lab and run all its cells through the Run menu; wait until they finished."""
     page.goto(f"{url}/lab/tree/{notebook}?reset&token={token}")  # reset: only this notebook in the workspace
     page.locator(".lm-TabBar-tab.jp-mod-current", has_text=notebook).wait_for()
@@ -166,13 +177,13 @@ def run_all(page, url: str, token: str, notebook: str) -> None:
             f"() => {VISIBLE_PROMPTS}.length > 0 && {VISIBLE_PROMPTS}.every(p => /\\[\\d+\\]/.test(p.textContent))"
         )
     except Exception:
-        page.screenshot(path=str(SCREENSHOTS / f"failed-{notebook}.png"), full_page=True)
+        page.screenshot(path=str(screenshots / f"failed-{notebook}.png"), full_page=True)
         raise
 
 
-def test_feature_browser_renders_and_answers_in_jupyterlab(page, lab):
+def test_feature_browser_renders_and_answers_in_jupyterlab(page, lab, screenshots):
     url, token, _ = lab
-    run_all(page, url, token, "03_features.ipynb")
+    run_all(page, url, token, "03_features.ipynb", screenshots)
     assert "Traceback" not in page.locator(".jp-NotebookPanel:visible").inner_text()
     browser = page.locator(".cltlab-feature-browser")
     browser.locator(".js-plotly-plot .main-svg").first.wait_for()
@@ -183,7 +194,7 @@ def test_feature_browser_renders_and_answers_in_jupyterlab(page, lab):
     assert browser.locator(".js-plotly-plot .subplot .bars path").count() > 0  # bars were drawn
     header = browser.locator(".widget-html-content", has_text="feature").first
     assert "density" in header.inner_text()
-    browser.screenshot(path=str(SCREENSHOTS / "feature_browser.png"))
+    browser.screenshot(path=str(screenshots / "feature_browser.png"))
     # Type another feature number: the kernel redraws the header (the widget round trip works in the browser).
     number = browser.locator(".widget-inline-hbox", has_text="feature").locator("input")
     number.fill("31")
@@ -192,19 +203,19 @@ def test_feature_browser_renders_and_answers_in_jupyterlab(page, lab):
         "() => document.querySelector('.cltlab-feature-browser').innerText.includes('feature 31')"
     )
     assert "dead" in browser.inner_text()  # the last feature of every layer never fires
-    browser.screenshot(path=str(SCREENSHOTS / "feature_browser_dead.png"))
-    page.screenshot(path=str(SCREENSHOTS / "03_features.png"), full_page=True)
+    browser.screenshot(path=str(screenshots / "feature_browser_dead.png"))
+    page.screenshot(path=str(screenshots / "03_features.png"), full_page=True)
 
 
-def test_replacement_comparison_links_features_to_the_browser(page, lab):
+def test_replacement_comparison_links_features_to_the_browser(page, lab, screenshots):
     url, token, _ = lab
-    run_all(page, url, token, "04_replacement.ipynb")
+    run_all(page, url, token, "04_replacement.ipynb", screenshots)
     assert "Traceback" not in page.locator(".jp-NotebookPanel:visible").inner_text()
     comparison = page.locator(".cltlab-replacement-comparison")
     try:
         comparison.locator(".cltlab-top-tokens td").first.wait_for()
     except Exception:
-        page.screenshot(path=str(SCREENSHOTS / "failed-comparison.png"), full_page=True)
+        page.screenshot(path=str(screenshots / "failed-comparison.png"), full_page=True)
         raise
     assert comparison.locator(".cltlab-top-tokens tbody tr").count() == 8
     assert "KL(original" in comparison.inner_text()
@@ -218,7 +229,7 @@ def test_replacement_comparison_links_features_to_the_browser(page, lab):
         ".innerText.includes(text)",
         arg=f"layer {layer} · feature {feature}",
     )
-    comparison.screenshot(path=str(SCREENSHOTS / "replacement_comparison.png"))
+    comparison.screenshot(path=str(screenshots / "replacement_comparison.png"))
 
 
 FEATURE_POINT = """() => {
@@ -234,16 +245,16 @@ FEATURE_POINT = """() => {
 trace's data to its ``g.trace``)."""
 
 
-def test_attribution_graph_click_opens_the_feature_in_the_browser(page, lab):
+def test_attribution_graph_click_opens_the_feature_in_the_browser(page, lab, screenshots):
     url, token, _ = lab
-    run_all(page, url, token, "06_attribution.ipynb")
+    run_all(page, url, token, "06_attribution.ipynb", screenshots)
     assert "Traceback" not in page.locator(".jp-NotebookPanel:visible").inner_text()
     view = page.locator(".cltlab-attribution-graph")
     plot = view.locator(".js-plotly-plot").first
     try:
         plot.locator(".scatterlayer path.point").first.wait_for()
     except Exception:
-        page.screenshot(path=str(SCREENSHOTS / "failed-attribution.png"), full_page=True)
+        page.screenshot(path=str(screenshots / "failed-attribution.png"), full_page=True)
         raise
     assert "replacement score" in view.locator(".cltlab-graph-scores").inner_text()
     assert view.locator(".js-plotly-plot").count() == 2  # the graph + the FeatureBrowser's figure
@@ -256,7 +267,7 @@ def test_attribution_graph_click_opens_the_feature_in_the_browser(page, lab):
     try:
         selected.wait_for(timeout=30_000)
     except Exception:
-        page.screenshot(path=str(SCREENSHOTS / "failed-attribution-click.png"), full_page=True)
+        page.screenshot(path=str(screenshots / "failed-attribution-click.png"), full_page=True)
         raise AssertionError(f"clicking the feature marker at {point} selected nothing") from None
     feature, layer = re.search(r"feature (\d+) · layer (\d+)", selected.inner_text()).groups()
     page.wait_for_function(
@@ -268,5 +279,5 @@ def test_attribution_graph_click_opens_the_feature_in_the_browser(page, lab):
     view.locator("button", has_text="Zero feature").click()
     view.locator(".cltlab-intervention td").first.wait_for()
     view.evaluate("element => element.scrollIntoView({block: 'start', inline: 'nearest'})")
-    view.screenshot(path=str(SCREENSHOTS / "attribution_graph.png"))
-    page.screenshot(path=str(SCREENSHOTS / "06_attribution.png"), full_page=True)
+    view.screenshot(path=str(screenshots / "attribution_graph.png"))
+    page.screenshot(path=str(screenshots / "06_attribution.png"), full_page=True)
