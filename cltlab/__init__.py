@@ -3,21 +3,23 @@
 Importing cltlab starts nothing (no threads, no network); the nouns below are the public API.
 """
 
-__version__ = "0.1.0"
+import importlib.metadata
 
-from . import plots  # noqa: E402
-from .attribution import AttributionGraph, Intervention, attribute, intervene  # noqa: E402
-from .buffer import DiscBuffer  # noqa: E402
-from .clt import CrossLayerTranscoder  # noqa: E402
-from .config import CLTConfig, EvalConfig, HarvestConfig, Profile, TrainConfig, get_profile  # noqa: E402
-from .features import FeatureStatistics, feature_statistics, feature_stats, top_contexts  # noqa: E402
-from .harvest import harvest  # noqa: E402
-from .interop import export_circuit_tracer, import_circuit_tracer  # noqa: E402
-from .jumprelu import JumpReLU  # noqa: E402
-from .models import load_model  # noqa: E402
-from .replacement import ReplacementModel, evaluate  # noqa: E402
-from .run import RunPaths, notebook, run_paths  # noqa: E402
-from .train import train  # noqa: E402
+from . import plots
+from .attribution import AttributionGraph, Intervention, attribute, intervene
+from .buffer import DiscBuffer
+from .clt import CrossLayerTranscoder
+from .config import CLTConfig, EvalConfig, HarvestConfig, Profile, TrainConfig, get_profile
+from .features import FeatureStatistics, feature_statistics, feature_stats, top_contexts
+from .harvest import harvest
+from .interop import export_circuit_tracer, import_circuit_tracer
+from .jumprelu import JumpReLU
+from .models import load_model
+from .replacement import ReplacementModel, evaluate
+from .run import RunPaths, notebook, run_paths
+from .train import train
+
+__version__ = importlib.metadata.version("cltlab")  # one version, pyproject.toml's
 
 __all__ = [
     "ActivationClient",
