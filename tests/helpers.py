@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from cltlab import CLTConfig, CrossLayerTranscoder
@@ -82,3 +84,19 @@ def hooked_sites(model: LoadedModel, ids: torch.Tensor, layers: range) -> tuple[
         for handle in handles:
             handle.remove()
     return torch.stack([resid[i] for i in layers], 2), torch.stack([mlp[i] for i in layers], 2)
+
+
+def assert_exact(batch, reference) -> None:
+    """A served batch holds exactly the rows the DiscBuffer reads for its index (``reference``: every batch)."""
+    expected = reference[batch.index % len(reference)]
+    assert torch.equal(batch.resid_mid, expected.resid_mid) and torch.equal(batch.mlp_out, expected.mlp_out)
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

@@ -34,6 +34,14 @@ def fail_at_batch(monkeypatch, batch: int, error: Exception) -> None:
     monkeypatch.setattr(h5py.Dataset, "write_direct", failing)
 
 
+def stopped_harvest(monkeypatch, batch: int, error: Exception, config, folder, model) -> None:
+    """A harvest into ``folder`` stopped by ``error`` at forward batch ``batch``; then the failure is lifted."""
+    fail_at_batch(monkeypatch, batch, error)
+    with pytest.raises(type(error), match=str(error)):
+        harvest(config, folder, model=model, progress=False)
+    monkeypatch.undo()
+
+
 # What HDF5 raises when a write finds the disk full.
 ENOSPC = OSError(
     "Can't synchronously write data (file write failed: time = Tue Dec  1 12:00:00 2026, filename = 'x', "
@@ -70,10 +78,7 @@ def test_a_committed_batch_whose_rows_were_lost_is_written_again(
 ):
     """Power lost without the syncs: the progress survived but the batch's rows read back as zeros."""
     folder = tmp_path / "acts"
-    fail_at_batch(monkeypatch, 3, RuntimeError("the machine lost power"))
-    with pytest.raises(RuntimeError, match="the machine lost power"):
-        harvest(harvest_config, folder, model=tiny_gpt2, progress=False)
-    monkeypatch.undo()
+    stopped_harvest(monkeypatch, 3, RuntimeError("the machine lost power"), harvest_config, folder, tiny_gpt2)
     with h5py.File(folder / "shard-00001.h5.partial", "r+") as f:
         assert tuple(f["progress"][()]) == (124, 1)
         f["resid_mid"][100:124] = 0
@@ -164,10 +169,7 @@ def test_a_partial_shard_open_in_another_process_is_not_deleted(
 ):
     """Only a shard proven damaged is started again: one HDF5 cannot lock (a reader elsewhere) is left alone."""
     folder = tmp_path / "acts"
-    fail_at_batch(monkeypatch, 1, RuntimeError("stopped"))
-    with pytest.raises(RuntimeError, match="stopped"):
-        harvest(harvest_config, folder, model=tiny_gpt2, progress=False)
-    monkeypatch.undo()
+    stopped_harvest(monkeypatch, 1, RuntimeError("stopped"), harvest_config, folder, tiny_gpt2)
     partial = folder / "shard-00000.h5.partial"
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(partial)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True

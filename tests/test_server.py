@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from helpers import assert_exact, wait_until
 
 import cltlab
 from cltlab import DiscBuffer, TrainConfig
@@ -38,20 +39,6 @@ def reference(buffer_path):
     """Every batch of size B, as the DiscBuffer reads it."""
     buffer = DiscBuffer(buffer_path, batch_size=B)
     return [buffer[i] for i in range(len(buffer))]
-
-
-def assert_exact(batch, reference):
-    expected = reference[batch.index % len(reference)]
-    assert torch.equal(batch.resid_mid, expected.resid_mid) and torch.equal(batch.mlp_out, expected.mlp_out)
-
-
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def read_frames(body: bytes, row_bytes: int) -> list[tuple[int, int, bytes]]:

@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from helpers import assert_exact, wait_until
 
 from cltlab import DiscBuffer
 from cltlab.server import ActivationClient, DiscSource, Limits, Source, serve
@@ -34,20 +35,6 @@ ROW_BYTES = 4 * 64 * 4  # tiny-gpt2: 4 layers × d_model 64, float32
 def reference(buffer_path):
     buffer = DiscBuffer(buffer_path, batch_size=B)
     return [buffer[i] for i in range(len(buffer))]
-
-
-def assert_exact(batch, reference):
-    expected = reference[batch.index % len(reference)]
-    assert torch.equal(batch.resid_mid, expected.resid_mid) and torch.equal(batch.mlp_out, expected.mlp_out)
-
-
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def segments() -> set[str]:
