@@ -124,58 +124,89 @@ def attribute(
     clt = clt.to(model.device).eval()
     local = LocalReplacement(model, ids)
     sources = _Sources(clt, local)
-    seq, L = len(ids), model.n_layers
     unembedding = feature_effects.unembedding(model).float()
     logit_ids, logit_p, logit_vectors = logit_targets(
         local.prompt.logits, unembedding, logit_prob=logit_prob, max_logits=max_logits
     )
-    n_active, n_logits = sources.n_active, len(logit_ids)
+    n_active = sources.n_active
     n_features = n_active if max_features is None else min(max_features, n_active)
-    n_columns = n_active + L * seq + seq
+    backward = _Backward(local, sources, batch_size)
+    rows, row_node, visited = _rows(
+        backward, clt, logit_vectors, logit_p, n_features, update_interval=update_interval, progress=progress
+    )
+    graph = _graph(model, ids, sources, logit_ids, logit_p, rows, row_node, visited, scan=scan)
+    seconds = time.perf_counter() - started
+    log.info("Attribution of %d tokens: %d of %d features in %.1f s", len(ids), n_features, n_active, seconds)
+    return graph
 
-    # The frozen model on batch_size copies, with leaves in place of the embeddings and MLP outputs.
-    embed_leaf = local.prompt.embeddings.expand(batch_size, -1, -1).clone().requires_grad_()
-    mlp_leaves = [
-        local.prompt.mlp_out[:, layer].expand(batch_size, -1, -1).clone().requires_grad_()
-        for layer in range(L)
-    ]
-    with torch.enable_grad():
-        resid, final = local.run(
-            batch=batch_size, embeddings=embed_leaf, mlp_fn=lambda layer, _: mlp_leaves[layer]
-        )
-    # A feature's pre-activation reads raw resid_mid through W_enc / input_scale: (n_layers, d_model, d_features).
-    encoder = clt.W_enc.detach().float() / clt.input_scale.float()[:, :, None]
 
-    def backward(layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+class _Backward:
+    """The frozen model run once on ``batch_size`` copies of the prompt, with autograd leaves in place of the token
+    embeddings and MLP outputs; calling it gives the rows of a block of targets (one backward pass)."""
+
+    def __init__(self, local: LocalReplacement, sources: _Sources, batch_size: int):
+        self.sources, self.batch_size = sources, batch_size
+        prompt, L = local.prompt, local.model.n_layers
+        self.seq, self.d_model, self.n_layers = prompt.embeddings.shape[-2], local.model.d_model, L
+        self.embed_leaf = prompt.embeddings.expand(batch_size, -1, -1).clone().requires_grad_()
+        self.mlp_leaves = [
+            prompt.mlp_out[:, layer].expand(batch_size, -1, -1).clone().requires_grad_() for layer in range(L)
+        ]
+        with torch.enable_grad():
+            self.resid, self.final = local.run(
+                batch=batch_size, embeddings=self.embed_leaf, mlp_fn=lambda layer, _: self.mlp_leaves[layer]
+            )
+
+    def __call__(self, layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """Rows for targets reading ``vectors`` ``(n, d_model)`` at (layer, position); layer L is the final norm."""
         outputs, grads = [], []
         index = torch.arange(len(layers))
         for layer in layers.unique().tolist():
             at = layers == layer
-            grad = torch.zeros(batch_size, seq, model.d_model, device=vectors.device)
+            grad = torch.zeros(self.batch_size, self.seq, self.d_model, device=vectors.device)
             grad[index[at], positions[at]] = vectors[at]
-            outputs.append(final if layer == L else resid[layer])
+            outputs.append(self.final if layer == self.n_layers else self.resid[layer])
             grads.append(grad.to(outputs[-1].dtype))
-        found = torch.autograd.grad(
-            outputs, [embed_leaf, *mlp_leaves], grads, retain_graph=True, allow_unused=True
-        )
-        zero = torch.zeros_like(embed_leaf)
+        leaves = [self.embed_leaf, *self.mlp_leaves]
+        found = torch.autograd.grad(outputs, leaves, grads, retain_graph=True, allow_unused=True)
+        zero = torch.zeros_like(self.embed_leaf)
         grad_embed = found[0] if found[0] is not None else zero
         grad_mlp = torch.stack([g if g is not None else zero for g in found[1:]], 2)  # (batch, seq, L, d)
         depth = int(layers.max())  # the deepest target reads resid_mid before this layer's MLP (L: after all)
-        return sources.rows(grad_mlp.float(), grad_embed.float(), depth)[: len(layers)]
+        return self.sources.rows(grad_mlp.float(), grad_embed.float(), depth)[: len(layers)]
 
+
+def _rows(
+    backward: _Backward,
+    clt: CrossLayerTranscoder,
+    logit_vectors: torch.Tensor,
+    logit_p: torch.Tensor,
+    n_features: int,
+    *,
+    update_interval: int,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows of the logits, then of ``n_features`` features (all, or the most influential so far).
+
+    Returns the rows ``(n_logits + n_features, n_columns)``, the target of each row (its feature's column, or
+    ``n_columns + rank`` for a logit) and which active features were visited.
+    """
+    sources, batch_size, L, seq = backward.sources, backward.batch_size, backward.n_layers, backward.seq
+    n_active, n_logits = sources.n_active, len(logit_vectors)
+    n_columns = n_active + L * seq + seq
+    # A feature's pre-activation reads raw resid_mid through W_enc / input_scale: (n_layers, d_model, d_features).
+    encoder = clt.W_enc.detach().float() / clt.input_scale.float()[:, :, None]
     bar = tqdm(total=n_logits + n_features, desc="attribution", unit="node", disable=not progress)
     rows = torch.zeros(n_logits + n_features, n_columns)
-    # The target of each row: its feature's column, or n_columns + rank for a logit.
     row_node = torch.zeros(n_logits + n_features, dtype=torch.long)
     for start in range(0, n_logits, batch_size):
         stop = min(start + batch_size, n_logits)
+        n = stop - start
         rows[start:stop] = backward(
-            torch.full((stop - start,), L), torch.full((stop - start,), seq - 1), logit_vectors[start:stop]
+            torch.full((n,), L), torch.full((n,), seq - 1), logit_vectors[start:stop]
         ).cpu()
         row_node[start:stop] = n_columns + torch.arange(start, stop)
-        bar.update(stop - start)
+        bar.update(n)
     done = n_logits
     visited = torch.zeros(n_active, dtype=torch.bool)
     while done < n_logits + n_features:
@@ -190,28 +221,45 @@ def attribute(
             pending = pending[sources.active[pending, 0].cpu().argsort(stable=True)]
         for block in pending.split(batch_size):
             layer, position, feature = sources.active[block].T.cpu()
-            rows[done : done + len(block)] = backward(
-                layer, position, encoder[layer, :, feature].to(embed_leaf.device)
-            ).cpu()
+            vectors = encoder[layer, :, feature].to(backward.embed_leaf.device)
+            rows[done : done + len(block)] = backward(layer, position, vectors).cpu()
             row_node[done : done + len(block)] = block
             visited[block] = True
             done += len(block)
             bar.update(len(block))
     bar.close()
+    return rows, row_node, visited
 
+
+def _graph(
+    model: LoadedModel,
+    ids: torch.Tensor,
+    sources: _Sources,
+    logit_ids: torch.Tensor,
+    logit_p: torch.Tensor,
+    rows: torch.Tensor,
+    row_node: torch.Tensor,
+    visited: torch.Tensor,
+    *,
+    scan: str,
+) -> AttributionGraph:
+    """The graph of the visited features, the errors, the tokens and the logits, from the rows in node order."""
+    n_logits, n_columns = len(logit_ids), rows.shape[1]
     selected = visited.nonzero().flatten()
-    keep = torch.cat([selected, torch.arange(n_active, n_columns)])  # the feature nodes, errors and tokens
+    keep = torch.cat(
+        [selected, torch.arange(sources.n_active, n_columns)]
+    )  # the feature nodes, errors and tokens
     n_nodes = len(keep) + n_logits
     adjacency = torch.zeros(n_nodes, n_nodes)
     feature_rows = rows[n_logits:][row_node[n_logits:].argsort()]  # in node order
     adjacency[: len(selected), : len(keep)] = feature_rows[:, keep]
     adjacency[len(keep) :, : len(keep)] = rows[:n_logits][:, keep]
     tokenizer = model.tokenizer
-    graph = AttributionGraph(
+    return AttributionGraph(
         prompt=tokenizer.decode(ids[1:].tolist()),
         input_ids=ids,
         tokens=[tokenizer.decode([t]) for t in ids.tolist()],
-        n_layers=L,
+        n_layers=model.n_layers,
         active_features=sources.active.cpu(),
         activations=sources.activations.cpu(),
         selected=selected,
@@ -222,14 +270,6 @@ def attribute(
         error_norms=sources.errors.norm(dim=-1).T.cpu(),
         scan=scan,
     )
-    log.info(
-        "Attribution of %d tokens: %d of %d features in %.1f s",
-        seq,
-        n_features,
-        n_active,
-        time.perf_counter() - started,
-    )
-    return graph
 
 
 def _partial_influence(
