@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--logits", type=int, default=5)
     parser.add_argument("--prompts", nargs="*", default=list(ANCHOR))
     args = parser.parse_args()
-    paths = cltlab.run_paths("default", args.run)
+    paths = cltlab.run.run_paths("default", args.run)
     if not (paths.clt / "config.json").exists():
         raise SystemExit(f"No trained CLT in {paths.clt}: run `make run` first (or pass --run).")
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ def encode_only(clt: cltlab.CrossLayerTranscoder, buffer: cltlab.DiscBuffer, blo
 def random_clt(buffer: cltlab.DiscBuffer, d_features: int, density: float) -> cltlab.CrossLayerTranscoder:
     """Random weights, the buffer's normalization, thresholds at each feature's (1 - density) quantile."""
     torch.manual_seed(0)
-    config = cltlab.CLTConfig(
+    config = cltlab.config.CLTConfig(
         n_layers=buffer.n_layers,
         d_model=buffer.d_model,
         d_features=d_features,
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    config = cltlab.HarvestConfig(
+    config = cltlab.config.HarvestConfig(
         model=args.model, n_tokens=args.tokens, seq_len=128, batch_size=16, model_dtype="bfloat16"
     )
     with tempfile.TemporaryDirectory() as tmp:

@@ -49,8 +49,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
-    paths = cltlab.run_paths("default", args.run)
-    profile = cltlab.get_profile("default")
+    paths = cltlab.run.run_paths("default", args.run)
+    profile = cltlab.config.get_profile("default")
     plt_dir = args.out / f"plt_default_lam{args.plt_lambda:.3g}"
     if not (plt_dir / "clt" / "config.json").exists():
         config = dataclasses.replace(

@@ -20,7 +20,7 @@ import cltlab
 from cltlab.corpus import token_sequences
 
 
-def forward_tokens_per_second(model, config: cltlab.HarvestConfig) -> float:
+def forward_tokens_per_second(model, config: cltlab.config.HarvestConfig) -> float:
     batches = token_sequences(
         config.corpus,
         model.tokenizer,
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--dir", help="Folder to harvest into (default: the system's temporary folder).")
     args = parser.parse_args()
     for name in args.models:
-        config = cltlab.HarvestConfig(
+        config = cltlab.config.HarvestConfig(
             model=name,
             n_tokens=args.tokens,
             seq_len=128,

@@ -133,15 +133,20 @@ class Bench:
     """Trains and evaluates runs of either kind on one harvest, caching each under ``root``."""
 
     def __init__(
-        self, args: argparse.Namespace, harvest: cltlab.HarvestConfig, buffer: Path, heldout: Path, model
+        self,
+        args: argparse.Namespace,
+        harvest: cltlab.config.HarvestConfig,
+        buffer: Path,
+        heldout: Path,
+        model,
     ):
-        profile = cltlab.get_profile("default")
+        profile = cltlab.config.get_profile("default")
         self.args, self.harvest, self.model, self.profile = args, harvest, model, profile
         self.buffer, self.heldout = cltlab.DiscBuffer(buffer), cltlab.DiscBuffer(heldout)
         self.eval = dataclasses.replace(profile.eval, n_sequences=args.eval_sequences)
         self.root = Path(args.out) / f"runs_{buffer.name}"
 
-    def train_config(self, kind: str, lam: float) -> cltlab.TrainConfig:
+    def train_config(self, kind: str, lam: float) -> cltlab.config.TrainConfig:
         return dataclasses.replace(
             self.profile.train,
             cross_layer=KINDS[kind],
@@ -314,7 +319,7 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of every model load
     start = time.perf_counter()
 
-    profile = cltlab.get_profile("default")
+    profile = cltlab.config.get_profile("default")
     out, layers = Path(args.out), parse_layers(args.layers)
     span = "all" if layers is None else f"{layers[0]}-{layers[1]}"
     harvest = dataclasses.replace(profile.harvest, layers=layers)

@@ -22,7 +22,8 @@ import torch
 from buffer import make_folder
 from train_speed import set_density, step_time, timed
 
-from cltlab import CLTConfig, CrossLayerTranscoder, DiscBuffer
+from cltlab import CrossLayerTranscoder, DiscBuffer
+from cltlab.config import CLTConfig
 from cltlab.data import EpochSampler, ThreadedBatches
 
 

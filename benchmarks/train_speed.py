@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from cltlab import CLTConfig, CrossLayerTranscoder
+from cltlab import CrossLayerTranscoder
+from cltlab.config import CLTConfig
 
 
 class SeedMaskedDecoder(torch.nn.Module):

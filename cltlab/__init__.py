@@ -9,52 +9,38 @@ from . import plots
 from .attribution import AttributionGraph, Intervention, attribute, intervene
 from .buffer import DiscBuffer
 from .clt import CrossLayerTranscoder
-from .config import CLTConfig, EvalConfig, HarvestConfig, Profile, TrainConfig, get_profile
-from .features import FeatureStatistics, feature_statistics, feature_stats, top_contexts
+from .features import feature_statistics, top_contexts
 from .harvest import harvest
-from .interop import export_circuit_tracer, import_circuit_tracer
-from .jumprelu import JumpReLU
+from .interop import export_circuit_tracer
 from .models import load_model
 from .replacement import ReplacementModel, evaluate
-from .run import RunPaths, notebook, run_paths
+from .run import notebook
 from .train import train
 
 __version__ = importlib.metadata.version("cltlab")  # one version, pyproject.toml's
 
-__all__ = [
-    "ActivationClient",
+__all__ = [  # in data-flow order: the names the notebooks use; the rest live in their modules
+    "notebook",
+    "load_model",
+    "harvest",
+    "DiscBuffer",
+    "train",
+    "CrossLayerTranscoder",
+    "feature_statistics",
+    "top_contexts",
+    "FeatureBrowser",
+    "ReplacementModel",
+    "evaluate",
+    "ReplacementComparison",
+    "attribute",
     "AttributionGraph",
     "AttributionGraphView",
-    "CLTConfig",
-    "CrossLayerTranscoder",
-    "DiscBuffer",
-    "EvalConfig",
-    "FeatureBrowser",
-    "FeatureStatistics",
-    "HarvestConfig",
-    "Intervention",
-    "JumpReLU",
-    "Profile",
-    "ReplacementComparison",
-    "ReplacementModel",
-    "RunPaths",
-    "TrainConfig",
-    "attribute",
-    "evaluate",
-    "export_circuit_tracer",
-    "feature_statistics",
-    "feature_stats",
-    "get_profile",
-    "harvest",
-    "import_circuit_tracer",
     "intervene",
-    "load_model",
-    "notebook",
-    "plots",
-    "run_paths",
+    "Intervention",
+    "export_circuit_tracer",
     "serve",
-    "top_contexts",
-    "train",
+    "ActivationClient",
+    "plots",
 ]
 
 

@@ -33,7 +33,7 @@ LOG10_RANGE = (-3.0, 3.0)
 SORT_KEYS = ("index", "frequency", "max_activation")
 
 
-class FeatureStats(NamedTuple):
+class LayerStatistics(NamedTuple):
     """Statistics of the features of one layer over ``n_tokens`` tokens."""
 
     layer: int
@@ -112,9 +112,9 @@ class FeatureStatistics:
     def d_features(self) -> int:
         return self.frequency.shape[1]
 
-    def layer(self, layer: int) -> FeatureStats:
+    def layer(self, layer: int) -> LayerStatistics:
         """The statistics of one CLT layer."""
-        return FeatureStats(
+        return LayerStatistics(
             layer,
             self.frequency[layer],
             self.max_activation[layer],
@@ -317,7 +317,7 @@ def feature_statistics(
     return stats
 
 
-def feature_stats(
+def layer_statistics(
     clt: CrossLayerTranscoder,
     buffer: DiscBuffer,
     layer: int,
@@ -327,7 +327,7 @@ def feature_stats(
     block_size: int = 4096,
     max_tokens: int | None = None,
     progress: bool = True,
-) -> FeatureStats:
+) -> LayerStatistics:
     """Statistics of the features of one layer (the single-layer form of ``feature_statistics``)."""
     n = _check(clt, buffer, max_tokens)
     if not 0 <= layer < clt.n_layers:
@@ -364,7 +364,7 @@ class FeatureContexts(NamedTuple):
 
 
 def top_contexts(
-    stats: FeatureStats,
+    stats: LayerStatistics,
     buffer: DiscBuffer,
     tokenizer,
     features: list[int],

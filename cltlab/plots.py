@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .buffer import DiscBuffer
-from .features import FeatureStats
+from .features import LayerStatistics
 from .replacement import ReplacementMetrics
 
 
@@ -80,7 +80,7 @@ def activation_scales(buffer: DiscBuffer) -> go.Figure:
     return fig
 
 
-def feature_frequencies(stats: FeatureStats) -> go.Figure:
+def feature_frequencies(stats: LayerStatistics) -> go.Figure:
     """Histogram of log10 activation frequency of the live features of one layer."""
     live = stats.frequency[stats.frequency > 0]
     fig = go.Figure(go.Histogram(x=live.log10().tolist(), nbinsx=40))

@@ -230,7 +230,7 @@ class TrainResult(NamedTuple):
 
 def train(
     config: TrainConfig,
-    buffer_path: str | Path | torch.utils.data.IterableDataset,
+    data: str | Path | torch.utils.data.IterableDataset,
     run_dir: str | Path,
     *,
     resume: bool = False,
@@ -238,7 +238,7 @@ def train(
 ) -> TrainResult:
     """Train a CLT (or a per-layer transcoder) on a harvested buffer; save it to ``<run_dir>/clt``.
 
-    ``buffer_path`` may also be an IterableDataset with ``n_layers``, ``d_model``, ``layer_start`` and ``stats``,
+    ``data`` is a harvest folder, or an IterableDataset with ``n_layers``, ``d_model``, ``layer_start`` and ``stats``,
     e.g. ``cltlab.ActivationClient(url).dataset(batch_size)`` reading from an activation server.
 
     With several devices or nodes (``config.devices``, ``num_nodes``, ``strategy``) every process runs this
@@ -247,14 +247,14 @@ def train(
     """
     run_dir = Path(run_dir)
     L.seed_everything(config.seed, verbose=False)
-    data = ActivationData(
-        buffer_path,
+    datamodule = ActivationData(
+        data,
         batch_size=config.batch_size,
         seed=config.seed,
         num_workers=config.num_workers,
         reader_threads=config.reader_threads,
     )
-    buffer = data.source  # the whole buffer (or the stream): the same shape and statistics on every rank
+    buffer = datamodule.source  # the whole buffer (or stream): the same shape and statistics on every rank
     clt_config = CLTConfig(
         n_layers=buffer.n_layers,
         d_model=buffer.d_model,
@@ -275,7 +275,7 @@ def train(
     try:
         # weights_only: a checkpoint holds tensors and plain values; unpickling anything else could run code.
         ckpt_path = str(last) if resume and last.exists() else None
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         for logger in trainer.loggers:  # close the W&B run so the next train() in this kernel starts its own
             if type(logger).__name__ == "WandbLogger":

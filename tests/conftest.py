@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cltlab import HarvestConfig, harvest
+from cltlab import harvest
+from cltlab.config import HarvestConfig
 from cltlab.models import ARCHITECTURES, LoadedModel, gpt2_tokenizer, load_model
 
 # 500 rows from forward batches of 4 × 31 = 124 rows (the 5th batch stores only 4), two batches per shard:

@@ -6,7 +6,8 @@ import time
 
 import torch
 
-from cltlab import CLTConfig, CrossLayerTranscoder
+from cltlab import CrossLayerTranscoder
+from cltlab.config import CLTConfig
 from cltlab.models import LoadedModel
 
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 from helpers import make_clt
 
-from cltlab import CLTConfig, CrossLayerTranscoder, JumpReLU, TrainConfig, train
+from cltlab import CrossLayerTranscoder, train
 from cltlab.activations import ACTIVATIONS, BatchTopK, TopK, batch_topk, batchtopk_thresholds, topk
+from cltlab.config import CLTConfig, TrainConfig
 from cltlab.interop import export_circuit_tracer
+from cltlab.jumprelu import JumpReLU
 
 
 def test_topk_keeps_the_k_largest_of_each_token_and_layer():

@@ -55,8 +55,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_gpt2):
     """A CI-profile run: a harvested buffer and a random CLT with the buffer's normalization."""
-    paths = cltlab.run_paths("ci", tmp_path_factory.mktemp("lab-run"))
-    profile = cltlab.get_profile("ci")
+    paths = cltlab.run.run_paths("ci", tmp_path_factory.mktemp("lab-run"))
+    profile = cltlab.config.get_profile("ci")
     cltlab.harvest(profile.harvest, paths.buffer, model=tiny_gpt2, progress=False)
     buffer = cltlab.DiscBuffer(paths.buffer)
     clt = make_clt(buffer.n_layers, buffer.d_model, 32, normalization=False, threshold_init=0.5, seed=1)

@@ -7,8 +7,9 @@ import json
 import pytest
 from helpers import make_clt
 
-from cltlab import DiscBuffer, HarvestConfig, TrainConfig
+from cltlab import DiscBuffer
 from cltlab.cli import _parse_value, apply_options, build_parser, field_docs, main
+from cltlab.config import HarvestConfig, TrainConfig
 
 
 def test_field_docs_are_the_dataclass_docstrings():

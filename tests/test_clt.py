@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import make_clt
 
-from cltlab import CLTConfig, CrossLayerTranscoder
+from cltlab import CrossLayerTranscoder
+from cltlab.config import CLTConfig
 
 L, D, F = 4, 8, 16
 

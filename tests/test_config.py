@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cltlab import CLTConfig, HarvestConfig, get_profile
-from cltlab.config import PROFILES
+from cltlab.config import PROFILES, CLTConfig, HarvestConfig, get_profile
 
 
 @pytest.mark.parametrize(

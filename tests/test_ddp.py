@@ -22,8 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cltlab import CrossLayerTranscoder, DiscBuffer, TrainConfig, train
+from cltlab import CrossLayerTranscoder, DiscBuffer, train
 from cltlab.cli import apply_options, build_parser, main
+from cltlab.config import TrainConfig
 from cltlab.train import TrainResult, make_trainer, strategy_for
 
 STEPS = 5

@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import make_clt
 
-from cltlab import DiscBuffer, FeatureStatistics, feature_statistics, feature_stats, top_contexts
+from cltlab import DiscBuffer, feature_statistics, top_contexts
+from cltlab.features import FeatureStatistics, layer_statistics
 
 K = 4
 
@@ -35,8 +36,8 @@ def brute_force(clt, buffer, layer: int, n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("block_size", [64, 4096])
-def test_feature_stats_match_brute_force(clt, buffer, block_size):
-    stats = feature_stats(clt, buffer, 2, k=K, block_size=block_size, progress=False)
+def test_layer_statistics_match_brute_force(clt, buffer, block_size):
+    stats = layer_statistics(clt, buffer, 2, k=K, block_size=block_size, progress=False)
     f = brute_force(clt, buffer, 2, 500)
     active = f > 0
     assert stats.layer == 2 and stats.n_tokens == 500
@@ -54,7 +55,7 @@ def test_feature_stats_match_brute_force(clt, buffer, block_size):
 
 
 def test_top_features_skip_dead_ones(clt, buffer):
-    stats = feature_stats(clt, buffer, 2, k=K, progress=False)
+    stats = layer_statistics(clt, buffer, 2, k=K, progress=False)
     top = stats.top_features(12)
     assert set(top[:9]) == set(range(3, 12))
     assert top[:9] == stats.frequency.argsort(descending=True)[:9].tolist()
@@ -63,24 +64,24 @@ def test_top_features_skip_dead_ones(clt, buffer):
 
 
 def test_max_tokens_limits_the_pass(clt, buffer):
-    stats = feature_stats(clt, buffer, 0, k=K, block_size=64, max_tokens=150, progress=False)
+    stats = layer_statistics(clt, buffer, 0, k=K, block_size=64, max_tokens=150, progress=False)
     f = brute_force(clt, buffer, 0, 150)
     assert stats.n_tokens == 150
     assert torch.allclose(stats.frequency, (f > 0).float().mean(0))
     assert (stats.top_rows < 150).all()
 
 
-def test_feature_stats_errors(clt, buffer):
+def test_layer_statistics_errors(clt, buffer):
     with pytest.raises(ValueError, match=r"layer must be in \[0, 4\), not 4"):
-        feature_stats(clt, buffer, 4, progress=False)
+        layer_statistics(clt, buffer, 4, progress=False)
     with pytest.raises(
         ValueError, match="holds 4 layers of d_model 64, but the CLT has 4 layers of d_model 8"
     ):
-        feature_stats(make_clt(4, 8, 4), buffer, 0, progress=False)
+        layer_statistics(make_clt(4, 8, 4), buffer, 0, progress=False)
 
 
 def test_top_contexts_show_the_activating_token(clt, buffer, tiny_gpt2):
-    stats = feature_stats(clt, buffer, 2, k=K, progress=False)
+    stats = layer_statistics(clt, buffer, 2, k=K, progress=False)
     feature = stats.top_features(1)[0]
     contexts = top_contexts(stats, buffer, tiny_gpt2.tokenizer, [feature, 0], per_feature=3, window=4)
     assert contexts.layer == 2

@@ -25,7 +25,8 @@ import torch
 from conftest import BUFFER_CONFIG, BUFFER_SHARD_ROWS
 from helpers import hooked_sites, random_ids
 
-from cltlab import DiscBuffer, HarvestConfig, harvest
+from cltlab import DiscBuffer, harvest
+from cltlab.config import HarvestConfig
 from cltlab.corpus import token_sequences
 from cltlab.locks import HarvestBusy
 from cltlab.models import LoadedModel
@@ -428,7 +429,8 @@ import json, os, signal, sys
 import h5py, numpy as np, torch
 path, mode, target, threads, config, job = sys.argv[1:7]
 torch.set_num_threads(int(threads))
-from cltlab import HarvestConfig, harvest
+from cltlab import harvest
+from cltlab.config import HarvestConfig
 from cltlab.models import load_model
 
 def die():

@@ -16,7 +16,8 @@ import pytest
 from conftest import BUFFER_CONFIG
 from test_harvest import differences
 
-from cltlab import HarvestConfig, harvest
+from cltlab import harvest
+from cltlab.config import HarvestConfig
 from cltlab.store import ROW_DATASETS, open_shard
 
 

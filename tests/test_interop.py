@@ -11,7 +11,8 @@ import yaml
 from helpers import make_clt
 from safetensors.torch import load_file, save_file
 
-from cltlab import CrossLayerTranscoder, export_circuit_tracer, import_circuit_tracer
+from cltlab import CrossLayerTranscoder, export_circuit_tracer
+from cltlab.interop import import_circuit_tracer
 
 L, D, F = 4, 8, 16
 # Folding the normalization into the weights reorders float32 arithmetic: results agree to RTOL of their scale

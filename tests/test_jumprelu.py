@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cltlab import JumpReLU
-from cltlab.jumprelu import jumprelu, rectangle
+from cltlab.jumprelu import JumpReLU, jumprelu, rectangle
 
 EPS = 0.1
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cltlab import DiscBuffer, plots
-from cltlab.features import FeatureStats
+from cltlab.features import LayerStatistics
 from cltlab.replacement import ReplacementMetrics
 
 
@@ -58,7 +58,7 @@ def test_activation_scales_show_the_buffer_stats(buffer_path):
 
 def test_feature_frequencies_histogram_of_live_features():
     frequency = torch.tensor([0.0, 0.1, 0.01, 0.0])
-    stats = FeatureStats(1, frequency, frequency, frequency, torch.zeros(4, 1), torch.zeros(4, 1), 100)
+    stats = LayerStatistics(1, frequency, frequency, frequency, torch.zeros(4, 1), torch.zeros(4, 1), 100)
     fig = plots.feature_frequencies(stats)
     assert list(fig.data[0].x) == torch.tensor([0.1, 0.01]).log10().tolist()
     assert "2 live features, 50.0% dead" in fig.layout.title.text

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from helpers import hooked_sites, make_clt, random_ids
 
-from cltlab import EvalConfig, ReplacementModel, evaluate
+from cltlab import ReplacementModel, evaluate
+from cltlab.config import EvalConfig
 from cltlab.corpus import token_sequences
 from cltlab.models import LoadedModel
 

@@ -12,9 +12,8 @@ import torch
 from nbformat.v4 import new_code_cell, new_notebook
 
 import cltlab
-from cltlab import run_paths
 from cltlab.replacement import ReplacementMetrics
-from cltlab.run import MAIN_JOB, find_notebooks, run_notebooks
+from cltlab.run import MAIN_JOB, find_notebooks, run_notebooks, run_paths
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +77,7 @@ def test_notebook_takes_profile_and_run_folder_from_the_environment(monkeypatch,
     monkeypatch.setenv("CLTLAB_PROFILE", "ci")
     monkeypatch.setenv("CLTLAB_RUN_DIR", str(tmp_path / "run"))
     profile, paths = cltlab.notebook()
-    assert profile == cltlab.get_profile("ci") and paths.root == tmp_path / "run"
+    assert profile == cltlab.config.get_profile("ci") and paths.root == tmp_path / "run"
 
 
 def test_notebook_defaults_to_the_checkouts_runs_folder(monkeypatch, tmp_path):

@@ -16,7 +16,8 @@ import torch
 from helpers import assert_exact, wait_until
 
 import cltlab
-from cltlab import DiscBuffer, TrainConfig
+from cltlab import DiscBuffer
+from cltlab.config import TrainConfig
 from cltlab.corpus import token_sequences
 from cltlab.server import ActivationClient, DiscSource, Limits, LiveSource, serve
 from cltlab.server.app import create_app
@@ -58,6 +59,7 @@ def test_exports_and_import_starts_nothing():
 
 
 def test_info_health_and_openapi(server, buffer_path):
+    assert repr(server).startswith(f"ServerHandle({server.url}, ")
     client = ActivationClient(server.url)
     info = client.info()
     assert (info["kind"], info["n_layers"], info["d_model"], info["dtype"], info["n_tokens"]) == (
@@ -351,7 +353,7 @@ def test_serve_builds_a_live_source_from_a_model_and_harvest_config(tiny_gpt2):
     from cltlab.server.runner import as_source
 
     source = as_source(
-        tiny_gpt2, cltlab.HarvestConfig(model="tiny-gpt2", seq_len=8, batch_size=1, layers=(1, 3))
+        tiny_gpt2, cltlab.config.HarvestConfig(model="tiny-gpt2", seq_len=8, batch_size=1, layers=(1, 3))
     )
     try:
         assert (source.seq_len, source.forward_batch, source.info.n_layers, source.info.layer_start) == (

@@ -10,7 +10,8 @@ import lightning as L
 import pytest
 import torch
 
-from cltlab import CrossLayerTranscoder, DiscBuffer, TrainConfig, plots, train
+from cltlab import CrossLayerTranscoder, DiscBuffer, plots, train
+from cltlab.config import TrainConfig
 from cltlab.data import EpochSampler, ThreadedBatches
 from cltlab.train import CLTModule, lr_factor
 

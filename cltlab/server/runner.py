@@ -163,7 +163,7 @@ class ServerHandle:
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"ActivationServer({self.url}, {state}, {self.source.info.description})"
+        return f"ServerHandle({self.url}, {state}, {self.source.info.description})"
 
 
 def _stop_all() -> None:
