@@ -1,6 +1,6 @@
 """A transcoder's activation function: the ``Activation`` interface, TopK and BatchTopK (the alternatives to
 JumpReLU that researchers compare), the conversion of a trained BatchTopK transcoder to JumpReLU thresholds, and
-``ACTIVATIONS``, the one map from ``CLTConfig.activation`` to a class.
+``ACTIVATIONS``, the one map from ``CLTConfig.activation_kind`` to a class.
 
 - **TopK** keeps the ``k`` largest pre-activations of every token (and layer): L0 is exactly ``k``.
 - **BatchTopK** (Bussmann et al., 2024) keeps the ``k · n_tokens`` largest pre-activations of a layer over the
@@ -145,9 +145,9 @@ class BatchTopK(TopK):
 
 
 ACTIVATIONS: dict[str, type[JumpReLU | TopK]] = {"jumprelu": JumpReLU, "topk": TopK, "batchtopk": BatchTopK}
-"""``CLTConfig.activation`` → the class; each builds itself with ``from_config``."""
+"""``CLTConfig.activation_kind`` → the class; each builds itself with ``from_config``."""
 
 
 def activation_for(config: CLTConfig) -> Activation:
     """The activation function ``config`` names, shaped ``(n_layers, d_features)``."""
-    return ACTIVATIONS[config.activation].from_config(config)
+    return ACTIVATIONS[config.activation_kind].from_config(config)

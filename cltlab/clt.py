@@ -67,7 +67,7 @@ class CrossLayerTranscoder(nn.Module):
         config: the ``CLTConfig`` it was built from.
         W_enc: ``(n_layers, d_model, d_features)`` encoder weights (normalized units).
         b_enc: ``(n_layers, d_features)`` encoder biases.
-        activation: the ``activations.Activation`` that ``config.activation`` names: ``JumpReLU``, ``TopK`` or
+        activation: the ``activations.Activation`` that ``config.activation_kind`` names: ``JumpReLU``, ``TopK`` or
             ``BatchTopK``, each with ``log_threshold`` ``(n_layers, d_features)``.
         W_dec: list over source layers l of ``(d_features, n_targets(l), d_model)``; ``n_targets(l)`` is
             ``n_layers - l`` for a CLT and 1 for a per-layer transcoder.
@@ -167,7 +167,7 @@ class CrossLayerTranscoder(nn.Module):
         """
         preactivations = (self.preactivations(x) for x in inputs)
         jumprelu = self.activation.to_jumprelu(preactivations, bandwidth=self.config.bandwidth)
-        converted = type(self)(dataclasses.replace(self.config, activation="jumprelu"))
+        converted = type(self)(dataclasses.replace(self.config, activation_kind="jumprelu"))
         converted.load_state_dict(self.state_dict())
         converted.activation.log_threshold.copy_(jumprelu.log_threshold)
         return converted.to(self.W_enc.device).train(self.training)
@@ -274,6 +274,6 @@ class CrossLayerTranscoder(nn.Module):
                 f"{config_path} has format {meta.get('format')!r} version {meta.get('format_version')!r}; "
                 f"this cltlab reads {FORMAT!r} version {FORMAT_VERSION}."
             )
-        clt = cls(CLTConfig(**meta["config"]))
+        clt = cls(CLTConfig.from_dict(meta["config"]))
         clt.load_state_dict(load_file(str(weights_path)))
         return clt.to(device)

@@ -71,9 +71,9 @@ class CLTConfig:
     """Width of the rectangle kernel behind the threshold's pseudo-gradient."""
     layer_offset: int = 0
     """Index in the model of the first covered layer."""
-    activation: str = "jumprelu"
-    """``jumprelu`` (learned thresholds), ``topk`` (the k largest per token and layer) or ``batchtopk`` (the
-    k · batch largest per layer over the batch)."""
+    activation_kind: str = "jumprelu"
+    """Which activation function ``clt.activation`` is: ``jumprelu`` (learned thresholds), ``topk`` (the k largest
+    per token and layer) or ``batchtopk`` (the k · batch largest per layer over the batch)."""
     k: int = 32
     """Active features per token and layer for ``topk`` and ``batchtopk`` (unused by ``jumprelu``)."""
 
@@ -82,10 +82,20 @@ class CLTConfig:
             raise ValueError("n_layers, d_model and d_features must be positive.")
         if self.bandwidth <= 0 or self.threshold_init <= 0:
             raise ValueError("bandwidth and threshold_init must be positive.")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}.")
-        if self.activation != "jumprelu" and not 0 < self.k <= self.d_features:
+        if self.activation_kind not in ACTIVATIONS:
+            raise ValueError(
+                f"activation_kind must be one of {', '.join(ACTIVATIONS)}, not {self.activation_kind!r}."
+            )
+        if self.activation_kind != "jumprelu" and not 0 < self.k <= self.d_features:
             raise ValueError(f"k must be between 1 and d_features={self.d_features}, not {self.k}.")
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> CLTConfig:
+        """The config saved as ``fields``; CLTs saved before the field was renamed call it ``activation``."""
+        fields = dict(fields)
+        if "activation" in fields:
+            fields["activation_kind"] = fields.pop("activation")
+        return cls(**fields)
 
 
 @dataclass
@@ -118,8 +128,8 @@ class TrainConfig:
     """Initial JumpReLU threshold."""
     bandwidth: float = 0.1
     """JumpReLU rectangle-kernel bandwidth."""
-    activation: str = "jumprelu"
-    """``jumprelu``, ``topk`` or ``batchtopk`` (see ``CLTConfig.activation``)."""
+    activation_kind: str = "jumprelu"
+    """``jumprelu``, ``topk`` or ``batchtopk`` (see ``CLTConfig.activation_kind``)."""
     k: int = 32
     """Active features per token and layer for ``topk`` / ``batchtopk``."""
     decoding: str = "auto"
@@ -155,8 +165,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_steps <= 0 or self.batch_size <= 0 or self.d_features <= 0:
             raise ValueError("max_steps, batch_size and d_features must be positive.")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}.")
+        if self.activation_kind not in ACTIVATIONS:
+            raise ValueError(
+                f"activation_kind must be one of {', '.join(ACTIVATIONS)}, not {self.activation_kind!r}."
+            )
         if self.decoding not in ("auto", "dense", "sparse"):
             raise ValueError(f"decoding must be auto, dense or sparse, not {self.decoding!r}.")
         if not 0.0 <= self.lr_decay <= 1.0 or self.lr_warmup_steps < 0:

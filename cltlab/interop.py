@@ -109,7 +109,7 @@ def _n_files(clt: CrossLayerTranscoder, model_n_layers: int | None) -> int:
     not read it as it is."""
     if not isinstance(clt.activation, JumpReLU):
         raise ValueError(
-            f"circuit-tracer reads JumpReLU transcoders; convert this {clt.config.activation} one first "
+            f"circuit-tracer reads JumpReLU transcoders; convert this {clt.config.activation_kind} one first "
             "with clt.to_jumprelu(batches)."
         )
     offset, L = clt.config.layer_offset, clt.n_layers

@@ -34,7 +34,7 @@ class CLTModule(L.LightningModule):
     def __init__(self, clt_config: dict, train_config: dict):
         super().__init__()
         self.save_hyperparameters()
-        self.clt = CrossLayerTranscoder(CLTConfig(**clt_config))
+        self.clt = CrossLayerTranscoder(CLTConfig.from_dict(clt_config))
         self.cfg = TrainConfig(**train_config)
         # Tokens since each feature last fired, for the dead-feature fraction.
         self.register_buffer("tokens_since_active", torch.zeros(self.clt.n_layers, self.clt.d_features))
@@ -263,7 +263,7 @@ def train(
         threshold_init=config.threshold_init,
         bandwidth=config.bandwidth,
         layer_offset=buffer.layer_start,
-        activation=config.activation,
+        activation_kind=config.activation_kind,
         k=config.k,
     )
     module = CLTModule(dataclasses.asdict(clt_config), dataclasses.asdict(config))

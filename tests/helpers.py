@@ -29,7 +29,7 @@ def make_clt(
     seed: int = 0,
     normalization: bool = True,
     threshold_init: float = 1e-3,
-    activation: str = "jumprelu",
+    activation_kind: str = "jumprelu",
     k: int = 4,
 ) -> CrossLayerTranscoder:
     """A transcoder with every parameter randomized (so features fire and every decoder block matters)."""
@@ -40,7 +40,7 @@ def make_clt(
         cross_layer=cross_layer,
         threshold_init=threshold_init,
         layer_offset=layer_offset,
-        activation=activation,
+        activation_kind=activation_kind,
         k=k,
     )
     with torch.random.fork_rng(devices=[]):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import make_clt
@@ -45,7 +47,7 @@ def test_topk_gradients_reach_only_the_kept_entries():
 
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
 def test_each_activation_name_builds_its_class_and_saves_the_same_tensors(name, tmp_path):
-    clt = make_clt(2, 8, 16, activation=name, k=3)
+    clt = make_clt(2, 8, 16, activation_kind=name, k=3)
     assert type(clt.activation) is ACTIVATIONS[name]
     assert list(clt.state_dict()) == list(make_clt(2, 8, 16).state_dict())  # one file layout for every kind
     # Only JumpReLU trains its thresholds; a frozen one is what DDP needs of a parameter without a gradient.
@@ -53,6 +55,15 @@ def test_each_activation_name_builds_its_class_and_saves_the_same_tensors(name, 
     loaded = CrossLayerTranscoder.load(clt.save(tmp_path / "clt"))
     assert type(loaded.activation) is ACTIVATIONS[name]
     torch.testing.assert_close(loaded.state_dict(), clt.state_dict())
+
+
+def test_a_clt_saved_before_activation_kind_was_named_so_still_loads(tmp_path):
+    directory = make_clt(2, 8, 16, activation_kind="topk", k=3).save(tmp_path / "clt")
+    meta = json.loads((directory / "config.json").read_text())
+    meta["config"]["activation"] = meta["config"].pop("activation_kind")  # the key older cltlab wrote
+    (directory / "config.json").write_text(json.dumps(meta))
+    loaded = CrossLayerTranscoder.load(directory)
+    assert loaded.config.activation_kind == "topk" and type(loaded.activation) is TopK
 
 
 @pytest.mark.parametrize("cls", [TopK, BatchTopK])
@@ -76,7 +87,7 @@ def test_batchtopk_of_one_layer_counts_every_leading_dimension_as_tokens():
 
 
 def test_topk_transcoder_has_l0_k_and_no_preactivation_loss():
-    clt = make_clt(3, 8, 16, activation="topk", k=5).train()
+    clt = make_clt(3, 8, 16, activation_kind="topk", k=5).train()
     x = torch.randn(32, 3, 8) * clt.input_scale + clt.input_mean
     out = clt.loss(x, torch.randn(32, 3, 8), sparsity_coef=1e-3, preact_coef=1.0)
     assert torch.allclose(out.l0, torch.full((3,), 5.0), atol=0.5)  # k, less the rare non-positive winners
@@ -87,10 +98,10 @@ def test_topk_transcoder_has_l0_k_and_no_preactivation_loss():
 
 
 def test_batchtopk_converts_to_jumprelu_with_about_the_same_sparsity_and_reconstruction():
-    clt = make_clt(3, 8, 64, activation="batchtopk", k=6)
+    clt = make_clt(3, 8, 64, activation_kind="batchtopk", k=6)
     batches = [torch.randn(256, 3, 8) * clt.input_scale + clt.input_mean for _ in range(4)]
     converted = clt.to_jumprelu(batches)
-    assert converted.config.activation == "jumprelu" and clt.config.activation == "batchtopk"
+    assert converted.config.activation_kind == "jumprelu" and clt.config.activation_kind == "batchtopk"
     theta = batchtopk_thresholds((clt.preactivations(x) for x in batches), 6)
     assert torch.allclose(converted.activation.threshold, theta[:, None].expand(3, 64))
     held_out = torch.randn(512, 3, 8) * clt.input_scale + clt.input_mean
@@ -104,7 +115,7 @@ def test_batchtopk_converts_to_jumprelu_with_about_the_same_sparsity_and_reconst
 
 
 def test_topk_transcoders_are_not_exported_to_circuit_tracer_unconverted(tmp_path):
-    clt = make_clt(2, 8, 16, activation="topk", k=2)
+    clt = make_clt(2, 8, 16, activation_kind="topk", k=2)
     with pytest.raises(ValueError, match="convert this topk one first with clt.to_jumprelu"):
         export_circuit_tracer(clt, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
@@ -113,9 +124,12 @@ def test_topk_transcoders_are_not_exported_to_circuit_tracer_unconverted(tmp_pat
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(activation="relu"), "activation must be one of jumprelu, topk, batchtopk, not 'relu'"),
-        (dict(activation="topk", k=17), "k must be between 1 and d_features=16, not 17"),
-        (dict(activation="batchtopk", k=0), "k must be between 1 and d_features=16, not 0"),
+        (
+            dict(activation_kind="relu"),
+            "activation_kind must be one of jumprelu, topk, batchtopk, not 'relu'",
+        ),
+        (dict(activation_kind="topk", k=17), "k must be between 1 and d_features=16, not 17"),
+        (dict(activation_kind="batchtopk", k=0), "k must be between 1 and d_features=16, not 0"),
     ],
 )
 def test_activation_config_errors(kwargs, message):
@@ -128,7 +142,7 @@ def test_training_a_batchtopk_clt_with_sparse_decoding(tmp_path, buffer_path):
         max_steps=4,
         batch_size=64,
         d_features=32,
-        activation="batchtopk",
+        activation_kind="batchtopk",
         k=4,
         decoding="auto",
         wandb=False,
@@ -136,6 +150,6 @@ def test_training_a_batchtopk_clt_with_sparse_decoding(tmp_path, buffer_path):
         checkpoint_every=100,
     )
     result = train(config, buffer_path, tmp_path / "run", enable_progress_bar=False)
-    assert result.clt.config.activation == "batchtopk" and result.clt.config.k == 4
+    assert result.clt.config.activation_kind == "batchtopk" and result.clt.config.k == 4
     x = torch.randn(64, 4, 64) * result.clt.input_scale + result.clt.input_mean
     assert torch.allclose((result.clt.encode(x) > 0).sum(-1).float().mean(0), torch.full((4,), 4.0), atol=0.5)

@@ -162,7 +162,13 @@ def test_a_nan_on_one_rank_stops_both_with_the_same_error(tmp_path, buffer_path)
 def test_topk_thresholds_are_frozen_so_ddp_does_not_wait_for_them(tmp_path, buffer_path):
     # TopK never uses the JumpReLU thresholds; DDP raises on a trainable parameter that gets no gradient.
     config = TrainConfig(
-        max_steps=2, batch_size=125, d_features=16, activation="topk", k=4, wandb=False, checkpoint_every=100
+        max_steps=2,
+        batch_size=125,
+        d_features=16,
+        activation_kind="topk",
+        k=4,
+        wandb=False,
+        checkpoint_every=100,
     )
     result = train(config, buffer_path, tmp_path, enable_progress_bar=False)
     assert not any(p.requires_grad for p in result.clt.activation.parameters())

@@ -30,7 +30,9 @@ def loss_and_grads(clt, x, y, mode: str) -> tuple[float, dict[str, torch.Tensor]
 @pytest.mark.parametrize("activation", ["jumprelu", "topk", "batchtopk"])
 @pytest.mark.parametrize("cross_layer", [True, False])
 def test_sparse_decoding_gives_the_dense_loss_and_gradients(activation, cross_layer):
-    clt = make_clt(L, D, F, cross_layer=cross_layer, activation=activation, k=3, threshold_init=0.3).train()
+    clt = make_clt(
+        L, D, F, cross_layer=cross_layer, activation_kind=activation, k=3, threshold_init=0.3
+    ).train()
     x, y = inputs(clt)
     dense_loss, dense = loss_and_grads(clt, x, y, "dense")
     for mode in ("sparse", "auto"):
