@@ -31,17 +31,8 @@ import numpy as np
 import torch
 
 from .open_files import OpenFiles
-from .sites import NormAccumulator, NormStats, row_bytes, to_torch
+from .sites import ActivationBatch, NormAccumulator, NormStats, row_bytes, to_torch
 from .store import SITES, STORAGE_DTYPES, check_shard, open_shard, read_manifest, verify_shard
-
-
-class ActivationBatch(NamedTuple):
-    """One training batch, in the storage dtype (convert on the device)."""
-
-    resid_mid: torch.Tensor
-    """``(batch, n_layers, d_model)`` MLP inputs (before the pre-MLP norm)."""
-    mlp_out: torch.Tensor
-    """``(batch, n_layers, d_model)`` MLP outputs."""
 
 
 class TokenContext(NamedTuple):
@@ -172,7 +163,7 @@ class DiscBuffer(torch.utils.data.Dataset):
         rows = self.batch_rows(index)
         out = tuple(np.empty((rows, self.n_layers, self.d_model), STORAGE_DTYPES[self.dtype]) for _ in SITES)
         self.read_batch_into(index, out)
-        return ActivationBatch(*(to_torch(a, self.dtype) for a in out))
+        return ActivationBatch(*(to_torch(a, self.dtype) for a in out), index=index)
 
     def batch_rows(self, index: int) -> int:
         """Rows in batch ``index``."""

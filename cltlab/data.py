@@ -25,8 +25,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from .buffer import ActivationBatch, DiscBuffer
-from .sites import to_storage, torch_dtype
+from .buffer import DiscBuffer
+from .sites import ActivationBatch, to_storage, torch_dtype
 from .store import SITES
 
 
@@ -90,19 +90,19 @@ class ThreadedBatches:
             slot, n = free.popleft(), buffer.batch_rows(index)
             views = tuple(t[:n] for t in slots[slot])
             arrays = tuple(to_storage(v, buffer.dtype).numpy() for v in views)  # views of the slot's memory
-            pending.append((pool.submit(buffer.read_batch_into, index, arrays), slot, views))
+            pending.append((pool.submit(buffer.read_batch_into, index, arrays), slot, views, index))
 
         with ThreadPoolExecutor(self.threads, thread_name_prefix="cltlab-read") as pool:
             for _ in range(self.threads):
                 submit(pool)
             while pending:
-                future, slot, views = pending.popleft()
+                future, slot, views, index = pending.popleft()
                 future.result()
                 held.append(slot)
                 if len(held) > self.reserve:  # the batch yielded `reserve` batches ago is done with
                     free.append(held.popleft())
                 submit(pool)
-                yield ActivationBatch(*views)
+                yield ActivationBatch(*views, index=index)
 
 
 class ActivationData(L.LightningDataModule):

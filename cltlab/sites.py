@@ -1,5 +1,6 @@
 """The two sites a CLT reads and writes, ``resid_mid`` and ``mlp_out``: how they are captured from a model, how a
-row of them is stored, and the normalization statistics measured on them.
+row of them is stored, the block of rows every producer hands out (``ActivationBatch``), and the normalization
+statistics measured on them.
 
 Where the sites live in each architecture is ``models.ARCHITECTURES``; this module traces them with nnsight. A
 row is one token's ``(n_layers, d_model)`` vector of one site, stored in a storage dtype (``store.STORAGE_DTYPES``:
@@ -23,7 +24,11 @@ if TYPE_CHECKING:
 
 
 class SiteActivations(NamedTuple):
-    """Activations of the two sites for a batch of sequences."""
+    """Activations of the two sites for a batch of sequences, as a forward pass captures them.
+
+    Not a block of rows (that is ``ActivationBatch``): the tensors keep the ``(batch, seq)`` axes (BOS included)
+    and the model's dtype, and may carry the logits. Harvesting and the live source flatten them into rows.
+    """
 
     resid_mid: torch.Tensor
     """``(batch, seq, n_layers, d_model)``"""
@@ -63,6 +68,24 @@ def trace_layers(
         else:
             tracer.stop()  # nothing after the last needed MLP runs
     return resid, mlp, out.get("logits")
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
+class ActivationBatch(NamedTuple):
+    """A block of rows of both sites, in the storage dtype (convert on the device).
+
+    What the DiscBuffer, the activation server's client and the data module hand to training; a row is one token.
+    """
+
+    resid_mid: torch.Tensor
+    """``(rows, n_layers, d_model)`` MLP inputs (before the pre-MLP norm)."""
+    mlp_out: torch.Tensor
+    """``(rows, n_layers, d_model)`` MLP outputs."""
+    index: int | None = None
+    """The block's index in its producer's sequence of batches (the server's cursor, a DiscBuffer's batch
+    number); None for rows read by position (``DiscBuffer.read``)."""
 
 
 # ---------------------------------------------------------------------------------------------- storage

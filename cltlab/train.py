@@ -19,11 +19,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from .buffer import ActivationBatch, DiscBuffer
+from .buffer import DiscBuffer
 from .clt import CrossLayerTranscoder
 from .config import CLTConfig, TrainConfig
 from .data import ActivationData
 from .precision import training_precision
+from .sites import ActivationBatch
 
 log = logging.getLogger("cltlab")
 

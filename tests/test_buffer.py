@@ -114,7 +114,8 @@ def test_shuffled_order_differs_from_file_order(buffer_path):
     assert not torch.equal(resid, file_rows.resid_mid)
     # The blocks come in a random order, not shard by shard: the first batch holds blocks from several shards.
     where = {key: i for i, key in enumerate(_keys(file_rows.resid_mid, file_rows.mlp_out))}
-    first = np.array([where[key] for key in _keys(*buffer[0])])
+    batch = buffer[0]
+    first = np.array([where[key] for key in _keys(batch.resid_mid, batch.mlp_out)])
     assert len(set(np.searchsorted([248, 496], first, side="right").tolist())) >= 2
 
 
@@ -164,7 +165,8 @@ def test_batches_are_runs_of_whole_blocks(buffer_path):
     where = {key: i for i, key in enumerate(_keys(file_rows.resid_mid, file_rows.mlp_out))}
     buffer = DiscBuffer(buffer_path, batch_size=BATCH, block_rows=16)
     for i in range(len(buffer)):
-        index = np.array([where[key] for key in _keys(*buffer[i])])  # file row of each batch row
+        batch = buffer[i]  # the file row of each of its rows:
+        index = np.array([where[key] for key in _keys(batch.resid_mid, batch.mlp_out)])
         runs = 1 + int((np.diff(index) != 1).sum())
         # ≤ 63/16 whole blocks, a partial block at each end, short blocks at shard ends, two rows that share
         # their bytes: a handful of runs, where gathered rows would make one run per row.

@@ -25,7 +25,7 @@ from helpers import assert_exact, wait_until
 
 from cltlab import DiscBuffer
 from cltlab.server import ActivationClient, DiscSource, Limits, Source, serve
-from cltlab.server.protocol import Batch, NoData, SourceInfo
+from cltlab.server.protocol import NoData, SourceInfo, WireBatch
 
 B = 100  # rows per batch: the 500-row buffer holds 5 batches
 ROW_BYTES = 4 * 64 * 4  # tiny-gpt2: 4 layers × d_model 64, float32
@@ -56,13 +56,13 @@ class FlakySource:
     def check(self, batch_size: int, index: int | None = None) -> None:
         DiscSource.check(self, batch_size, index)
 
-    def take(self, batch_size: int, index: int | None = None, out: np.ndarray | None = None) -> Batch:
+    def take(self, batch_size: int, index: int | None = None, out: np.ndarray | None = None) -> WireBatch:
         if self.failing:
             raise self.failure
         index = self.taken if index is None else index
         self.taken += 1
         data = np.full(self.info.batch_bytes(batch_size), index % 251, np.uint8)
-        return Batch(index, batch_size, data)
+        return WireBatch(index, batch_size, data)
 
     def fill(self) -> float:
         return 1.0

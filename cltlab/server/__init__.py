@@ -12,7 +12,7 @@ and through shared memory for clients on the same host.
 - ``leases.py``: the client's side of shared-memory leases (renewed while held, released when collected).
 """
 
-from .client import ActivationClient, ActivationDataset, ServedBatch
+from .client import ActivationClient, ActivationDataset
 from .protocol import Limits, Source
 from .sources import DiscSource, LiveSource
 
@@ -23,7 +23,6 @@ __all__ = [
     "Limits",
     "LiveSource",
     "Source",
-    "ServedBatch",
     "ServerHandle",
     "serve",
 ]

@@ -21,13 +21,12 @@ import time
 import urllib.parse
 import weakref
 from collections.abc import Iterator
-from typing import NamedTuple
 
 import httpx
 import numpy as np
 import torch
 
-from ..sites import NormStats, to_torch
+from ..sites import ActivationBatch, NormStats, to_torch
 from ..store import STORAGE_DTYPES
 from .leases import Renewer, connection, give_back
 from .protocol import FRAME, SHM_UNAVAILABLE, host_id
@@ -46,23 +45,13 @@ class ServerError(RuntimeError):
         self.status, self.headers = status, {name.lower(): value for name, value in headers.items()}
 
 
-class ServedBatch(NamedTuple):
-    """One batch from the server (training reads ``resid_mid``/``mlp_out`` like a DiscBuffer batch)."""
-
-    resid_mid: torch.Tensor
-    """``(rows, n_layers, d_model)`` in the storage dtype."""
-    mlp_out: torch.Tensor
-    """``(rows, n_layers, d_model)``"""
-    index: int
-    """The batch's index in the server's sequence."""
-
-
-def to_batch(data: np.ndarray, rows: int, index: int, info: dict) -> ServedBatch:
-    """Wire bytes (resid_mid then mlp_out) → a ServedBatch sharing their memory."""
+def to_batch(data: np.ndarray, rows: int, index: int, info: dict) -> ActivationBatch:
+    """Wire bytes (resid_mid then mlp_out) → an ActivationBatch sharing their memory; ``index`` is the batch's
+    index in the server's sequence."""
     dtype = info["dtype"]
     sites = data.view(STORAGE_DTYPES[dtype]).reshape(2, rows, info["n_layers"], info["d_model"])
     both = to_torch(sites, dtype)
-    return ServedBatch(both[0], both[1], index)
+    return ActivationBatch(both[0], both[1], index)
 
 
 class ActivationClient:
@@ -172,7 +161,7 @@ class ActivationClient:
         """One batch as the server's JSON (nested lists)."""
         return self._get("/activations", batch_size=batch_size, index=index).json()
 
-    def tensor(self, batch_size: int = 1024, index: int | None = None) -> ServedBatch:
+    def tensor(self, batch_size: int = 1024, index: int | None = None) -> ActivationBatch:
         """One batch as raw bytes."""
         response = self._get("/activations/tensor", batch_size=batch_size, index=index)
         rows = int(response.headers["X-Shape"].split(",")[0])
@@ -192,7 +181,7 @@ class ActivationClient:
         *,
         index: int | None = None,
         transport: str | None = None,
-    ) -> Iterator[ServedBatch]:
+    ) -> Iterator[ActivationBatch]:
         """Batches one after the other (``max_batches`` of them, or until the server's limit)."""
         transport = transport or self.transport
         fallback = transport == "auto"  # to HTTP, when the server has no shared memory to give
@@ -208,7 +197,7 @@ class ActivationClient:
 
     def _stream_http(
         self, batch_size: int, max_batches: int | None, index: int | None
-    ) -> Iterator[ServedBatch]:
+    ) -> Iterator[ActivationBatch]:
         info, received = self.info(), 0
         header = bytearray(FRAME.size)
         memory = Recycler(2 * batch_size * info["row_bytes"])
@@ -255,7 +244,7 @@ class ActivationClient:
 
     def _stream_shm(
         self, batch_size: int, max_batches: int | None, *, fallback: bool
-    ) -> Iterator[ServedBatch]:
+    ) -> Iterator[ActivationBatch]:
         info, received = self.info(), 0
         while max_batches is None or received < max_batches:
             try:
@@ -277,7 +266,7 @@ class ActivationClient:
             # Not kept in a local: the slot goes back as soon as the consumer is done with the batch.
             yield self._leased_batch(lease, info)
 
-    def _leased_batch(self, lease: dict, info: dict) -> ServedBatch:
+    def _leased_batch(self, lease: dict, info: dict) -> ActivationBatch:
         data = np.frombuffer(self._mapping(lease["segment"]), np.uint8, lease["nbytes"], lease["offset"])
         if lease["keep"]:  # the batch is the slot itself: renewed while it lives, given back once collected
             Renewer.of(self.url, self._headers).add(lease["lease"], lease["expires_s"])
@@ -334,7 +323,7 @@ class Recycler:
         return data
 
 
-def _receive(response, memory: Recycler, rows: int, index: int, info: dict) -> ServedBatch:
+def _receive(response, memory: Recycler, rows: int, index: int, info: dict) -> ActivationBatch:
     """The next batch of a stream, read straight into memory from ``memory``."""
     data = memory.array(2 * rows * info["row_bytes"])
     if _read_exactly(response, memoryview(data)) != data.nbytes:
@@ -386,7 +375,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
             self.dtype = info["dtype"]
             self.stats = client.normalization
 
-    def __iter__(self) -> Iterator[ServedBatch]:
+    def __iter__(self) -> Iterator[ActivationBatch]:
         worker = torch.utils.data.get_worker_info()
         count = self.max_batches
         if worker is not None and count is not None:

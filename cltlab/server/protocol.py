@@ -46,8 +46,12 @@ class NoData(RuntimeError):
     """No batch became available in time (live mode warming up, a stopped source); the server answers 503."""
 
 
-class Batch(NamedTuple):
-    """One batch as bytes, ready to send."""
+class WireBatch(NamedTuple):
+    """One batch as the bytes a source writes and the server sends, ready to go on the wire.
+
+    Not the rows as tensors: the client turns these bytes into a ``sites.ActivationBatch`` (``client.to_batch``),
+    the one type training reads.
+    """
 
     index: int
     """Its index in the source's batch sequence."""
@@ -106,7 +110,7 @@ class Source(Protocol):
     def check(self, batch_size: int, index: int | None = None) -> None:
         """Raise SourceError when ``take(batch_size, index)`` can never succeed; allocates nothing."""
 
-    def take(self, batch_size: int, index: int | None = None, out: np.ndarray | None = None) -> Batch:
+    def take(self, batch_size: int, index: int | None = None, out: np.ndarray | None = None) -> WireBatch:
         """Batch ``index`` (the next one when None), read straight into ``out`` when it is large enough."""
 
     def fill(self) -> float:

@@ -30,7 +30,7 @@ import numpy as np
 from ..buffer import DiscBuffer
 from ..sites import NormAccumulator, NormStats, to_storage, trace_sites
 from ..store import STORAGE_DTYPES
-from .protocol import Batch, NoData, SourceError, SourceInfo
+from .protocol import NoData, SourceError, SourceInfo, WireBatch
 
 log = logging.getLogger("cltlab")
 
@@ -98,7 +98,7 @@ class DiscSource:
             self._buffers.pop(size).close()
             del self._users[size]
 
-    def take(self, batch_size: int, index: int | None = None, out: np.ndarray | None = None) -> Batch:
+    def take(self, batch_size: int, index: int | None = None, out: np.ndarray | None = None) -> WireBatch:
         """Batch ``index`` (the cursor's next one when None), read straight into ``out`` when it is large enough."""
         self.check(batch_size, index)
         with self.buffer(batch_size) as buffer:
@@ -114,7 +114,7 @@ class DiscSource:
                 else np.empty(2 * site_bytes, np.uint8)
             )
             buffer.read_batch_into(index % len(buffer), (data[:site_bytes], data[site_bytes:]))
-        return Batch(index, rows, data)
+        return WireBatch(index, rows, data)
 
     @property
     def stats(self) -> NormStats:
@@ -224,7 +224,7 @@ class LiveSource:
 
     def take(
         self, batch_size: int, index: int | None = None, out: np.ndarray | None = None, timeout: float = 30.0
-    ) -> Batch:
+    ) -> WireBatch:
         """The next ``batch_size`` rows (waits up to ``timeout`` seconds for the harvester)."""
         self.check(batch_size, index)
         row_bytes = self.info.row_bytes
@@ -255,7 +255,7 @@ class LiveSource:
             self._rows -= batch_size
             index, self._taken = self._taken, self._taken + 1
             self._cond.notify_all()
-        return Batch(index, batch_size, data)
+        return WireBatch(index, batch_size, data)
 
     @property
     def stats(self) -> NormStats | None:
