@@ -38,7 +38,9 @@ def main() -> None:
         buffer = DiscBuffer(folder, batch_size=args.batch_size)
         n = len(buffer)
         nbytes = sum(
-            a.numel() * a.element_size() for i in range(n) for a in buffer[i]
+            a.numel() * a.element_size()
+            for i in range(n)
+            for a in buffer[i][:2]  # resid_mid, mlp_out
         )  # also warms the cache
         direct = best_of(3, lambda: consume(buffer[i] for i in range(n)))
         with serve(folder) as handle:
