@@ -32,7 +32,7 @@ import torch
 
 from .open_files import OpenFiles
 from .sites import ActivationBatch, NormAccumulator, NormStats, row_bytes, to_torch
-from .store import SITES, STORAGE_DTYPES, check_shard, open_shard, read_manifest, verify_shard
+from .store import SITES, STORAGE_DTYPES, check_shard, open_shard, read_manifest, verify
 
 
 class TokenContext(NamedTuple):
@@ -117,9 +117,7 @@ class DiscBuffer(torch.utils.data.Dataset):
         return offsets
 
     def _verify(self) -> None:
-        problems = []
-        for shard in range(len(self._shard_rows)):
-            problems += verify_shard(self._shard_path(shard))[1]
+        problems = verify(self.path).problems
         if problems:
             listed = "\n  ".join(problems[:10]) + (
                 f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""

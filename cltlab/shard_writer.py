@@ -22,8 +22,8 @@ from .store import (
     SITES,
     CorruptShard,
     batch_checksum,
+    committed_batches,
     open_shard,
-    rows_per_batch,
     shard_layout,
     shard_name,
     sync_directory,
@@ -84,13 +84,8 @@ class ShardWriter:
         self.dtype = str(f.attrs["dtype"])
         self.rows, self.batches = 0, 0
         self.norms = NormAccumulator(*f["stats_sum"].shape[1:])  # of every STATS_STRIDE-th row
-        rows, batches = (int(v) for v in f["progress"][()])
-        per_batch, B = rows_per_batch(f.attrs), int(f.attrs["batch_size"])
-        recorded = f["checksums"][()]
-        for k in range(batches):
-            start, stop = k * per_batch, min((k + 1) * per_batch, rows)
-            stored = {name: f[name][start:stop] for name in ROW_DATASETS}
-            if batch_checksum([*stored.values(), f["sequences"][k * B : (k + 1) * B]]) != recorded[k]:
+        for k, start, stop, stored, crc, recorded in committed_batches(f):
+            if crc != recorded:
                 log.warning("%s: batch %d did not survive intact; writing again from there", partial.name, k)
                 break
             for s, site in enumerate(SITES):
@@ -192,9 +187,8 @@ def open_shard_for_writing(
             shard = ShardWriter(open_shard(partial, "r+"), partial, final, fsync=fsync)
             log.info("Resuming %s at row %d", partial.name, shard.rows)
             return shard
-        except (
-            CorruptShard
-        ) as err:  # killed before the shard's creation reached the disk: start the shard again
+        # Killed before the shard's creation reached the disk: start the shard again.
+        except CorruptShard as err:
             log.warning("Starting %s again: %s", partial.name, err)
             partial.unlink()
     f = create_shard(

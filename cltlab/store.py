@@ -41,7 +41,7 @@ import resource
 import shutil
 import uuid
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -240,20 +240,28 @@ class Verification(NamedTuple):
     """One sentence per damaged shard or batch, naming it; empty when every checksum matched."""
 
 
+def committed_batches(f: h5py.File) -> Iterator[tuple[int, int, int, dict[str, np.ndarray], int, int]]:
+    """Each committed batch of an open shard, read back: ``(k, start, stop, rows, checksum now, checksum recorded)``
+    with ``rows`` the batch's row datasets by name (``start:stop`` of the shard's rows)."""
+    rows, batches = (int(v) for v in f["progress"][()])
+    per_batch, B = rows_per_batch(f.attrs), int(f.attrs["batch_size"])
+    recorded = f["checksums"][()]
+    for k in range(batches):
+        start, stop = k * per_batch, min((k + 1) * per_batch, rows)
+        arrays = {name: f[name][start:stop] for name in ROW_DATASETS}
+        crc = batch_checksum([*arrays.values(), f["sequences"][k * B : (k + 1) * B]])
+        yield k, start, stop, arrays, crc, int(recorded[k])
+
+
 def verify_shard(path: Path) -> tuple[int, list[str]]:
     """Recompute the checksum of every committed batch of a shard: ``(batches checked, problems)``."""
+    batches, problems = 0, []
     with open_shard(path) as f:
-        rows, batches = (int(v) for v in f["progress"][()])
-        per_batch, B = rows_per_batch(f.attrs), int(f.attrs["batch_size"])
-        recorded = f["checksums"][()]
-        problems = []
-        for k in range(batches):
-            start, stop = k * per_batch, min((k + 1) * per_batch, rows)
-            arrays = (f[name][start:stop] for name in ROW_DATASETS)
-            crc = batch_checksum([*arrays, f["sequences"][k * B : (k + 1) * B]])
-            if crc != recorded[k]:
+        for k, start, stop, _, crc, recorded in committed_batches(f):
+            batches += 1
+            if crc != recorded:
                 problems.append(
-                    f"{path}: batch {k} (rows {start}-{stop - 1}) has checksum {crc:08x}, but {recorded[k]:08x} "
+                    f"{path}: batch {k} (rows {start}-{stop - 1}) has checksum {crc:08x}, but {recorded:08x} "
                     "was recorded when it was written: its bytes changed since; harvest it again."
                 )
     return batches, problems
