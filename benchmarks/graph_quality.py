@@ -12,7 +12,6 @@ Usage: python benchmarks/graph_quality.py [--run runs/default] [--prompts 10] [-
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import time
 import warnings
@@ -53,8 +52,8 @@ def main() -> None:
     profile = cltlab.config.get_profile("default")
     plt_dir = args.out / f"plt_default_lam{args.plt_lambda:.3g}"
     if not (plt_dir / "clt" / "config.json").exists():
-        config = dataclasses.replace(
-            profile.train, cross_layer=False, sparsity_coef=args.plt_lambda, wandb=False, num_workers=0
+        config = profile.train.replace(
+            cross_layer=False, sparsity_coef=args.plt_lambda, wandb=False, num_workers=0
         )
         cltlab.train(config, paths.buffer, plt_dir, enable_progress_bar=False)
     plt = cltlab.CrossLayerTranscoder.load(plt_dir / "clt")

@@ -147,8 +147,7 @@ class Bench:
         self.root = Path(args.out) / f"runs_{buffer.name}"
 
     def train_config(self, kind: str, lam: float) -> cltlab.config.TrainConfig:
-        return dataclasses.replace(
-            self.profile.train,
+        return self.profile.train.replace(
             cross_layer=KINDS[kind],
             d_features=self.args.features,
             max_steps=self.args.steps,
@@ -162,7 +161,8 @@ class Bench:
     def run_dir(self, kind: str, lam: float) -> Path:
         config = self.train_config(kind, lam)
         return (
-            self.root / f"{kind}_F{config.d_features}_S{config.max_steps}_B{config.batch_size}_lam{lam:.3g}"
+            self.root
+            / f"{kind}_F{config.transcoder.d_features}_S{config.trainer.max_steps}_B{config.data.batch_size}_lam{lam:.3g}"
         )
 
     def __call__(self, kind: str, lam: float) -> Run:

@@ -1,227 +1,295 @@
 """Command line for batch jobs: ``cltlab harvest | verify | train | evaluate | serve | run`` (also ``python -m cltlab``).
 
-Every option of a stage defaults to the chosen profile's value; the options are the fields of the config
-dataclasses in ``cltlab/config.py`` and their help is those fields' docstrings.
+Every option defaults to the chosen profile's value: ``--profile NAME`` (ci, default, gpt2) or a YAML file written
+by ``Profile.save``. The options are the fields of the config dataclasses in ``cltlab/config.py``, nested as they
+are (``cltlab train --loss.sparsity_coef 1e-3 --trainer.max_steps 500``), with those fields' docstrings as help.
+jsonargparse (LightningCLI's parser) reads them: ``--config FILE.yaml`` takes options from a file, and
+``--print_config`` prints the options a command would run with, as such a file. Dashes and underscores are the
+same in option names (``--shard-tokens`` is ``--shard_tokens``).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import logging
+import os
+import re
 import sys
 import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-from .config import PROFILES, EvalConfig, HarvestConfig, TrainConfig, get_profile
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
+from .config import PROFILES, EvalConfig, HarvestConfig, Profile, TrainConfig, get_profile
+from .run import RunPaths, run_paths
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass, read from its source."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs = {}
-    for node, following in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-        ):
-            docs[node.target.id] = " ".join(str(following.value.value).split())
-    return docs
+set_parsing_settings(docstring_parse_attribute_docstrings=True)  # a field's docstring is its option's help
 
 
-def _parse_value(text: str, default, annotation: str = ""):
-    if annotation == "int | str":  # e.g. devices: a count, or "auto", or a list such as "0,1"
-        return int(text) if text.isdigit() else text
-    if isinstance(default, bool):
-        return text.lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int):
-        return int(float(text))
-    if isinstance(default, float):
-        return float(text)
-    if isinstance(default, tuple) or default is None:
-        return tuple(int(v) for v in text.replace(":", ",").split(",")) if text.lower() != "none" else None
-    return text
+@dataclasses.dataclass
+class Command:
+    """One subcommand: its help, its options beyond the common ones, and what it does."""
+
+    help: str
+    options: Callable[[ArgumentParser, Profile], None]
+    run: Callable[[Parsed, RunPaths], int | None]
+    """Does the work and returns the exit status, or None for a process with nothing to report (exit 0)."""
+    config: type | None = None
+    """The config dataclass whose fields are among the options (built by ``parse``)."""
+    description: str | None = None
 
 
-def add_config_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    group = parser.add_argument_group(
-        title, f"(defaults come from --profile; see cltlab/config.py:{cls.__name__})"
-    )
-    docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
-        group.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            dest=f"{cls.__name__}.{f.name}",
-            metavar="VALUE",
-            help=docs.get(f.name, "").replace("%", "%%"),
-        )
+class Parsed(NamedTuple):
+    """A command line, read."""
+
+    command: str
+    options: Namespace
+    """All the command's options."""
+    config: Any
+    """The command's config dataclass built from them (``HarvestConfig``, ``TrainConfig``, ``EvalConfig``), or None."""
+    profile: Profile
+    verbose: bool
 
 
-def apply_options(config, args: argparse.Namespace):
-    changes = {}
-    for f in dataclasses.fields(config):
-        value = getattr(args, f"{type(config).__name__}.{f.name}", None)
-        if value is not None:
-            changes[f.name] = _parse_value(value, getattr(config, f.name), str(f.type))
-    return dataclasses.replace(config, **changes)
+def config_from(cls: type, args: Namespace):
+    """The ``cls`` whose fields ``args`` holds at its top level (its nested parts already built by jsonargparse)."""
+    return cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cltlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log progress messages.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--profile",
-            default="default",
-            choices=sorted(PROFILES),
-            help="Named profile giving every default (ci: tiny-gpt2 in seconds; default: smollm2-135m).",
-        )
-        p.add_argument("--run-dir", help="Run folder for all artifacts (default: runs/<profile>).")
-
-    p = sub.add_parser("harvest", help="Harvest resid_mid/mlp_out activations into an HDF5 DiscBuffer.")
-    common(p)
-    p.add_argument("--out", help="Harvest folder to write (default: <run-dir>/activations).")
-    p.add_argument(
-        "--job", default="0/1", metavar="I/N",
+def harvest_options(parser: ArgumentParser, profile: Profile) -> None:
+    parser.add_argument("--out", help="Harvest folder to write (null: <run_dir>/activations).")
+    parser.add_argument(
+        "--job", default="0/1", type=job_spec, metavar="I/N",
         help="Write only shards I, I+N, I+2N, ... so N jobs (e.g. a SLURM array) fill one folder together.",
     )  # fmt: skip
-    add_config_options(p, HarvestConfig, "harvest options")
+    parser.add_class_arguments(HarvestConfig, None, default=profile.harvest)
 
-    p = sub.add_parser(
-        "verify",
-        help="Check every batch of a harvest folder against the checksums recorded when it was written.",
+
+def job_spec(text: str) -> str:
+    """``text`` if it is ``"I/N"`` with 0 ≤ I < N (the job's shards: I, I+N, I+2N, ...)."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not int(match[1]) < int(match[2]):
+        raise ValueError(f"--job must be I/N with 0 <= I < N, such as 0/4, not {text!r}.")
+    return text.strip()
+
+
+def run_harvest(args: Parsed, paths: RunPaths) -> int:
+    from .harvest import harvest
+
+    job = tuple(int(part) for part in args.options.job.split("/"))
+    result = harvest(args.config, args.options.out or paths.buffer, job=job)
+    state = "complete" if result.complete else "waiting for the other jobs' shards"
+    print(f"{result.n_tokens} tokens in {result.path} ({state}; {result.seconds:.0f} s)")
+    return 0
+
+
+def verify_options(parser: ArgumentParser, profile: Profile) -> None:
+    parser.add_argument("folder", nargs="?", help="Harvest folder to check (null: <run_dir>/activations).")
+
+
+def run_verify(args: Parsed, paths: RunPaths) -> int:
+    from .store import verify
+
+    folder = args.options.folder or paths.buffer
+    found = verify(folder)
+    for problem in found.problems:
+        print(problem)
+    if found.problems:
+        print(
+            f"{folder}: {len(found.problems)} damaged (of {found.n_batches} batches in {found.n_shards} shards)."
+        )
+        return 1
+    print(f"{folder}: {found.n_shards} shards, {found.n_batches} batches, every checksum matches.")
+    return 0
+
+
+def train_options(parser: ArgumentParser, profile: Profile) -> None:
+    parser.add_argument("--buffer", help="Harvest folder to train on (null: <run_dir>/activations).")
+    parser.add_argument(
+        "--resume", action="store_true", help="Continue from <run_dir>/checkpoints/last.ckpt."
     )
-    common(p)
-    p.add_argument("folder", nargs="?", help="Harvest folder to check (default: <run-dir>/activations).")
+    parser.add_class_arguments(TrainConfig, None, default=profile.train)
 
-    p = sub.add_parser(
-        "train",
-        help="Train a CLT (or per-layer transcoder) on a harvested buffer.",
-        description="Train a CLT on a harvested buffer. On N GPUs: --devices N --strategy ddp (or fsdp); "
-        "under torchrun or SLURM (srun) start one process per GPU and pass the same --devices/--num-nodes.",
-    )
-    common(p)
-    p.add_argument("--buffer", help="Harvest folder to train on (default: <run-dir>/activations).")
-    p.add_argument("--resume", action="store_true", help="Continue from <run-dir>/checkpoints/last.ckpt.")
-    add_config_options(p, TrainConfig, "training options")
 
-    p = sub.add_parser("evaluate", help="Measure the replacement model: CE recovered, KL, top-1, NMSE, L0.")
-    common(p)
-    p.add_argument("--clt", help="Saved CLT folder (default: <run-dir>/clt).")
-    p.add_argument("--model", help="Model to evaluate on (default: the profile's harvest model).")
-    p.add_argument("--corpus", help="Corpus whose eval split is used (default: the profile's).")
-    add_config_options(p, EvalConfig, "evaluation options")
+def run_train(args: Parsed, paths: RunPaths) -> int | None:
+    from .train import train
 
-    p = sub.add_parser(
-        "serve", help="Serve a harvest folder to ActivationClients over HTTP and shared memory."
-    )
-    common(p)
-    p.add_argument("--buffer", help="Harvest folder to serve (default: <run-dir>/activations).")
-    p.add_argument(
+    # Under torchrun or SLURM every process runs this; each trains on its own part of the buffer.
+    options = args.options
+    result = train(args.config, options.buffer or paths.buffer, paths.root, resume=options.resume)
+    if result.rank != 0:
+        return None  # rank 0 alone reports
+    print(f"saved the CLT to {result.clt_dir}; metrics in {result.log_dir}")
+    return 0
+
+
+def evaluate_options(parser: ArgumentParser, profile: Profile) -> None:
+    parser.add_argument("--clt", help="Saved CLT folder (null: <run_dir>/clt).")
+    parser.add_argument("--model", help="Model to evaluate on (null: the profile's harvest model).")
+    parser.add_argument("--corpus", help="Corpus whose eval split is used (null: the profile's).")
+    parser.add_class_arguments(EvalConfig, None, default=profile.eval)
+
+
+def run_evaluate(args: Parsed, paths: RunPaths) -> int:
+    from .clt import CrossLayerTranscoder
+    from .models import load_model
+    from .replacement import evaluate
+
+    options, harvested = args.options, args.profile.harvest
+    clt = CrossLayerTranscoder.load(options.clt or paths.clt)
+    model = load_model(options.model or harvested.model, dtype="float32")
+    corpus, seq_len = options.corpus or harvested.corpus, harvested.seq_len
+    metrics = evaluate(model, clt, corpus=corpus, seq_len=seq_len, config=args.config)
+    print(metrics.summary())
+    print(f"metrics written to {paths.save_metrics(metrics)}")
+    return 0
+
+
+def serve_options(parser: ArgumentParser, profile: Profile) -> None:
+    parser.add_argument("--buffer", help="Harvest folder to serve (null: <run_dir>/activations).")
+    parser.add_argument(
         "--host", default="127.0.0.1", help="Address to bind; anything but loopback needs --token."
     )
-    p.add_argument("--port", type=int, default=8765, help="Port to listen on (0: any free port).")
-    p.add_argument("--token", help="Bearer token clients must send (default: $CLTLAB_TOKEN).")
-    p.add_argument("--seconds", type=float, help="Stop after this many seconds (default: until Ctrl-C).")
+    parser.add_argument("--port", type=int, default=8765, help="Port to listen on (0: any free port).")
+    parser.add_argument("--token", help="Bearer token clients must send (null: $CLTLAB_TOKEN).")
+    parser.add_argument("--seconds", type=float, help="Stop after this many seconds (null: until Ctrl-C).")
 
-    p = sub.add_parser(
-        "run", help="The main job: execute notebooks 01-04 and 06 headlessly; keep them as the report."
-    )
-    common(p)
+
+def run_serve(args: Parsed, paths: RunPaths) -> int:
+    options = args.options
+    from .server import serve
+
+    token = options.token or os.environ.get("CLTLAB_TOKEN")
+    handle = serve(options.buffer or paths.buffer, options.host, options.port, token=token)
+    print(f"serving {handle.source.info.description} at {handle.url} (Ctrl-C stops)", flush=True)
+    stop_at = time.monotonic() + (options.seconds if options.seconds is not None else float("inf"))
+    try:
+        while handle.running and time.monotonic() < stop_at:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        handle.stop()
+    return 0
+
+
+def run_run(args: Parsed, paths: RunPaths) -> int:
+    from .run import run_notebooks
+
+    run_notebooks(args.options.profile, paths.root)
+    print(f"\n=== cltlab main job: profile {args.profile.name}, run folder {paths.root} ===")
+    print(paths.load_metrics().summary())
+    print(paths.load_attribution_scores().summary())
+    print(f"report: {paths.report}  (executed notebooks + HTML)")
+    return 0
+
+
+COMMANDS = {
+    "harvest": Command(
+        "Harvest resid_mid/mlp_out activations into an HDF5 DiscBuffer.",
+        harvest_options,
+        run_harvest,
+        HarvestConfig,
+    ),
+    "verify": Command(
+        "Check every batch of a harvest folder against the checksums recorded when it was written.",
+        verify_options,
+        run_verify,
+    ),
+    "train": Command(
+        "Train a CLT (or per-layer transcoder) on a harvested buffer.",
+        train_options,
+        run_train,
+        TrainConfig,
+        "Train a CLT on a harvested buffer. On N GPUs: --trainer.devices N --trainer.strategy ddp (or fsdp); under "
+        "torchrun or SLURM (srun) start one process per GPU and pass the same --trainer.devices/--trainer.num_nodes.",
+    ),
+    "evaluate": Command(
+        "Measure the replacement model: CE recovered, KL, top-1, NMSE, L0.",
+        evaluate_options,
+        run_evaluate,
+        EvalConfig,
+    ),
+    "serve": Command(
+        "Serve a harvest folder to ActivationClients over HTTP and shared memory.", serve_options, run_serve
+    ),
+    "run": Command(
+        "The main job: execute notebooks 01-04 and 06 headlessly; keep them as the report.",
+        lambda parser, profile: None,
+        run_run,
+    ),
+}
+
+
+def build_parser(profile: Profile) -> ArgumentParser:
+    """The whole command line, every option defaulting to ``profile``'s value."""
+    parser = ArgumentParser(prog="cltlab", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log progress messages.")
+    subcommands = parser.add_subcommands(dest="command")
+    for name, command in COMMANDS.items():
+        sub = ArgumentParser(description=command.description or command.help)
+        sub.add_argument(
+            "--profile",
+            default="default",
+            help=f"Profile giving every default: {', '.join(sorted(PROFILES))} (ci: tiny-gpt2 in seconds; "
+            "default: smollm2-135m) or a YAML file saved by Profile.save.",
+        )
+        sub.add_argument("--run_dir", help="Run folder for all artifacts (null: runs/<profile>).")
+        sub.add_argument(
+            "--config", action=ActionConfigFile, help="YAML file of options (see --print_config)."
+        )
+        command.options(sub, profile)
+        subcommands.add_subcommand(name, sub, help=command.help)
     return parser
 
 
+def underscored(argv: list[str]) -> list[str]:
+    """``--shard-tokens=5`` → ``--shard_tokens=5``: option names may be written with dashes as well."""
+    return [re.sub(r"^--[^=]+", lambda name: name[0][:2] + name[0][2:].replace("-", "_"), a) for a in argv]
+
+
+def parse(argv: list[str]) -> Parsed:
+    """Read a command line; a wrong one exits with status 2 and one message naming what was wrong."""
+    argv = underscored(argv)
+    # The profile decides every other option's default, so it is read first, wherever it stands.
+    first = argparse.ArgumentParser(prog="cltlab", add_help=False)
+    first.add_argument("--profile", default="default")
+    name = first.parse_known_args(argv)[0].profile
+    while True:  # twice when a --config file names another profile: then its defaults are that profile's
+        try:
+            profile = get_profile(name)
+        except (
+            KeyError,
+            OSError,
+            ValueError,
+        ) as error:  # an unknown name, an unreadable or invalid YAML file
+            first.error(str(error).strip("'\""))
+        parser = build_parser(profile)
+        args = parser.parse_args(argv)
+        if args[args.command].profile == name:
+            break
+        name = args[args.command].profile
+    cls = COMMANDS[args.command].config
+    try:
+        options = parser.instantiate(args)[args.command]
+        config = config_from(cls, options) if cls else None
+    except ValueError as error:  # a value the config dataclass refuses (its __post_init__)
+        parser.error(f"{args.command}: {error}")
+    return Parsed(args.command, options, config, profile, args.verbose)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("cltlab").setLevel(logging.INFO)
-    from .run import run_paths
-
-    profile = get_profile(args.profile)
-    paths = run_paths(args.profile, args.run_dir)
     start = time.perf_counter()
-    if args.command == "harvest":
-        from .harvest import harvest
-
-        config = apply_options(profile.harvest, args)
-        job = tuple(int(v) for v in args.job.split("/"))
-        result = harvest(config, args.out or paths.buffer, job=job)
-        state = "complete" if result.complete else "waiting for the other jobs' shards"
-        print(f"{result.n_tokens} tokens in {result.path} ({state}; {result.seconds:.0f} s)")
-    elif args.command == "verify":
-        from .store import verify
-
-        folder = args.folder or paths.buffer
-        found = verify(folder)
-        for problem in found.problems:
-            print(problem)
-        if found.problems:
-            print(
-                f"{folder}: {len(found.problems)} damaged (of {found.n_batches} batches in {found.n_shards} shards)."
-            )
-            return 1
-        print(f"{folder}: {found.n_shards} shards, {found.n_batches} batches, every checksum matches.")
-    elif args.command == "train":
-        from .train import train
-
-        # Under torchrun or SLURM every process runs this; each trains on its own part of the buffer.
-        result = train(
-            apply_options(profile.train, args), args.buffer or paths.buffer, paths.root, resume=args.resume
-        )
-        if result.rank != 0:
-            return 0
-        print(f"saved the CLT to {result.clt_dir}; metrics in {result.log_dir}")
-    elif args.command == "evaluate":
-        from .clt import CrossLayerTranscoder
-        from .models import load_model
-        from .replacement import evaluate
-
-        clt = CrossLayerTranscoder.load(args.clt or paths.clt)
-        model = load_model(args.model or profile.harvest.model, dtype="float32")
-        metrics = evaluate(
-            model,
-            clt,
-            corpus=args.corpus or profile.harvest.corpus,
-            seq_len=profile.harvest.seq_len,
-            config=apply_options(profile.eval, args),
-        )
-        print(metrics.summary())
-        print(f"metrics written to {paths.save_metrics(metrics)}")
-    elif args.command == "serve":
-        import os
-
-        from .server import serve
-
-        handle = serve(
-            args.buffer or paths.buffer,
-            args.host,
-            args.port,
-            token=args.token or os.environ.get("CLTLAB_TOKEN"),
-        )
-        print(f"serving {handle.source.info.description} at {handle.url} (Ctrl-C stops)", flush=True)
-        try:
-            while handle.running and (args.seconds is None or time.perf_counter() - start < args.seconds):
-                time.sleep(0.2)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            handle.stop()
-    elif args.command == "run":
-        from .run import run_notebooks
-
-        run_notebooks(args.profile, paths.root)
-        print(f"\n=== cltlab main job: profile {args.profile}, run folder {paths.root} ===")
-        print(paths.load_metrics().summary())
-        print(paths.load_attribution_scores().summary())
-        print(f"report: {paths.report}  (executed notebooks + HTML)")
+    code = COMMANDS[args.command].run(args, run_paths(args.options.profile, args.options.run_dir))
+    if code is None:
+        return 0
     print(f"[{args.command} took {time.perf_counter() - start:.0f} s]")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

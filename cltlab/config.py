@@ -7,11 +7,19 @@ SmolLM2-135M) so the same notebook runs in a minute on a laptop-sized toy or for
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
 
 from .activations import ACTIVATIONS
+
+Config = TypeVar("Config")
 
 
 @dataclass
@@ -53,33 +61,27 @@ class HarvestConfig:
 
 
 @dataclass
-class CLTConfig:
-    """Shape and activation function of a cross-layer transcoder."""
+class TranscoderConfig:
+    """What the transcoder is, whatever data it is trained on: features, activation function, initialisation."""
 
-    n_layers: int
-    """Number of transformer layers the transcoder covers."""
-    d_model: int
-    """Width of the residual stream."""
-    d_features: int
+    d_features: int = 512
     """Features per layer."""
     cross_layer: bool = True
     """True: a feature at layer l decodes to every layer >= l (a CLT). False: only to its own layer (a per-layer
     transcoder, the baseline)."""
-    threshold_init: float = 0.1
-    """Initial JumpReLU threshold, in units of the normalized pre-activation."""
-    bandwidth: float = 0.1
-    """Width of the rectangle kernel behind the threshold's pseudo-gradient."""
-    layer_offset: int = 0
-    """Index in the model of the first covered layer."""
     activation_kind: str = "jumprelu"
     """Which activation function ``clt.activation`` is: ``jumprelu`` (learned thresholds), ``topk`` (the k largest
     per token and layer) or ``batchtopk`` (the k · batch largest per layer over the batch)."""
     k: int = 32
     """Active features per token and layer for ``topk`` and ``batchtopk`` (unused by ``jumprelu``)."""
+    threshold_init: float = 0.1
+    """Initial JumpReLU threshold, in units of the normalized pre-activation."""
+    bandwidth: float = 0.1
+    """Width of the rectangle kernel behind the JumpReLU threshold's pseudo-gradient."""
 
     def __post_init__(self) -> None:
-        if min(self.n_layers, self.d_model, self.d_features) <= 0:
-            raise ValueError("n_layers, d_model and d_features must be positive.")
+        if self.d_features <= 0:
+            raise ValueError(f"d_features must be positive, not {self.d_features}.")
         if self.bandwidth <= 0 or self.threshold_init <= 0:
             raise ValueError("bandwidth and threshold_init must be positive.")
         if self.activation_kind not in ACTIVATIONS:
@@ -88,6 +90,23 @@ class CLTConfig:
             )
         if self.activation_kind != "jumprelu" and not 0 < self.k <= self.d_features:
             raise ValueError(f"k must be between 1 and d_features={self.d_features}, not {self.k}.")
+
+
+@dataclass(kw_only=True)
+class CLTConfig(TranscoderConfig):
+    """A transcoder's config together with the shape of the activations it reads: saved with every CLT."""
+
+    n_layers: int
+    """Number of transformer layers the transcoder covers."""
+    d_model: int
+    """Width of the residual stream."""
+    layer_offset: int = 0
+    """Index in the model of the first covered layer."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.n_layers, self.d_model) <= 0:
+            raise ValueError("n_layers and d_model must be positive.")
 
     @classmethod
     def from_dict(cls, fields: dict) -> CLTConfig:
@@ -99,23 +118,9 @@ class CLTConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Optimisation of a CLT on harvested activations."""
+class LossConfig:
+    """The training loss: reconstruction MSE + λ · tanh sparsity penalty + the pre-activation term."""
 
-    d_features: int = 512
-    """Features per layer of the CLT to train."""
-    cross_layer: bool = True
-    """Train a CLT (True) or the per-layer transcoder baseline (False)."""
-    max_steps: int = 1000
-    """Optimizer steps."""
-    batch_size: int = 1024
-    """Tokens per step (per rank when training on several devices)."""
-    lr: float = 2e-4
-    """Peak Adam learning rate."""
-    lr_warmup_steps: int = 0
-    """Steps of linear learning-rate warm-up from 0."""
-    lr_decay: float = 0.2
-    """Final fraction of training over which the learning rate decays linearly to 0."""
     sparsity_coef: float = 2e-4
     """λ of the tanh sparsity penalty Σ tanh(c·‖W_dec,i‖·f_i), reached after the warm-up."""
     sparsity_c: float = 4.0
@@ -124,16 +129,44 @@ class TrainConfig:
     """Fraction of training over which λ ramps linearly from 0."""
     preact_coef: float = 3e-6
     """Coefficient of the pre-activation loss Σ relu(θ - h) that revives dead features."""
-    threshold_init: float = 0.1
-    """Initial JumpReLU threshold."""
-    bandwidth: float = 0.1
-    """JumpReLU rectangle-kernel bandwidth."""
-    activation_kind: str = "jumprelu"
-    """``jumprelu``, ``topk`` or ``batchtopk`` (see ``CLTConfig.activation_kind``)."""
-    k: int = 32
-    """Active features per token and layer for ``topk`` / ``batchtopk``."""
     decoding: str = "auto"
-    """``dense``, ``sparse`` (gather the active features' decoder rows) or ``auto`` (sparse when few fire)."""
+    """How the decoder products are computed: ``dense``, ``sparse`` (gather the active features' decoder rows) or
+    ``auto`` (sparse when few fire). The loss is the same either way."""
+
+    def __post_init__(self) -> None:
+        if self.decoding not in ("auto", "dense", "sparse"):
+            raise ValueError(f"decoding must be auto, dense or sparse, not {self.decoding!r}.")
+        if (
+            min(self.sparsity_coef, self.sparsity_c, self.preact_coef) < 0
+            or not 0 <= self.sparsity_warmup <= 1
+        ):
+            raise ValueError("The loss coefficients must be non-negative and sparsity_warmup in [0, 1].")
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam and its learning-rate schedule."""
+
+    lr: float = 2e-4
+    """Peak Adam learning rate."""
+    lr_warmup_steps: int = 0
+    """Steps of linear learning-rate warm-up from 0."""
+    lr_decay: float = 0.2
+    """Final fraction of training over which the learning rate decays linearly to 0."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, not {self.lr}.")
+        if not 0.0 <= self.lr_decay <= 1.0 or self.lr_warmup_steps < 0:
+            raise ValueError("lr_decay must be in [0, 1] and lr_warmup_steps non-negative.")
+
+
+@dataclass
+class TrainerConfig:
+    """The Lightning Trainer: how long, on what, in which precision, with what logging and checkpoints."""
+
+    max_steps: int = 1000
+    """Optimizer steps."""
     precision: str = "32-true"
     """Lightning precision: ``32-true``, ``bf16-mixed``, ``16-mixed``."""
     compile: bool = False
@@ -154,25 +187,63 @@ class TrainConfig:
     """Log to Weights & Biases (offline unless logged in); metrics always go to CSV too."""
     dead_window: int = 1_000_000
     """A feature that has not fired for this many tokens counts as dead."""
+    seed: int = 0
+    """Seed for initialisation and data order."""
+
+    def __post_init__(self) -> None:
+        if min(self.max_steps, self.log_every, self.checkpoint_every, self.num_nodes) <= 0:
+            raise ValueError("max_steps, log_every, checkpoint_every and num_nodes must be positive.")
+
+
+@dataclass
+class DataConfig:
+    """How training batches are read from the buffer (or activation server)."""
+
+    batch_size: int = 1024
+    """Tokens per step (per rank when training on several devices)."""
     num_workers: int = 0
     """DataLoader worker processes (when ``reader_threads`` is 0)."""
     reader_threads: int = 0
     """Threads that read batches straight into (pinned) memory in the training process, instead of DataLoader
     workers: fewer copies, for feeding a GPU (see ``data.ThreadedBatches``). 0: use the DataLoader."""
-    seed: int = 0
-    """Seed for initialisation and data order."""
 
     def __post_init__(self) -> None:
-        if self.max_steps <= 0 or self.batch_size <= 0 or self.d_features <= 0:
-            raise ValueError("max_steps, batch_size and d_features must be positive.")
-        if self.activation_kind not in ACTIVATIONS:
-            raise ValueError(
-                f"activation_kind must be one of {', '.join(ACTIVATIONS)}, not {self.activation_kind!r}."
-            )
-        if self.decoding not in ("auto", "dense", "sparse"):
-            raise ValueError(f"decoding must be auto, dense or sparse, not {self.decoding!r}.")
-        if not 0.0 <= self.lr_decay <= 1.0 or self.lr_warmup_steps < 0:
-            raise ValueError("lr_decay must be in [0, 1] and lr_warmup_steps non-negative.")
+        if self.batch_size <= 0 or self.num_workers < 0 or self.reader_threads < 0:
+            raise ValueError("batch_size must be positive and num_workers, reader_threads non-negative.")
+
+
+@dataclass
+class TrainConfig:
+    """Training a transcoder on harvested activations, in five parts (``--transcoder.d_features``,
+    ``--loss.sparsity_coef``, ``--optimizer.lr``, ``--trainer.max_steps``, ``--data.batch_size`` on the command
+    line; the same nesting in a YAML file)."""
+
+    transcoder: TranscoderConfig = field(default_factory=TranscoderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> TrainConfig:
+        """The config saved as ``fields``: nested as ``asdict`` writes it, or flat, as checkpoints written before
+        the nesting hold it (each flat name belongs to exactly one part)."""
+        parts = {f.name: f.default_factory for f in dataclasses.fields(cls)}  # name → its dataclass
+        values = {part: dict(fields.get(part, {})) for part in parts}
+        owner = {name: part for part, kind in parts.items() for name in kind.__dataclass_fields__}
+        for name, value in fields.items():
+            name = "activation_kind" if name == "activation" else name  # the name before the rename
+            if name in parts:
+                continue
+            if name not in owner:
+                raise ValueError(f"TrainConfig has no field {name!r}; its parts are {', '.join(parts)}.")
+            values[owner[name]][name] = value
+        return cls(**{part: kind(**values[part]) for part, kind in parts.items()})
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes``, each field named alone, whatever its part: ``replace(max_steps=50,
+        sparsity_coef=1e-3)`` (no name is in two parts)."""
+        return TrainConfig.from_dict({**dataclasses.asdict(self), **changes})
 
 
 @dataclass
@@ -197,6 +268,44 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def save(self, path: str | Path) -> Path:
+        """Write the profile to the YAML file ``path`` (``get_profile(path)`` and ``--profile path`` read it)."""
+        path = Path(path)
+        path.write_text(to_yaml(self))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        """The profile saved in the YAML file ``path``; fields it leaves out keep their defaults."""
+        return from_yaml(cls, Path(path).read_text(), source=str(path))
+
+
+def to_yaml(config: Any) -> str:
+    """Any config dataclass (a ``Profile``, ``TrainConfig``, ``HarvestConfig`` ...) as YAML, nested as it is."""
+    plain = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples become lists, which YAML can write
+    return yaml.safe_dump(plain, sort_keys=False, allow_unicode=True)
+
+
+def from_yaml(cls: type[Config], text: str, *, source: str = "the YAML text") -> Config:
+    """The ``cls`` written as YAML ``text``: every value checked against its field's type by jsonargparse, and
+    the dataclasses' own checks run; a wrong or unknown key is one ``ValueError`` naming it and ``source``."""
+    from jsonargparse import ArgumentParser
+
+    fields = yaml.safe_load(text) or {}
+    if not isinstance(fields, dict):
+        raise ValueError(
+            f"{source}: expected a mapping of {cls.__name__}'s fields, not {type(fields).__name__}."
+        )
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "config")
+    try:
+        return parser.instantiate(parser.parse_object({"config": fields})).config
+    except Exception as error:  # jsonargparse's ArgumentError, or a dataclass's own ValueError
+        message = re.sub(r"\bconfig\.", "", " ".join(str(error).split())).replace(
+            "Group 'config'", cls.__name__
+        )
+        raise ValueError(f"{source}: {message}") from None
+
 
 PROFILES: dict[str, Profile] = {
     # CI: seeded random tiny GPT-2 (real GPT-2 tokenizer), a few thousand tokens, seconds per stage.
@@ -204,14 +313,11 @@ PROFILES: dict[str, Profile] = {
         name="ci",
         harvest=HarvestConfig(model="tiny-gpt2", n_tokens=4096, seq_len=64, batch_size=16),
         train=TrainConfig(
-            d_features=128,
-            max_steps=60,
-            batch_size=256,
-            lr=1e-3,
-            sparsity_coef=1e-3,
-            log_every=5,
-            checkpoint_every=30,
-            wandb=False,
+            transcoder=TranscoderConfig(d_features=128),
+            loss=LossConfig(sparsity_coef=1e-3),
+            optimizer=OptimizerConfig(lr=1e-3),
+            trainer=TrainerConfig(max_steps=60, log_every=5, checkpoint_every=30, wandb=False),
+            data=DataConfig(batch_size=256),
         ),
         eval=EvalConfig(n_sequences=8, batch_size=4),
     ),
@@ -227,15 +333,12 @@ PROFILES: dict[str, Profile] = {
             dtype="bfloat16",
         ),
         train=TrainConfig(
-            d_features=256,
-            max_steps=600,
-            batch_size=512,
-            lr=6e-4,
-            sparsity_coef=3e-4,
-            precision="bf16-mixed",
-            log_every=10,
-            checkpoint_every=200,
-            num_workers=1,  # one worker process reads and prefetches batches while the CLT trains
+            transcoder=TranscoderConfig(d_features=256),
+            loss=LossConfig(sparsity_coef=3e-4),
+            optimizer=OptimizerConfig(lr=6e-4),
+            trainer=TrainerConfig(max_steps=600, precision="bf16-mixed", log_every=10, checkpoint_every=200),
+            # one worker process reads and prefetches batches while the CLT trains
+            data=DataConfig(batch_size=512, num_workers=1),
         ),
         eval=EvalConfig(n_sequences=32, batch_size=8),
     ),
@@ -243,19 +346,23 @@ PROFILES: dict[str, Profile] = {
     "gpt2": Profile(
         name="gpt2",
         harvest=HarvestConfig(model="gpt2", n_tokens=200_000, seq_len=128, batch_size=16),
-        train=TrainConfig(d_features=2048, max_steps=3000, batch_size=1024, lr=2e-4, sparsity_coef=2e-4),
+        train=TrainConfig(
+            transcoder=TranscoderConfig(d_features=2048),
+            loss=LossConfig(sparsity_coef=2e-4),
+            optimizer=OptimizerConfig(lr=2e-4),
+            trainer=TrainerConfig(max_steps=3000),
+            data=DataConfig(batch_size=1024),
+        ),
         eval=EvalConfig(n_sequences=64, batch_size=8),
     ),
 }
 
 
-def get_profile(name: str) -> Profile:
-    """Return a copy of the named profile (so a notebook may edit it freely)."""
-    if name not in PROFILES:
-        raise KeyError(f"Unknown profile {name!r}; choose one of {sorted(PROFILES)}.")
-    return dataclasses.replace(
-        PROFILES[name],
-        harvest=dataclasses.replace(PROFILES[name].harvest),
-        train=dataclasses.replace(PROFILES[name].train),
-        eval=dataclasses.replace(PROFILES[name].eval),
-    )
+def get_profile(name: str | Path) -> Profile:
+    """A copy of the profile called ``name`` (so a notebook may edit it freely), or the one saved in the YAML file
+    ``name`` (``Profile.save``)."""
+    if str(name) in PROFILES:
+        return copy.deepcopy(PROFILES[str(name)])
+    if Path(name).suffix in (".yaml", ".yml"):
+        return Profile.load(name)
+    raise KeyError(f"Unknown profile {str(name)!r}; choose one of {sorted(PROFILES)} or give a YAML file.")

@@ -26,6 +26,7 @@ import lightning as L
 import torch
 
 from .buffer import DiscBuffer
+from .config import DataConfig
 from .sites import ActivationBatch, to_storage, torch_dtype
 from .store import SITES
 
@@ -115,19 +116,13 @@ class ActivationData(L.LightningDataModule):
     """
 
     def __init__(
-        self,
-        source: str | Path | torch.utils.data.IterableDataset,
-        *,
-        batch_size: int,
-        seed: int = 0,
-        num_workers: int = 0,
-        reader_threads: int = 0,
+        self, source: str | Path | torch.utils.data.IterableDataset, config: DataConfig, *, seed: int = 0
     ):
         super().__init__()
         self.streamed = isinstance(source, torch.utils.data.IterableDataset)
-        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
-        self.reader_threads = 0 if self.streamed else reader_threads
-        self.source = source if self.streamed else DiscBuffer(source, batch_size=batch_size, seed=seed)
+        self.batch_size, self.seed, self.num_workers = config.batch_size, seed, config.num_workers
+        self.reader_threads = 0 if self.streamed else config.reader_threads
+        self.source = source if self.streamed else DiscBuffer(source, batch_size=self.batch_size, seed=seed)
         self.dataset: DiscBuffer | torch.utils.data.IterableDataset | None = None
         self.consumed = 0  # batches this rank trained on before a resumed run
 

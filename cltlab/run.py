@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from .config import Profile, get_profile
+from .config import PROFILES, Profile, get_profile
 
 if TYPE_CHECKING:
     from .attribution import AttributionGraph
@@ -140,8 +140,9 @@ class RunPaths:
 
 
 def run_paths(profile: str, run_dir: str | Path | None = None) -> RunPaths:
-    """The run folder: ``run_dir`` if given, else ``$CLTLAB_RUN_DIR``, else ``runs/<profile>``."""
-    root = run_dir or os.environ.get("CLTLAB_RUN_DIR") or Path("runs") / profile
+    """The run folder: ``run_dir`` if given, else ``$CLTLAB_RUN_DIR``, else ``runs/<profile>`` (for a profile saved
+    as YAML, ``runs/<its file name without .yaml>``)."""
+    root = run_dir or os.environ.get("CLTLAB_RUN_DIR") or Path("runs") / Path(profile).stem
     return RunPaths(Path(root).resolve())
 
 
@@ -161,7 +162,7 @@ def notebook(default_profile: str = "default", *, runs: str | Path = "../runs") 
     ``default_profile`` and ``runs/<profile>`` of the checkout (``runs`` is relative to the notebook's folder).
     """
     name = os.environ.get("CLTLAB_PROFILE") or default_profile
-    run_dir = os.environ.get("CLTLAB_RUN_DIR") or Path(runs) / name
+    run_dir = os.environ.get("CLTLAB_RUN_DIR") or Path(runs) / Path(name).stem
     return NotebookSetup(get_profile(name), run_paths(name, run_dir))
 
 
@@ -196,6 +197,9 @@ def run_notebooks(
     folder = notebooks_dir or find_notebooks()
     # Plotly's "notebook" renderer also embeds plotly.js as HTML, so the plots show in the HTML copies of the
     # report (offline) as well as in JupyterLab.
+    profile = (
+        profile if profile in PROFILES else str(Path(profile).resolve())
+    )  # a YAML file, seen from notebooks/
     env = os.environ | dict(
         CLTLAB_PROFILE=profile, CLTLAB_RUN_DIR=str(paths.root), PLOTLY_RENDERER="plotly_mimetype+notebook"
     )

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from .buffer import DiscBuffer
 from .clt import CrossLayerTranscoder
-from .config import CLTConfig, TrainConfig
+from .config import CLTConfig, TrainConfig, TrainerConfig
 from .data import ActivationData
 from .precision import training_precision
 from .sites import ActivationBatch
@@ -36,32 +36,30 @@ class CLTModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.clt = CrossLayerTranscoder(CLTConfig.from_dict(clt_config))
-        self.cfg = TrainConfig(**train_config)
+        self.cfg = TrainConfig.from_dict(train_config)  # nested, or flat from a checkpoint before the nesting
         # Tokens since each feature last fired, for the dead-feature fraction.
         self.register_buffer("tokens_since_active", torch.zeros(self.clt.n_layers, self.clt.d_features))
         self.register_buffer("tokens_seen", torch.zeros(()))
         # torch.compile fuses the loss's elementwise passes; the decoder's autograd Function stays eager.
-        self.loss_fn = torch.compile(self.clt.loss) if self.cfg.compile else self.clt.loss
+        self.loss_fn = torch.compile(self.clt.loss) if self.cfg.trainer.compile else self.clt.loss
 
     def sparsity_coef(self) -> float:
         """λ, ramped linearly from 0 over the warm-up fraction of training."""
-        warmup = self.cfg.sparsity_warmup * self.cfg.max_steps
-        return (
-            self.cfg.sparsity_coef * min(1.0, self.global_step / warmup)
-            if warmup > 0
-            else self.cfg.sparsity_coef
-        )
+        loss = self.cfg.loss
+        warmup = loss.sparsity_warmup * self.cfg.trainer.max_steps
+        return loss.sparsity_coef * min(1.0, self.global_step / warmup) if warmup > 0 else loss.sparsity_coef
 
     def training_step(self, batch: ActivationBatch, batch_idx: int) -> torch.Tensor:
         x, y = batch.resid_mid.float(), batch.mlp_out.float()  # (batch, n_layers, d_model)
         lam = self.sparsity_coef()
+        loss = self.cfg.loss
         out = self.loss_fn(
             x,
             y,
             sparsity_coef=lam,
-            sparsity_c=self.cfg.sparsity_c,
-            preact_coef=self.cfg.preact_coef,
-            decoding=self.cfg.decoding,
+            sparsity_c=loss.sparsity_c,
+            preact_coef=loss.preact_coef,
+            decoding=loss.decoding,
         )
         losses = self.from_every_rank(out.total.detach().float())  # (world_size,)
         if not losses.isfinite().all():
@@ -73,7 +71,7 @@ class CLTModule(L.LightningModule):
         self.tokens_seen += x.shape[0]
         self.tokens_since_active += x.shape[0]
         self.tokens_since_active[out.active] = 0
-        if self.global_step % self.cfg.log_every == 0:
+        if self.global_step % self.cfg.trainer.log_every == 0:
             self.log_metrics(out, lam)
         return out.total
 
@@ -113,7 +111,7 @@ class CLTModule(L.LightningModule):
 
     def dead_fraction(self) -> float:
         """Fraction of features that have not fired within the last ``dead_window`` tokens (or ever, early on)."""
-        window = min(float(self.cfg.dead_window), float(self.tokens_seen))
+        window = min(float(self.cfg.trainer.dead_window), float(self.tokens_seen))
         return (self.tokens_since_active >= window).float().mean().item()
 
     def log_metrics(self, out, lam: float) -> None:
@@ -132,14 +130,13 @@ class CLTModule(L.LightningModule):
         self.log_dict({"nmse": out.nmse.mean(), "l0": out.l0.mean()}, on_step=True, prog_bar=True)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(
-            self.clt.parameters(), lr=self.cfg.lr, fused=True
-        )  # fused on CPU and GPU
+        config = self.cfg.optimizer
+        optimizer = torch.optim.Adam(self.clt.parameters(), lr=config.lr, fused=True)  # fused on CPU and GPU
         schedule = functools.partial(
             lr_factor,
-            max_steps=self.cfg.max_steps,
-            warmup_steps=self.cfg.lr_warmup_steps,
-            decay=self.cfg.lr_decay,
+            max_steps=self.cfg.trainer.max_steps,
+            warmup_steps=config.lr_warmup_steps,
+            decay=config.lr_decay,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -172,7 +169,7 @@ def strategy_for(name: str):
     return name
 
 
-def make_trainer(config: TrainConfig, run_dir: str | Path, **overrides) -> L.Trainer:
+def make_trainer(config: TrainerConfig, run_dir: str | Path, **overrides) -> L.Trainer:
     """A Lightning Trainer for ``config``: device chosen automatically, CSV (+ W&B) logs and checkpoints under ``run_dir``.
 
     ``devices``, ``num_nodes`` and ``strategy`` come from the config (Lightning recognises processes started by
@@ -242,36 +239,25 @@ def train(
     ``data`` is a harvest folder, or an IterableDataset with ``n_layers``, ``d_model``, ``layer_start`` and ``stats``,
     e.g. ``cltlab.ActivationClient(url).dataset(batch_size)`` reading from an activation server.
 
-    With several devices or nodes (``config.devices``, ``num_nodes``, ``strategy``) every process runs this
+    With several devices or nodes (``config.trainer``: ``devices``, ``num_nodes``, ``strategy``) every process runs this
     function: each rank trains on its own disjoint part of the buffer (see ``data.ActivationData``), and rank 0
     saves the CLT.
     """
     run_dir = Path(run_dir)
-    L.seed_everything(config.seed, verbose=False)
-    datamodule = ActivationData(
-        data,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        num_workers=config.num_workers,
-        reader_threads=config.reader_threads,
-    )
+    L.seed_everything(config.trainer.seed, verbose=False)
+    datamodule = ActivationData(data, config.data, seed=config.trainer.seed)
     buffer = datamodule.source  # the whole buffer (or stream): the same shape and statistics on every rank
     clt_config = CLTConfig(
+        **dataclasses.asdict(config.transcoder),
         n_layers=buffer.n_layers,
         d_model=buffer.d_model,
-        d_features=config.d_features,
-        cross_layer=config.cross_layer,
-        threshold_init=config.threshold_init,
-        bandwidth=config.bandwidth,
         layer_offset=buffer.layer_start,
-        activation_kind=config.activation_kind,
-        k=config.k,
     )
     module = CLTModule(dataclasses.asdict(clt_config), dataclasses.asdict(config))
     module.clt.set_normalization(*buffer.stats)
     if isinstance(buffer, DiscBuffer):
         buffer.close()  # each rank opens its own part in ActivationData.setup
-    trainer = make_trainer(config, run_dir, **trainer_overrides)
+    trainer = make_trainer(config.trainer, run_dir, **trainer_overrides)
     last = run_dir / "checkpoints" / "last.ckpt"
     try:
         # weights_only: a checkpoint holds tensors and plain values; unpickling anything else could run code.

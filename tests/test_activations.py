@@ -10,7 +10,7 @@ from helpers import make_clt
 
 from cltlab import CrossLayerTranscoder, train
 from cltlab.activations import ACTIVATIONS, BatchTopK, TopK, batch_topk, batchtopk_thresholds, topk
-from cltlab.config import CLTConfig, TrainConfig
+from cltlab.config import CLTConfig, DataConfig, LossConfig, TrainConfig, TrainerConfig, TranscoderConfig
 from cltlab.interop import export_circuit_tracer
 from cltlab.jumprelu import JumpReLU
 
@@ -139,15 +139,10 @@ def test_activation_config_errors(kwargs, message):
 
 def test_training_a_batchtopk_clt_with_sparse_decoding(tmp_path, buffer_path):
     config = TrainConfig(
-        max_steps=4,
-        batch_size=64,
-        d_features=32,
-        activation_kind="batchtopk",
-        k=4,
-        decoding="auto",
-        wandb=False,
-        log_every=1,
-        checkpoint_every=100,
+        transcoder=TranscoderConfig(d_features=32, activation_kind="batchtopk", k=4),
+        loss=LossConfig(decoding="auto"),
+        trainer=TrainerConfig(max_steps=4, wandb=False, log_every=1, checkpoint_every=100),
+        data=DataConfig(batch_size=64),
     )
     result = train(config, buffer_path, tmp_path / "run", enable_progress_bar=False)
     assert result.clt.config.activation_kind == "batchtopk" and result.clt.config.k == 4

@@ -1,53 +1,113 @@
-"""Command line: options come from the config dataclasses; each stage runs end to end on tiny inputs."""
+"""Command line: options are the config dataclasses' fields, nested, defaulting to the profile; YAML in and out;
+each stage runs end to end on tiny inputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
+import yaml
 from helpers import make_clt
 
 from cltlab import DiscBuffer
-from cltlab.cli import _parse_value, apply_options, build_parser, field_docs, main
-from cltlab.config import HarvestConfig, TrainConfig
+from cltlab.cli import config_from, main, parse
+from cltlab.config import HarvestConfig, LossConfig, TrainConfig, get_profile
 
 
-def test_field_docs_are_the_dataclass_docstrings():
-    docs = field_docs(HarvestConfig)
-    assert docs["seq_len"] == "Tokens per sequence, BOS included."
-    assert set(docs) == set(HarvestConfig.__dataclass_fields__)
+def train_config(*argv: str) -> TrainConfig:
+    return parse(["train", *argv]).config
+
+
+def test_options_override_the_profile_part_by_part():
+    config = train_config(
+        "--profile", "ci", "--trainer.max-steps", "7", "--optimizer.lr", "0.01", "--transcoder.cross_layer", "false"
+    )  # fmt: skip
+    expected = get_profile("ci").train
+    expected.trainer.max_steps, expected.optimizer.lr, expected.transcoder.cross_layer = 7, 0.01, False
+    assert config == expected  # every other field keeps the profile's value
+    assert train_config("--profile", "default") == get_profile("default").train
+
+
+def test_the_profile_may_come_after_the_options():
+    assert train_config("--trainer.max_steps", "7", "--profile", "ci").trainer.max_steps == 7
+    assert train_config("--trainer.max_steps", "7", "--profile", "ci").data == get_profile("ci").train.data
+
+
+def test_a_field_defaulting_to_none_takes_an_int_and_a_range_takes_a_list():
+    # The hand-written parser of before read --shard-tokens 2000 as a tuple and the harvest died with a TypeError.
+    options = parse(["harvest", "--profile", "ci", "--shard-tokens", "2000", "--layers", "[1, 3]"]).options
+    config = config_from(HarvestConfig, options)
+    assert (config.shard_tokens, config.layers) == (2000, (1, 3))
+    assert config == dataclasses.replace(get_profile("ci").harvest, shard_tokens=2000, layers=(1, 3))
+    assert (
+        config_from(HarvestConfig, parse(["harvest", "--shard_tokens", "null"]).options).shard_tokens is None
+    )
 
 
 @pytest.mark.parametrize(
-    ("text", "default", "expected"),
+    ("argv", "message"),
     [
-        ("false", True, False),
-        ("yes", False, True),
-        ("1e3", 5, 1000),
-        ("0.5", 0.1, 0.5),
-        ("1:3", None, (1, 3)),
-        ("2,4", None, (2, 4)),
-        ("none", None, None),
-        ("bfloat16", "float16", "bfloat16"),
+        (["harvest", "--layers", "[3, 1]"], "layers must be a range (start, stop) with 0 <= start < stop"),
+        (["harvest", "--job", "3/1"], "--job"),
+        (["train", "--loss.sparsity_coef", "abc"], 'key "loss.sparsity_coef"'),
+        (["train", "--loss.sparsity_coeff", "1"], "--loss.sparsity_coeff"),
+        (["train", "--loss.decoding", "diagonal"], "decoding must be auto, dense or sparse, not 'diagonal'"),
+        (["train", "--transcoder.activation_kind", "relu"], "activation_kind must be one of jumprelu, topk"),
+        (["train", "--profile", "nope"], "Unknown profile 'nope'"),
     ],
 )
-def test_parse_value_follows_the_default_type(text, default, expected):
-    assert _parse_value(text, default) == expected
+def test_a_wrong_option_is_one_error_naming_it(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse(argv)
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
 
 
-def test_options_override_the_profile():
-    args = build_parser().parse_args(
-        ["train", "--profile", "ci", "--max-steps", "7", "--lr", "0.01", "--cross-layer", "false"]
-    )
-    config = apply_options(TrainConfig(max_steps=60, lr=1e-3), args)
-    assert (config.max_steps, config.lr, config.cross_layer) == (7, 0.01, False)
-    assert config.batch_size == TrainConfig().batch_size  # untouched fields keep their value
+def test_help_is_the_field_docstrings_with_the_profiles_defaults(capsys):
+    with pytest.raises(SystemExit):
+        parse(["train", "--profile", "ci", "--help"])
+    help = " ".join(capsys.readouterr().out.split())
+    assert "--loss.sparsity_coef SPARSITY_COEF λ of the tanh sparsity penalty" in help
+    assert "--data.batch_size BATCH_SIZE Tokens per step" in help
+    assert "(type: int, default: 256)" in help  # ci's batch size, not the dataclass default of 1024
 
 
-def test_invalid_option_value_is_validated():
-    args = build_parser().parse_args(["harvest", "--profile", "ci", "--layers", "3:1"])
-    with pytest.raises(ValueError, match="layers must be a range"):
-        apply_options(HarvestConfig(), args)
+def test_print_config_writes_a_yaml_file_that_config_reads_back(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse(["train", "--profile", "ci", "--loss.sparsity_coef", "0.5", "--print_config"])
+    assert exit.value.code == 0
+    written = yaml.safe_load(capsys.readouterr().out)
+    assert written["loss"]["sparsity_coef"] == 0.5 and written["trainer"]["max_steps"] == 60
+    written["trainer"]["max_steps"] = 9
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(written))
+    config = train_config("--config", str(path))
+    assert (config.loss.sparsity_coef, config.trainer.max_steps) == (0.5, 9)
+    assert config.transcoder == get_profile("ci").train.transcoder  # the file held ci's values for the rest
+    # Later options win over the file.
+    assert train_config("--config", str(path), "--trainer.max_steps", "3").trainer.max_steps == 3
+
+
+def test_a_yaml_file_may_hold_only_some_parts(tmp_path):
+    path = tmp_path / "loss.yaml"
+    path.write_text("loss:\n  sparsity_c: 2.5\n")
+    config = train_config("--profile", "ci", "--config", str(path))
+    assert config.loss == dataclasses.replace(get_profile("ci").train.loss, sparsity_c=2.5)
+    path.write_text("loss:\n  sparsity_cc: 2.5\n")
+    with pytest.raises(SystemExit):
+        train_config("--profile", "ci", "--config", str(path))
+
+
+def test_a_profile_saved_as_yaml_gives_the_defaults(tmp_path):
+    profile = get_profile("ci")
+    profile.train.loss = LossConfig(sparsity_coef=0.125, decoding="dense")
+    profile.harvest.layers = (0, 2)
+    path = profile.save(tmp_path / "mine.yaml")
+    assert get_profile(path) == profile
+    parsed = parse(["train", "--profile", str(path)])
+    assert parsed.profile == profile and config_from(TrainConfig, parsed.options) == profile.train
+    assert config_from(HarvestConfig, parse(["harvest", "--profile", str(path)]).options).layers == (0, 2)
 
 
 def test_cli_harvest_train_evaluate(tmp_path, capsys):
@@ -62,7 +122,7 @@ def test_cli_harvest_train_evaluate(tmp_path, capsys):
         "--dtype",
         "float32",
         "--layers",
-        "1:3",
+        "[1,3]",
     ]
     assert main(["harvest", "--profile", "ci", "--run-dir", str(run), *small]) == 0
     assert "62 tokens in" in (out := capsys.readouterr().out) and "(complete;" in out
@@ -70,18 +130,8 @@ def test_cli_harvest_train_evaluate(tmp_path, capsys):
     assert (buffer.n_tokens, buffer.layer_start, buffer.n_layers) == (62, 1, 2)
     buffer.close()
 
-    train = [
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "31",
-        "--d-features",
-        "8",
-        "--wandb",
-        "false",
-        "--log-every",
-        "1",
-    ]
+    train = ["--trainer.max_steps", "2", "--data.batch_size", "31", "--transcoder.d_features", "8"]
+    train += ["--trainer.wandb", "false", "--trainer.log_every", "1"]
     assert main(["train", "--profile", "ci", "--run-dir", str(run), *train]) == 0
     assert "saved the CLT to" in capsys.readouterr().out
     meta = json.loads((run / "clt" / "config.json").read_text())["config"]
@@ -123,3 +173,11 @@ def test_cli_evaluate_given_clt(tmp_path, capsys):
     )
     assert code == 0
     assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["l0"]) == 4
+
+
+def test_a_yaml_file_naming_a_profile_takes_that_profiles_defaults(tmp_path):
+    path = tmp_path / "ci.yaml"
+    path.write_text("profile: ci\nloss:\n  sparsity_c: 2.5\n")
+    parsed = parse(["train", "--config", str(path)])
+    assert parsed.profile.name == "ci"
+    assert parsed.config == get_profile("ci").train.replace(sparsity_c=2.5)

@@ -23,23 +23,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cltlab import CrossLayerTranscoder, DiscBuffer, train
-from cltlab.cli import apply_options, build_parser, main
-from cltlab.config import TrainConfig
+from cltlab.cli import main, parse
+from cltlab.config import DataConfig, OptimizerConfig, TrainConfig, TrainerConfig, TranscoderConfig
 from cltlab.train import TrainResult, make_trainer, strategy_for
 
 STEPS = 5
 # 500 rows in batches of 50 give each of the two ranks 5 batches: one epoch of both covers the buffer once.
 CONFIG = TrainConfig(
-    max_steps=STEPS,
-    batch_size=50,
-    d_features=32,
-    lr=1e-3,
-    wandb=False,
-    log_every=1,
-    checkpoint_every=STEPS,
-    accelerator="cpu",
-    devices=2,
-    strategy="ddp",
+    transcoder=TranscoderConfig(d_features=32),
+    optimizer=OptimizerConfig(lr=1e-3),
+    trainer=TrainerConfig(
+        max_steps=STEPS,
+        wandb=False,
+        log_every=1,
+        checkpoint_every=STEPS,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+    ),
+    data=DataConfig(batch_size=50),
 )
 
 
@@ -121,8 +123,8 @@ def test_ddp_ranks_read_disjoint_batches_and_agree(tmp_path, buffer_path):
 
     # Each rank trained on its own rows; together, one epoch of both covered every row of the buffer once.
     rows = [Counter(json.loads((out / f"rows-{rank}.json").read_text())) for rank in (0, 1)]
-    assert [r.total() for r in rows] == [STEPS * CONFIG.batch_size] * 2
-    buffer = DiscBuffer(buffer_path, batch_size=CONFIG.batch_size)
+    assert [r.total() for r in rows] == [STEPS * CONFIG.data.batch_size] * 2
+    buffer = DiscBuffer(buffer_path, batch_size=CONFIG.data.batch_size)
     every_row = Counter(row_key(row) for row in buffer.read(0, buffer.n_tokens).resid_mid)
     buffer.close()
     assert rows[0] + rows[1] == every_row and every_row.total() == 500
@@ -162,13 +164,9 @@ def test_a_nan_on_one_rank_stops_both_with_the_same_error(tmp_path, buffer_path)
 def test_topk_thresholds_are_frozen_so_ddp_does_not_wait_for_them(tmp_path, buffer_path):
     # TopK never uses the JumpReLU thresholds; DDP raises on a trainable parameter that gets no gradient.
     config = TrainConfig(
-        max_steps=2,
-        batch_size=125,
-        d_features=16,
-        activation_kind="topk",
-        k=4,
-        wandb=False,
-        checkpoint_every=100,
+        transcoder=TranscoderConfig(d_features=16, activation_kind="topk", k=4),
+        trainer=TrainerConfig(max_steps=2, wandb=False, checkpoint_every=100),
+        data=DataConfig(batch_size=125),
     )
     result = train(config, buffer_path, tmp_path, enable_progress_bar=False)
     assert not any(p.requires_grad for p in result.clt.activation.parameters())
@@ -179,10 +177,8 @@ def test_topk_thresholds_are_frozen_so_ddp_does_not_wait_for_them(tmp_path, buff
 
 @pytest.mark.parametrize(("devices", "expected"), [("4", 4), ("auto", "auto"), ("0,1", "0,1")])
 def test_cli_flags_choose_devices_nodes_and_strategy(devices, expected):
-    args = build_parser().parse_args(
-        ["train", "--profile", "ci", "--devices", devices, "--num-nodes", "2", "--strategy", "fsdp"]
-    )
-    config = apply_options(TrainConfig(), args)
+    argv = ["train", "--profile", "ci", "--trainer.devices", devices, "--trainer.num-nodes", "2"]
+    config = parse([*argv, "--trainer.strategy", "fsdp"]).config.trainer
     assert (config.devices, config.num_nodes, config.strategy) == (expected, 2, "fsdp")
 
 
@@ -191,7 +187,7 @@ def test_the_trainer_follows_the_config(tmp_path):
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
     extra = ModelCheckpoint()
-    trainer = make_trainer(CONFIG, tmp_path, callbacks=[extra], enable_progress_bar=False)
+    trainer = make_trainer(CONFIG.trainer, tmp_path, callbacks=[extra], enable_progress_bar=False)
     assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2 and trainer.num_nodes == 1
     assert (
         not trainer._accelerator_connector.use_distributed_sampler
@@ -213,7 +209,7 @@ def test_cli_train_prints_on_rank_zero_only(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(
         importlib.import_module("cltlab.train"), "train", fake_train
     )  # the module, not cltlab.train()
-    assert main(["train", "--profile", "ci", "--run-dir", str(tmp_path), "--devices", "2"]) == 0
+    assert main(["train", "--profile", "ci", "--run-dir", str(tmp_path), "--trainer.devices", "2"]) == 0
     assert capsys.readouterr().out == ""
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import http.client
 import socket
@@ -17,7 +16,7 @@ from helpers import assert_exact, wait_until
 
 import cltlab
 from cltlab import DiscBuffer
-from cltlab.config import TrainConfig
+from cltlab.config import DataConfig, TrainConfig, TrainerConfig, TranscoderConfig
 from cltlab.corpus import token_sequences
 from cltlab.server import ActivationClient, DiscSource, Limits, LiveSource, serve
 from cltlab.server.app import create_app
@@ -323,8 +322,10 @@ def test_dataset_splits_batches_across_dataloader_workers(server, reference):
 
 
 def test_training_reads_from_the_server(server, tmp_path):
-    config = dataclasses.replace(
-        TrainConfig(), d_features=16, max_steps=3, batch_size=B, wandb=False, log_every=1
+    config = TrainConfig(
+        transcoder=TranscoderConfig(d_features=16),
+        trainer=TrainerConfig(max_steps=3, wandb=False, log_every=1),
+        data=DataConfig(batch_size=B),
     )
     dataset = ActivationClient(server.url).dataset(B)
     result = cltlab.train(config, dataset, tmp_path, enable_progress_bar=False)

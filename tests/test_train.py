@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cltlab import CrossLayerTranscoder, DiscBuffer, plots, train
-from cltlab.config import TrainConfig
+from cltlab.config import DataConfig, OptimizerConfig, TrainConfig, TrainerConfig, TranscoderConfig
 from cltlab.data import EpochSampler, ThreadedBatches
 from cltlab.train import CLTModule, lr_factor
 
@@ -28,7 +28,10 @@ def read_metrics(log_dir) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, buffer_path):
     config = TrainConfig(
-        max_steps=STEPS, batch_size=128, d_features=32, wandb=False, log_every=1, checkpoint_every=5, lr=1e-3
+        transcoder=TranscoderConfig(d_features=32),
+        optimizer=OptimizerConfig(lr=1e-3),
+        trainer=TrainerConfig(max_steps=STEPS, wandb=False, log_every=1, checkpoint_every=5),
+        data=DataConfig(batch_size=128),
     )
     run_dir = tmp_path_factory.mktemp("run")
     result = train(config, buffer_path, run_dir, enable_progress_bar=False)
@@ -95,13 +98,9 @@ def test_train_writes_checkpoints(trained):
 
 def test_per_layer_transcoder_training(tmp_path, buffer_path):
     config = TrainConfig(
-        max_steps=3,
-        batch_size=128,
-        d_features=16,
-        cross_layer=False,
-        wandb=False,
-        log_every=1,
-        checkpoint_every=100,
+        transcoder=TranscoderConfig(d_features=16, cross_layer=False),
+        trainer=TrainerConfig(max_steps=3, wandb=False, log_every=1, checkpoint_every=100),
+        data=DataConfig(batch_size=128),
     )
     result = train(config, buffer_path, tmp_path / "plt", enable_progress_bar=False)
     assert not result.clt.config.cross_layer
@@ -110,7 +109,11 @@ def test_per_layer_transcoder_training(tmp_path, buffer_path):
 
 
 def test_train_refuses_a_buffer_smaller_than_a_batch(tmp_path, buffer_path):
-    config = TrainConfig(max_steps=1, batch_size=4096, d_features=8, wandb=False)
+    config = TrainConfig(
+        transcoder=TranscoderConfig(d_features=8),
+        trainer=TrainerConfig(max_steps=1, wandb=False),
+        data=DataConfig(batch_size=4096),
+    )
     with pytest.raises(ValueError, match="holds 500 tokens, fewer than one batch of 4096"):
         train(config, buffer_path, tmp_path / "run")
 
@@ -118,11 +121,15 @@ def test_train_refuses_a_buffer_smaller_than_a_batch(tmp_path, buffer_path):
 def test_resume_continues_from_the_last_checkpoint(tmp_path, buffer_path):
     run_dir = tmp_path / "run"
     first = TrainConfig(
-        max_steps=4, batch_size=128, d_features=16, wandb=False, log_every=1, checkpoint_every=2
+        transcoder=TranscoderConfig(d_features=16),
+        trainer=TrainerConfig(max_steps=4, wandb=False, log_every=1, checkpoint_every=2),
+        data=DataConfig(batch_size=128),
     )
     train(first, buffer_path, run_dir, enable_progress_bar=False)
     longer = TrainConfig(
-        max_steps=6, batch_size=128, d_features=16, wandb=False, log_every=1, checkpoint_every=2
+        transcoder=TranscoderConfig(d_features=16),
+        trainer=TrainerConfig(max_steps=6, wandb=False, log_every=1, checkpoint_every=2),
+        data=DataConfig(batch_size=128),
     )
     result = train(longer, buffer_path, run_dir, resume=True, enable_progress_bar=False)
     steps = [int(r["step"]) for r in read_metrics(result.log_dir) if r["loss"]]
@@ -143,7 +150,9 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path
 
     monkeypatch.setattr(CLT, "loss", nan_from_step_6)
     config = TrainConfig(
-        max_steps=20, batch_size=128, d_features=16, wandb=False, log_every=1, checkpoint_every=5
+        transcoder=TranscoderConfig(d_features=16),
+        trainer=TrainerConfig(max_steps=20, wandb=False, log_every=1, checkpoint_every=5),
+        data=DataConfig(batch_size=128),
     )
     with pytest.raises(FloatingPointError, match="Loss became nan at step 6; lower the learning rate"):
         train(config, buffer_path, tmp_path / "run", enable_progress_bar=False)
@@ -167,7 +176,9 @@ def test_a_non_finite_gradient_stops_training_before_a_checkpoint_holds_it(tmp_p
     # Adam turns an inf gradient into NaN weights; unchecked, step 9's update was saved as the step=10 checkpoint
     # (and as last.ckpt) before the next step's loss came out NaN.
     config = TrainConfig(
-        max_steps=20, batch_size=128, d_features=16, wandb=False, log_every=1, checkpoint_every=5
+        transcoder=TranscoderConfig(d_features=16),
+        trainer=TrainerConfig(max_steps=20, wandb=False, log_every=1, checkpoint_every=5),
+        data=DataConfig(batch_size=128),
     )
     expected = (
         "The gradient of W_enc became non-finite at step 9 while the loss was finite; lower the learning rate "
@@ -198,7 +209,11 @@ class RunsCode:
 def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, buffer_path, monkeypatch):
     import pickle
 
-    config = TrainConfig(max_steps=2, batch_size=128, d_features=16, wandb=False, checkpoint_every=1)
+    config = TrainConfig(
+        transcoder=TranscoderConfig(d_features=16),
+        trainer=TrainerConfig(max_steps=2, wandb=False, checkpoint_every=1),
+        data=DataConfig(batch_size=128),
+    )
     run_dir = tmp_path / "run"
     train(config, buffer_path, run_dir, enable_progress_bar=False)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -211,7 +226,7 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, buffer_path, 
     monkeypatch.setattr(RunsCode, "ran", [])
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         train(
-            dataclasses.replace(config, max_steps=3),
+            dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, max_steps=3)),
             buffer_path,
             run_dir,
             resume=True,
@@ -241,7 +256,10 @@ def test_a_resumed_run_has_the_losses_and_weights_of_an_uninterrupted_one(tmp_pa
     # 9 steps of 64 rows each cross the buffer's epoch of 8 batches, so the resumed run must also pick up the
     # second epoch's order where the first run would have.
     config = TrainConfig(
-        max_steps=9, batch_size=64, d_features=16, wandb=False, log_every=1, checkpoint_every=4, lr=3e-3
+        transcoder=TranscoderConfig(d_features=16),
+        optimizer=OptimizerConfig(lr=3e-3),
+        trainer=TrainerConfig(max_steps=9, wandb=False, log_every=1, checkpoint_every=4),
+        data=DataConfig(batch_size=64),
     )
     whole = train(config, buffer_path, tmp_path / "whole", enable_progress_bar=False)
     train(config, buffer_path, tmp_path / "cut", callbacks=[StopAfter(4)], enable_progress_bar=False)
@@ -259,10 +277,13 @@ def test_a_resumed_run_has_the_losses_and_weights_of_an_uninterrupted_one(tmp_pa
 
 def test_compiled_training_matches_eager_training(tmp_path, buffer_path):
     config = TrainConfig(
-        max_steps=3, batch_size=64, d_features=16, wandb=False, log_every=1, checkpoint_every=100, lr=3e-3
+        transcoder=TranscoderConfig(d_features=16),
+        optimizer=OptimizerConfig(lr=3e-3),
+        trainer=TrainerConfig(max_steps=3, wandb=False, log_every=1, checkpoint_every=100),
+        data=DataConfig(batch_size=64),
     )
     eager = train(config, buffer_path, tmp_path / "eager", enable_progress_bar=False)
-    compiled_config = dataclasses.replace(config, compile=True)
+    compiled_config = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, compile=True))
     compiled = train(compiled_config, buffer_path, tmp_path / "compiled", enable_progress_bar=False)
     eager_losses = [float(r["loss"]) for r in read_metrics(eager.log_dir) if r["loss"]]
     compiled_losses = [float(r["loss"]) for r in read_metrics(compiled.log_dir) if r["loss"]]
@@ -294,11 +315,14 @@ def test_threaded_batches_are_the_buffers_batches_in_sampler_order(buffer_path):
 
 def test_training_from_reader_threads_matches_the_dataloader(tmp_path, buffer_path):
     config = TrainConfig(
-        max_steps=4, batch_size=64, d_features=16, wandb=False, log_every=1, checkpoint_every=100, lr=3e-3
+        transcoder=TranscoderConfig(d_features=16),
+        optimizer=OptimizerConfig(lr=3e-3),
+        trainer=TrainerConfig(max_steps=4, wandb=False, log_every=1, checkpoint_every=100),
+        data=DataConfig(batch_size=64),
     )
     loader = train(config, buffer_path, tmp_path / "loader", enable_progress_bar=False)
     threads = train(
-        dataclasses.replace(config, reader_threads=2),
+        dataclasses.replace(config, data=dataclasses.replace(config.data, reader_threads=2)),
         buffer_path,
         tmp_path / "threads",
         enable_progress_bar=False,
@@ -306,3 +330,15 @@ def test_training_from_reader_threads_matches_the_dataloader(tmp_path, buffer_pa
     assert [r["loss"] for r in read_metrics(threads.log_dir) if r["loss"]] == [
         r["loss"] for r in read_metrics(loader.log_dir) if r["loss"]
     ]
+
+
+def test_a_checkpoint_from_before_the_nested_config_still_loads(trained, tmp_path):
+    config, _, result = trained
+    checkpoint = torch.load(result.checkpoint_dir / "last.ckpt", weights_only=True)
+    nested = checkpoint["hyper_parameters"]["train_config"]
+    flat = {name: value for part in nested.values() for name, value in part.items()}
+    checkpoint["hyper_parameters"]["train_config"] = {**flat, "activation": flat.pop("activation_kind")}
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    module = CLTModule.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu", weights_only=True)
+    assert module.cfg == config
+    assert torch.equal(module.clt.W_enc.float(), result.clt.W_enc)
