@@ -83,6 +83,10 @@ class Activation(Protocol):
     def preact_loss(self, pre: torch.Tensor, decoder_norms: torch.Tensor) -> torch.Tensor:
         """The pre-activation loss term (a scalar); ``decoder_norms`` is ``(n_layers, d_features)``."""
 
+    def selection_budget(self, d_features: int) -> float | None:
+        """The fraction of a layer's entries kept, when the activation keeps a fixed number and passes no
+        gradient to the others (then ``select`` says which; see ``cltlab.selected``), else None."""
+
     def to_jumprelu(self, preactivations: Iterable[torch.Tensor], *, bandwidth: float) -> JumpReLU:
         """A JumpReLU that stands in for this activation at inference, fitted on batches of pre-activations."""
 
@@ -121,6 +125,16 @@ class TopK(nn.Module):
         """Zero: every token keeps k features, so none needs pulling back."""
         return pre.new_zeros(())
 
+    def selection_budget(self, d_features: int) -> float:
+        """k of every ``d_features``."""
+        return self.k / d_features
+
+    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, cols)`` of the k largest entries of each row of one layer's ``(batch, d_features)``."""
+        cols = pre.topk(self.k, dim=-1, sorted=False).indices
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(self.k)
+        return rows, cols.flatten()
+
     @torch.no_grad()
     def to_jumprelu(self, preactivations: Iterable[torch.Tensor], *, bandwidth: float) -> JumpReLU:
         """Per layer, θ is the mean over the batches of the smallest activation BatchTopK kept."""
@@ -142,6 +156,11 @@ class BatchTopK(TopK):
     def forward_layer(self, pre: torch.Tensor, layer: int) -> torch.Tensor:
         """All of ``pre``'s leading dimensions count as tokens of one batch."""
         return batch_topk(pre.reshape(-1, pre.shape[-1]), self.k).view(pre.shape)
+
+    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, cols)``, sorted by row, of the ``k · batch`` largest entries of ``(batch, d_features)``."""
+        flat = pre.flatten().topk(min(self.k * pre.shape[0], pre.numel()), sorted=False).indices.sort().values
+        return flat // pre.shape[1], flat % pre.shape[1]
 
 
 ACTIVATIONS: dict[str, type[JumpReLU | TopK]] = {"jumprelu": JumpReLU, "topk": TopK, "batchtopk": BatchTopK}

@@ -25,6 +25,7 @@ from torch import nn
 from . import decoding
 from .activations import activation_for
 from .config import CLTConfig
+from .selected import decode_selected, select_encode, use_selected
 
 FORMAT = "cltlab.clt"
 FORMAT_VERSION = 1
@@ -142,11 +143,14 @@ class CrossLayerTranscoder(nn.Module):
                 f"got {tuple(x.shape)}."
             )
 
+    def normalized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw ``resid_mid`` ``(batch, n_layers, d_model)`` → centred and scaled, as the encoder reads it."""
+        self._check(x, "resid_mid")
+        return (x.to(self.W_enc.dtype) - self.input_mean) / self.input_scale
+
     def preactivations(self, x: torch.Tensor) -> torch.Tensor:
         """Raw ``resid_mid`` ``(batch, n_layers, d_model)`` → pre-activations ``(batch, n_layers, d_features)``."""
-        self._check(x, "resid_mid")
-        x = (x.to(self.W_enc.dtype) - self.input_mean) / self.input_scale  # (batch, n_layers, d_model)
-        return torch.einsum("bld,ldf->blf", x, self.W_enc) + self.b_enc
+        return torch.einsum("bld,ldf->blf", self.normalized_input(x), self.W_enc) + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Raw ``resid_mid`` ``(batch, n_layers, d_model)`` → features ``(batch, n_layers, d_features)``."""
@@ -182,9 +186,16 @@ class CrossLayerTranscoder(nn.Module):
         ``mode`` ``sparse`` or ``auto`` decodes from the active features only (see ``cltlab.decoding``); it then
         needs ``needed``, the bool mask of entries whose gradient the caller uses (``activation.gradient_support``).
         """
+        return self._decode(features, needed, mode)[0]
+
+    def _decode(self, features, needed, mode, *, with_norms: bool = False):
+        """``decode_normalized``, and the decoder norms (``with_norms``; else None) from the same pass."""
         device = features.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features.dtype
-        return decoding.decode(features.to(dtype), list(self.W_dec), needed=needed, mode=mode) + self.b_dec
+        W = list(self.W_dec)
+        out = decoding.decode(features.to(dtype), W, needed=needed, mode=mode, with_norms=with_norms)
+        recon, norms = out if with_norms else (out, None)
+        return recon + self.b_dec, norms
 
     def decode(self, features: torch.Tensor) -> torch.Tensor:
         """Features ``(batch, n_layers, d_features)`` → raw ``mlp_out`` reconstruction ``(batch, n_layers, d_model)``."""
@@ -225,25 +236,43 @@ class CrossLayerTranscoder(nn.Module):
         """The training loss on raw ``resid_mid`` x and raw ``mlp_out`` y, both ``(batch, n_layers, d_model)``.
 
         ``decoding``: ``dense``, ``sparse`` or ``auto`` (sparse for the source layers where few features fire);
-        all three give the same loss and gradients. TopK / BatchTopK transcoders have no pre-activation loss.
+        all three give the same loss and gradients. A TopK / BatchTopK transcoder decoded sparsely never forms its
+        dense features (``cltlab.selected``); it has no pre-activation loss. With ``sparsity_coef=0`` the sparsity
+        term is measured but not differentiated.
         """
         self._check(y, "mlp_out")
-        pre = self.preactivations(x)  # (batch, n_layers, d_features)
-        features = self.activation(pre)
-        needed = self.activation.gradient_support(pre, features) if decoding != "dense" else None
-        recon = self.decode_normalized(features, needed=needed, mode=decoding)  # (batch, n_layers, d_model)
+        if use_selected(self.activation, self.d_features, x.device, decoding):
+            chosen = select_encode(self.normalized_input(x), self.W_enc, self.b_enc, self.activation.select)
+            recon, norms = decode_selected(chosen, list(self.W_dec), x.shape[0])
+            recon = recon + self.b_dec
+            layers = chosen.layers()  # (nnz,)
+            weighted = norms[layers, chosen.cols] * chosen.values  # ‖W_dec,i‖ · f_i of each kept entry
+            preact = recon.new_zeros(())
+            with torch.no_grad():
+                l0 = torch.bincount(layers, minlength=self.n_layers).float() / x.shape[0]
+                active = torch.zeros_like(norms, dtype=torch.bool).index_put_(
+                    (layers, chosen.cols), torch.tensor(True)
+                )
+        else:
+            pre = self.preactivations(x)  # (batch, n_layers, d_features)
+            features = self.activation(pre)
+            needed = self.activation.gradient_support(pre, features) if decoding != "dense" else None
+            recon, norms = self._decode(features, needed, decoding, with_norms=True)  # (batch, L, d), (L, F)
+            weighted = norms * features
+            preact = self.activation.preact_loss(pre, norms)
+            with torch.no_grad():
+                active_mask = features > 0
+                l0 = active_mask.sum(-1).float().mean(0)
+                active = active_mask.any(0)
+        if not (sparsity_coef or preact_coef):
+            weighted = weighted.detach()  # measured, not differentiated
+        sparsity = torch.tanh(sparsity_c * weighted).sum() / x.shape[0]
         target = (y.to(recon.dtype) - self.output_mean) / self.output_scale
         err = (recon - target).pow(2)
         mse = err.mean()
-        norms = self.decoder_norms()  # (n_layers, d_features)
-        sparsity = torch.tanh(sparsity_c * norms * features).sum((1, 2)).mean()
-        preact = self.activation.preact_loss(pre, norms)
         with torch.no_grad():
             variance = (target - target.mean(0)).pow(2).sum((0, 2)).clamp_min(1e-12)
             nmse = err.sum((0, 2)) / variance
-            active_mask = features > 0
-            l0 = active_mask.sum(-1).float().mean(0)
-            active = active_mask.any(0)
         total = mse + sparsity_coef * sparsity + preact_coef * preact
         return CLTLoss(total, mse, sparsity, preact, nmse, l0, active)
 

@@ -29,13 +29,13 @@ SPARSE_MAX_DENSITY = 0.08
 """Largest fraction of ``(token, feature)`` entries needing a gradient at which sparse decoding is chosen."""
 
 
-def _bag_offsets(ids: torch.Tensor, n_bags: int) -> torch.Tensor:
+def bag_offsets(ids: torch.Tensor, n_bags: int) -> torch.Tensor:
     """``(n_bags + 1,)`` start of each bag in ``ids``, which is sorted by bag."""
     counts = torch.bincount(ids, minlength=n_bags)
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
-def _sampled_matmul(
+def sampled_matmul(
     rows: torch.Tensor, cols: torch.Tensor, n: tuple[int, int], a: torch.Tensor, b: torch.Tensor
 ) -> torch.Tensor:
     """``(a @ b)[rows, cols]`` in float32 without forming ``a @ b``; ``rows`` sorted ascending."""
@@ -43,13 +43,40 @@ def _sampled_matmul(
         warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
         warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implicitly disabled.*")
         pattern = torch.sparse_csr_tensor(
-            _bag_offsets(rows, n[0]),
+            bag_offsets(rows, n[0]),
             cols,
             torch.zeros(rows.numel(), dtype=torch.float32, device=a.device),
             size=n,
             check_invariants=False,
         )
         return torch.sparse.sampled_addmm(pattern, a, b, beta=0.0).values()
+
+
+def bag_sum(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, W: torch.Tensor, n_rows: int):
+    """``(n_rows, W.shape[1])``: row r is Σ ``values[i] · W[cols[i]]`` over the entries i with ``rows[i] == r``;
+    ``rows`` sorted ascending. A sparse ``(n_rows, len(W))`` matrix times ``W``, by ``embedding_bag``."""
+    return F.embedding_bag(
+        cols, W, bag_offsets(rows, n_rows), mode="sum", per_sample_weights=values, include_last_offset=True
+    )
+
+
+def bag_sum_transposed(
+    rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, g: torch.Tensor, n_cols: int
+):
+    """``(n_cols, g.shape[1])``: the same sparse matrix, transposed, times ``g`` — the weight gradient of
+    ``bag_sum`` (entries regrouped by column, ``g`` float32 and contiguous for the fast kernel)."""
+    order = torch.argsort(cols, stable=True)
+    return bag_sum(cols[order], rows[order], values[order].float(), g, n_cols)
+
+
+def sampled_gradient(
+    rows: torch.Tensor, cols: torch.Tensor, g: torch.Tensor, W: torch.Tensor
+) -> torch.Tensor:
+    """``(g @ W.T)[rows, cols]`` (float32): the gradient of ``bag_sum`` with respect to each entry's value.
+    Computed as ``(W @ g.T)[cols, rows]``: that orientation runs faster than ``(batch, ...)``."""
+    by_col = torch.argsort(cols, stable=True)
+    sampled = sampled_matmul(cols[by_col], rows[by_col], (W.shape[0], g.shape[0]), W.float(), g.T)
+    return torch.empty_like(sampled).index_copy_(0, by_col, sampled)
 
 
 class Decode(torch.autograd.Function):
@@ -63,10 +90,11 @@ class Decode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, features, needed, sparse, *weights):
+    def forward(ctx, features, needed, sparse, with_norms, *weights):
         batch, L, n_features = features.shape
         d = weights[0].shape[-1]
         out = torch.zeros(batch, L * d, dtype=features.dtype, device=features.device)
+        norms = decoder_norms(weights) if with_norms else features.new_empty(0)
         ctx.active = [None] * L  # (rows, cols, values) of the nonzero features of each sparse source
         ctx.needed = [None] * L  # (rows, cols) where the gradient is needed, per sparse source
         casts = []  # the dense sources' weights in the compute dtype
@@ -81,25 +109,16 @@ class Decode(torch.autograd.Function):
                     continue
                 rows, cols = features[:, source].nonzero(as_tuple=True)  # sorted by row
                 values = features[:, source][rows, cols]
-                target.add_(
-                    F.embedding_bag(
-                        cols,
-                        W.to(features.dtype),
-                        _bag_offsets(rows, batch),
-                        mode="sum",
-                        per_sample_weights=values,
-                        include_last_offset=True,
-                    )
-                )
+                target.add_(bag_sum(rows, cols, values, W.to(features.dtype), batch))
                 ctx.active[source] = (rows, cols, values)
                 ctx.needed[source] = needed[:, source].nonzero(as_tuple=True)
-        ctx.save_for_backward(features, *weights, *casts)
+        ctx.save_for_backward(features, norms, *weights, *casts)
         ctx.sparse = sparse
-        return out.view(batch, L, d)
+        return out.view(batch, L, d), norms
 
     @staticmethod
-    def backward(ctx, grad_out):
-        features, *saved = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_norms):
+        features, norms, *saved = ctx.saved_tensors
         batch, L, n_features = features.shape
         weights, casts = saved[:L], iter(saved[L:])
         d = grad_out.shape[-1]
@@ -111,14 +130,18 @@ class Decode(torch.autograd.Function):
             g = grad[
                 :, source * d : source * d + flat.shape[1]
             ]  # (batch, n_targets · d_model), a strided view
-            needs_weight = ctx.needs_input_grad[3 + source]
+            needs_weight = ctx.needs_input_grad[4 + source]
+            norm_scale = (
+                None
+                if grad_norms is None or not norms.numel()
+                else norm_gradient_scale(grad_norms, norms, source)
+            )
             if not ctx.sparse[source]:
                 flat = next(casts).reshape(n_features, -1)
                 if grad_features is not None:
                     grad_features[:, source] = g @ flat.T
-                grad_weights.append(
-                    (features[:, source].T @ g).to(W.dtype).view(W.shape) if needs_weight else None
-                )
+                grad_W = (features[:, source].T @ g).to(W.dtype) if needs_weight else None
+                grad_weights.append(add_norm_gradient(grad_W, W, norm_scale) if needs_weight else None)
                 continue
             rows, cols, values = ctx.active[source]
             # One contiguous float32 copy of this source's gradient slice: both sparse kernels need contiguous
@@ -126,25 +149,44 @@ class Decode(torch.autograd.Function):
             g = g.float().contiguous()
             if grad_features is not None and ctx.needed[source][0].numel():
                 needed_rows, needed_cols = ctx.needed[source]
-                by_feature = torch.argsort(needed_cols, stable=True)
-                needed_rows, needed_cols = needed_rows[by_feature], needed_cols[by_feature]
-                # (W_s @ g.T)[feature, token]: the (d_features, batch) orientation runs faster than (batch, ...)
-                sampled = _sampled_matmul(needed_cols, needed_rows, (n_features, batch), flat.float(), g.T)
+                sampled = sampled_gradient(needed_rows, needed_cols, g, flat)
                 grad_features[:, source].index_put_((needed_rows, needed_cols), sampled.to(features.dtype))
-            if needs_weight:  # ∂W[f] = Σ over the tokens where f fired of value · g[token]: bags by feature
-                order = torch.argsort(cols, stable=True)
-                grad_W = F.embedding_bag(
-                    rows[order],
-                    g,
-                    _bag_offsets(cols[order], n_features),
-                    mode="sum",
-                    per_sample_weights=values[order].float(),
-                    include_last_offset=True,
-                )
-                grad_weights.append(grad_W.to(W.dtype).view(W.shape))
-            else:
-                grad_weights.append(None)
-        return grad_features, None, None, *grad_weights
+            # ∂W[f] = Σ over the tokens where f fired of value · g[token]
+            grad_W = (
+                bag_sum_transposed(rows, cols, values, g, n_features).to(W.dtype) if needs_weight else None
+            )
+            grad_weights.append(add_norm_gradient(grad_W, W, norm_scale) if needs_weight else None)
+        return grad_features, None, None, None, *grad_weights
+
+
+def decoder_norms(weights) -> torch.Tensor:
+    """``(n_layers, d_features)``: the norm of each feature's decoder vectors, all its targets together."""
+    with torch.no_grad():
+        return torch.stack([torch.linalg.vector_norm(W.float(), dim=(1, 2)) for W in weights])
+
+
+def norm_gradient_scale(grad_norms: torch.Tensor, norms: torch.Tensor, source: int) -> torch.Tensor:
+    """``(d_features,)``: ∂loss/∂‖W_f‖ ÷ ‖W_f‖ of one source, the factor of ``W_f`` in ∂loss/∂W_f (0 where the norm
+    is 0, as autograd's norm backward gives)."""
+    norm = norms[source]
+    return torch.where(norm > 0, grad_norms[source] / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
+
+
+def add_norm_gradient(grad_W: torch.Tensor | None, W: torch.Tensor, scale: torch.Tensor | None):
+    """``grad_W`` (``(d_features, n_targets · d_model)`` or None) plus the decoder norms' share ``scale_f · W_f``,
+    shaped like ``W``. Added in place, and to the rows whose factor is nonzero alone when they are few (the
+    sparsity penalty reaches only the features that fired): no full-size copy of ``W`` for the norms' gradient."""
+    if scale is None:
+        return None if grad_W is None else grad_W.view(W.shape)
+    flat = W.reshape(W.shape[0], -1)
+    if grad_W is None:
+        grad_W = torch.zeros_like(flat)
+    rows = scale.nonzero().flatten()
+    if rows.numel() < 0.25 * len(scale):
+        grad_W.index_add_(0, rows, flat[rows] * scale[rows, None].to(flat.dtype))
+    else:
+        grad_W.addcmul_(flat, scale[:, None].to(flat.dtype))
+    return grad_W.view(W.shape)
 
 
 def choose_sparse(needed: torch.Tensor, mode: str) -> tuple[bool, ...]:
@@ -166,15 +208,18 @@ def decode(
     *,
     needed: torch.Tensor | None = None,
     mode: str = "dense",
-) -> torch.Tensor:
+    with_norms: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``(batch, n_layers, d_model)`` reconstruction of ``features`` through per-source ``weights``.
 
     ``needed`` (bool, like ``features``) marks where the caller's gradient flows back; required for ``sparse``
-    and ``auto`` modes, since elsewhere ``∂/∂features`` is left at zero.
+    and ``auto`` modes, since elsewhere ``∂/∂features`` is left at zero. ``with_norms``: also return the
+    ``(n_layers, d_features)`` decoder norms, whose gradient the backward pass then adds to the decoder's own.
     """
     if mode not in ("dense", "sparse", "auto"):
         raise ValueError(f"decoding must be dense, sparse or auto, not {mode!r}.")
     if mode != "dense" and needed is None:
         raise ValueError("sparse decoding needs the mask of entries whose gradient is used (needed=...).")
     sparse = choose_sparse(needed, mode) if needed is not None else (False,) * features.shape[1]
-    return Decode.apply(features, needed, sparse, *weights)
+    out, norms = Decode.apply(features, needed, sparse, with_norms, *weights)
+    return (out, norms) if with_norms else out

@@ -95,6 +95,10 @@ class JumpReLU(nn.Module):
         have stopped firing back towards their threshold. ``pre`` is ``(batch, n_layers, d_features)``."""
         return (torch.relu(self.threshold - pre) * decoder_norms).sum((1, 2)).mean()
 
+    def selection_budget(self, d_features: int) -> None:
+        """None: a JumpReLU keeps no fixed number of features, and θ's gradient reaches entries it did not keep."""
+        return None
+
     def to_jumprelu(self, preactivations: Iterable[torch.Tensor], *, bandwidth: float) -> JumpReLU:
         raise ValueError("to_jumprelu converts a topk or batchtopk transcoder; this one is already jumprelu.")
 

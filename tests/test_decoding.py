@@ -85,3 +85,96 @@ def test_decoding_mode_errors():
         decoding.decode(features, list(clt.W_dec), mode="fast")
     with pytest.raises(ValueError, match="sparse decoding needs the mask of entries whose gradient is used"):
         decoding.decode(features, list(clt.W_dec), mode="sparse")
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_topk_decoded_sparsely_never_forms_the_dense_features(activation, monkeypatch):
+    clt = make_clt(
+        L, D, F, activation_kind=activation, k=2
+    ).train()  # 2 of 32 kept: auto takes the sparse path
+    x, y = inputs(clt)
+    dense_loss, dense = loss_and_grads(clt, x, y, "dense")
+    dense_out = clt.loss(x, y, sparsity_coef=1e-2, decoding="dense")
+
+    def dense_features(*args, **kwargs):
+        raise AssertionError("the selected path formed the dense (batch, d_features) activations")
+
+    monkeypatch.setattr(type(clt.activation), "forward", dense_features)
+    monkeypatch.setattr(clt, "preactivations", dense_features)
+    loss, grads = loss_and_grads(clt, x, y, "auto")
+    assert loss == pytest.approx(dense_loss, rel=1e-6)
+    for name, grad in dense.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"∂{name}")
+    out = clt.loss(x, y, sparsity_coef=1e-2, decoding="auto")
+    torch.testing.assert_close(out.l0, dense_out.l0)
+    assert torch.equal(out.active, dense_out.active) and out.active.any()
+    if activation == "topk":
+        assert torch.equal(out.l0, torch.full((L,), 2.0))  # every random pre-activation row has 2 positives
+
+
+def test_a_zero_sparsity_coefficient_measures_the_term_without_its_gradient():
+    clt = make_clt(L, D, F, activation_kind="topk", k=2).train()
+    x, y = inputs(clt)
+    out = clt.loss(x, y, sparsity_coef=0.0, preact_coef=0.0, decoding="auto")
+    with_term = clt.loss(x, y, sparsity_coef=1e-2, preact_coef=0.0, decoding="auto")
+    assert out.sparsity.item() == pytest.approx(with_term.sparsity.item()) and out.sparsity > 0
+    assert out.total.item() == pytest.approx(out.mse.item())
+    out.total.backward()
+    mse_only = make_clt(L, D, F, activation_kind="topk", k=2).train()
+    mse_only.loss(x, y, sparsity_coef=0.0, decoding="dense").mse.backward()
+    for (name, p), q in zip(clt.named_parameters(), mse_only.parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def reference_loss(clt, x, y, sparsity_coef: float, preact_coef: float) -> torch.Tensor:
+    """The loss written with plain autograd ops: decoder norms by ``vector_norm``, the decoder as a loop of matmuls."""
+    pre = clt.preactivations(x)
+    features = clt.activation(pre)
+    recon = torch.zeros_like(x) + clt.b_dec
+    for source, W in enumerate(clt.W_dec):
+        for i in range(W.shape[1]):
+            target = source + i if clt.config.cross_layer else source
+            recon[:, target] = recon[:, target] + features[:, source] @ W[:, i]
+    target = (y - clt.output_mean) / clt.output_scale
+    norms = torch.stack([torch.linalg.vector_norm(W, dim=(1, 2)) for W in clt.W_dec])
+    sparsity = torch.tanh(4.0 * norms * features).sum((1, 2)).mean()
+    preact = clt.activation.preact_loss(pre, norms)
+    return (recon - target).pow(2).mean() + sparsity_coef * sparsity + preact_coef * preact
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "topk", "batchtopk"])
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_the_decoder_norms_gradient_joined_in_place_equals_autograds(activation, mode):
+    clt = make_clt(L, D, F, activation_kind=activation, k=2, threshold_init=0.3).train()
+    x, y = inputs(clt)
+    for coefs in [(1e-1, 1e-1), (1e-1, 0.0), (0.0, 1e-1)]:
+        clt.zero_grad(set_to_none=True)
+        reference_loss(clt, x, y, *coefs).backward()
+        expected = {name: p.grad.clone() for name, p in clt.named_parameters() if p.grad is not None}
+        loss, grads = loss_and_grads_with(clt, x, y, mode, *coefs)
+        for name, grad in expected.items():
+            torch.testing.assert_close(
+                grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"{mode} ∂{name} at {coefs}"
+            )
+
+
+def loss_and_grads_with(clt, x, y, mode, sparsity_coef, preact_coef):
+    clt.zero_grad(set_to_none=True)
+    out = clt.loss(x, y, sparsity_coef=sparsity_coef, preact_coef=preact_coef, decoding=mode)
+    out.total.backward()
+    return out.total.item(), {
+        name: p.grad.clone() for name, p in clt.named_parameters() if p.grad is not None
+    }
+
+
+@pytest.mark.parametrize("n_nonzero", [0, 2, 32])  # none, few (index_add of those rows), all (addcmul)
+def test_add_norm_gradient_adds_scale_times_each_row(n_nonzero):
+    generator = torch.Generator().manual_seed(n_nonzero)
+    W = torch.randn(32, 3, D, generator=generator)
+    grad = torch.randn(32, 3 * D, generator=generator)
+    scale = torch.zeros(32)
+    scale[torch.randperm(32, generator=generator)[:n_nonzero]] = torch.randn(n_nonzero, generator=generator)
+    expected = grad.view(W.shape) + scale[:, None, None] * W
+    torch.testing.assert_close(decoding.add_norm_gradient(grad.clone(), W, scale), expected)
+    torch.testing.assert_close(decoding.add_norm_gradient(None, W, scale), scale[:, None, None] * W)
