@@ -129,11 +129,11 @@ class TopK(nn.Module):
         """k of every ``d_features``."""
         return self.k / d_features
 
-    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rows, cols)`` of the k largest entries of each row of one layer's ``(batch, d_features)``."""
-        cols = pre.topk(self.k, dim=-1, sorted=False).indices
+    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, cols, values)`` of the k largest entries of each row of one layer's ``(batch, d_features)``."""
+        values, cols = pre.topk(self.k, dim=-1, sorted=False)
         rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(self.k)
-        return rows, cols.flatten()
+        return rows, cols.flatten(), values.flatten()
 
     @torch.no_grad()
     def to_jumprelu(self, preactivations: Iterable[torch.Tensor], *, bandwidth: float) -> JumpReLU:
@@ -157,10 +157,11 @@ class BatchTopK(TopK):
         """All of ``pre``'s leading dimensions count as tokens of one batch."""
         return batch_topk(pre.reshape(-1, pre.shape[-1]), self.k).view(pre.shape)
 
-    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rows, cols)``, sorted by row, of the ``k · batch`` largest entries of ``(batch, d_features)``."""
-        flat = pre.flatten().topk(min(self.k * pre.shape[0], pre.numel()), sorted=False).indices.sort().values
-        return flat // pre.shape[1], flat % pre.shape[1]
+    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, cols, values)``, sorted by row, of the ``k · batch`` largest entries of ``(batch, d_features)``."""
+        values, flat = pre.flatten().topk(min(self.k * pre.shape[0], pre.numel()), sorted=False)
+        flat, order = flat.sort()
+        return flat // pre.shape[1], flat % pre.shape[1], values[order]
 
 
 ACTIVATIONS: dict[str, type[JumpReLU | TopK]] = {"jumprelu": JumpReLU, "topk": TopK, "batchtopk": BatchTopK}

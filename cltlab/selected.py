@@ -61,7 +61,7 @@ def use_selected(activation, d_features: int, device: torch.device, mode: str) -
 class SelectEncode(torch.autograd.Function):
     """``x (batch, L, d)``, ``W_enc (L, d, F)``, ``b_enc (L, F)`` → the kept pre-activations and where they are.
 
-    ``select`` maps one layer's pre-activations ``(batch, F)`` to the chosen ``(rows, cols)``, sorted by row;
+    ``select`` maps one layer's pre-activations ``(batch, F)`` to the chosen ``(rows, cols, values)``, by row;
     entries at or below zero are dropped (the ReLU after the selection). Returns ``values, rows, cols`` and the
     number of entries per layer (a CPU tensor).
     """
@@ -72,10 +72,11 @@ class SelectEncode(torch.autograd.Function):
         with torch.no_grad():
             for layer in range(x.shape[1]):
                 pre = torch.addmm(b_enc[layer], x[:, layer], W_enc[layer])  # (batch, F)
-                rows, cols = select(pre)
-                values = pre[rows, cols]
+                rows, cols, values = select(pre)
                 kept = values > 0
-                parts.append((values[kept], rows[kept], cols[kept]))
+                if not kept.all():
+                    rows, cols, values = rows[kept], cols[kept], values[kept]
+                parts.append((values, rows, cols))
         values, rows, cols = (torch.cat(column) for column in zip(*parts, strict=True))
         counts = torch.tensor([part[0].numel() for part in parts])
         ctx.n_features = W_enc.shape[-1]
