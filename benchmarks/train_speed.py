@@ -1,9 +1,10 @@
-"""Training-step speed of the CLT, measured side by side in one run (bf16 autocast on the CPU or GPU).
+"""Training-step speed of the CLT, measured side by side in one run, in the precision training would use: bf16
+autocast on a GPU or a CPU with fast bf16, float32 on a CPU without it (``cltlab.precision``; ``--dtype`` overrides).
 
 - ``ours/seed_masked``: steps/s of our per-source-layer decoder ÷ steps/s of a dense masked [L, L, F, d]
   decoder (the seed's layout) of the same sizes, both with the same encoder, loss terms and Adam.
 - ``step_flops/matmul_flops``: achieved FLOP/s of a whole training step (6 · tokens · weights, encoder and
-  decoder) ÷ FLOP/s of the bare bf16 matmuls of the same shapes (forward, input and weight gradients).
+  decoder) ÷ FLOP/s of the bare matmuls of the same shapes and dtype (forward, input and weight gradients).
 - ``sparse/dense``: steps/s with sparse decoding ÷ steps/s with dense decoding, with the JumpReLU thresholds set
   so that ``--density`` (default 2%) of the features fire, as in a trained CLT.
 
@@ -19,6 +20,10 @@ import torch
 
 from cltlab import CrossLayerTranscoder
 from cltlab.config import CLTConfig
+from cltlab.precision import fast_bfloat16_cpu
+
+DTYPE = torch.bfloat16
+"""The compute dtype of every timing (set from ``--dtype`` in ``main``)."""
 
 
 class SeedMaskedDecoder(torch.nn.Module):
@@ -61,7 +66,7 @@ def step_time(
     device = x.device.type
 
     def step() -> None:
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=DTYPE == torch.bfloat16):
             if decoder is None:
                 loss = (loss_fn or clt.loss)(x, y, sparsity_coef=1e-4, decoding=decoding).total
             else:
@@ -75,12 +80,12 @@ def step_time(
 
 
 def matmul_time(clt: CrossLayerTranscoder, batch: int, device: str, repeats: int) -> float:
-    """One step's worth of bare bf16 matmuls: encoder and every decoder block, forward and both gradients."""
+    """One step's worth of bare matmuls: encoder and every decoder block, forward and both gradients."""
     L, F, d = clt.n_layers, clt.d_features, clt.d_model
-    bf16 = dict(dtype=torch.bfloat16, device=device)
+    kind = dict(dtype=DTYPE, device=device)
     shapes = [(d, F)] * L + [(F, clt.n_targets(s) * d) for s in range(L)]
     tensors = [
-        (torch.randn(batch, k, **bf16), torch.randn(k, n, **bf16), torch.randn(batch, n, **bf16))
+        (torch.randn(batch, k, **kind), torch.randn(k, n, **kind), torch.randn(batch, n, **kind))
         for k, n in shapes
     ]
 
@@ -110,9 +115,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--density", type=float, default=0.02, help="L0/F for the sparse/dense comparison")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our loss (TrainConfig.compile)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our loss (trainer.compile)")
+    parser.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], help="default: what training would use here"
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    global DTYPE
+    fast_bf16 = device == "cuda" or fast_bfloat16_cpu()
+    DTYPE = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if fast_bf16 else torch.float32
     torch.manual_seed(0)
     config = CLTConfig(n_layers=args.layers, d_model=args.d_model, d_features=args.features)
     clt = CrossLayerTranscoder(config).to(device)
@@ -138,7 +149,7 @@ def main() -> None:
     print(
         f"our step {ours * 1e3:.0f} ms ({args.batch / ours:,.0f} tok/s), seed masked step {seed * 1e3:.0f} ms"
     )
-    print(f"step {flops / ours / 1e12:.3f} TFLOP/s, bare bf16 matmuls {flops / bare / 1e12:.3f} TFLOP/s")
+    print(f"step {flops / ours / 1e12:.3f} TFLOP/s, bare {DTYPE} matmuls {flops / bare / 1e12:.3f} TFLOP/s")
     print(
         f"at L0/F = {density:.3f}: dense decoding {dense * 1e3:.0f} ms/step, sparse (auto) {sparse * 1e3:.0f} ms/step"
     )
