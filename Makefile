@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
 PROFILE ?= default
 
-.PHONY: setup run test lab
+.PHONY: setup run test lab bench-peers
 
 setup: $(VENV)/.installed
 
@@ -33,3 +33,7 @@ test: setup
 
 lab: setup
 	$(BIN)/jupyter lab --config=jupyter_config/jupyter_lab_config.py
+
+# ours/sparsify, ours/llamascopium_dense, ours/llamascopium_sparse (benchmarks/peers.py builds .venv-peers itself).
+bench-peers: setup
+	$(BIN)/python benchmarks/peers.py
