@@ -87,8 +87,8 @@ SHAPES = {
     shape.name: shape
     for shape in [
         Shape("topk", "sparsify", 1, 576, 4608, 4096, steps=7, warmup=2),
-        Shape("clt30", "llamascopium", 30, 576, 256, 512, steps=5, warmup=1),
-        Shape("clt12", "llamascopium", 12, 768, 3072, 1024, steps=3, warmup=1),
+        Shape("clt30", "llamascopium", 30, 576, 256, 512, steps=7, warmup=1),
+        Shape("clt12", "llamascopium", 12, 768, 3072, 1024, steps=5, warmup=1),
     ]
 }
 TOPK_K = 32
@@ -140,9 +140,20 @@ def training_step(params, loss_fn: Callable[[], torch.Tensor], dtype: torch.dtyp
     return step
 
 
-def interleaved(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per step of each, taking them in turn (order reversed every other round) so that any
-    other load on the machine falls on all of them alike."""
+class Timing(NamedTuple):
+    """Seconds per step over the timed steps."""
+
+    median: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.median * 1e3:.0f} ms/step ({self.low * 1e3:.0f}–{self.high * 1e3:.0f})"
+
+
+def interleaved(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, Timing]:
+    """Each step's timing, taking them in turn (order reversed every other round) so that any other load on
+    the machine falls on all of them alike."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(warmup + repeats):
         order = list(steps) if round_ % 2 == 0 else list(reversed(steps))
@@ -151,7 +162,7 @@ def interleaved(steps: dict[str, Callable[[], None]], warmup: int, repeats: int)
             steps[name]()
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: Timing(statistics.median(t), min(t), max(t)) for name, t in times.items()}
 
 
 def profile(label: str, step: Callable[[], None], rows: int = 10) -> None:
@@ -260,14 +271,14 @@ def compare_sparsify(shape: Shape, dtype: torch.dtype, profiling: bool) -> float
         f"{theirs.fvu.item():.7f}"
     )
     print(
-        f"  sparsify {times['sparsify'] * 1e3:.0f} ms/step; ours dense {times['ours dense'] * 1e3:.0f} "
-        f"ms/step, auto {times['ours auto'] * 1e3:.0f} ms/step"
+        f"  sparsify {times['sparsify']}; ours dense {times['ours dense']}, auto {times['ours auto']} "
+        "(median, min–max)"
     )
     if profiling:
         profile("ours (auto)", steps["ours auto"])
         profile("ours (dense)", steps["ours dense"])
         profile("sparsify", steps["sparsify"])
-    return times["sparsify"] / min(times["ours dense"], times["ours auto"])
+    return times["sparsify"].median / min(times["ours dense"].median, times["ours auto"].median)
 
 
 # -------------------------------------------------------------------------------------------- llamascopium
@@ -368,13 +379,13 @@ def compare_llamascopium(shape: Shape, dtype: torch.dtype, density: float | None
         f"llamascopium {their_fvu:.7f}"
     )
     print(
-        f"  llamascopium (dense) {times['llamascopium'] * 1e3:.0f} ms/step; ours ({decoding}) "
-        f"{times['ours'] * 1e3:.0f} ms/step; ratio {times['llamascopium'] / times['ours']:.2f}"
+        f"  llamascopium (dense) {times['llamascopium']}; ours ({decoding}) {times['ours']} (median, "
+        f"min–max); ratio {times['llamascopium'].median / times['ours'].median:.2f}"
     )
     if profiling:
         profile(f"ours ({decoding})", steps["ours"])
         profile("llamascopium", steps["llamascopium"])
-    return times["llamascopium"] / times["ours"]
+    return times["llamascopium"].median / times["ours"].median
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -391,7 +402,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument(
         "--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="a subset to run"
     )
-    parser.add_argument("--steps", type=int, help="timed steps per side (default: per shape, 3 to 7)")
+    parser.add_argument("--steps", type=int, help="timed steps per side (default: per shape, 5 to 7)")
     parser.add_argument(
         "--warmup", type=int, help="untimed steps per side first (default: per shape, 1 or 2)"
     )
