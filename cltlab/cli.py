@@ -58,8 +58,14 @@ def config_from(cls: type, args: Namespace):
     return cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)})
 
 
+def harvest_folder(parser: ArgumentParser, name: str, verb: str) -> None:
+    """The option (or optional positional) naming the harvest folder a command reads or writes."""
+    positional = {} if name.startswith("-") else {"nargs": "?"}
+    parser.add_argument(name, **positional, help=f"Harvest folder to {verb} (null: <run_dir>/activations).")
+
+
 def harvest_options(parser: ArgumentParser, profile: Profile) -> None:
-    parser.add_argument("--out", help="Harvest folder to write (null: <run_dir>/activations).")
+    harvest_folder(parser, "--out", "write")
     parser.add_argument(
         "--job", default="0/1", type=job_spec, metavar="I/N",
         help="Write only shards I, I+N, I+2N, ... so N jobs (e.g. a SLURM array) fill one folder together.",
@@ -86,7 +92,7 @@ def run_harvest(args: Parsed, paths: RunPaths) -> int:
 
 
 def verify_options(parser: ArgumentParser, profile: Profile) -> None:
-    parser.add_argument("folder", nargs="?", help="Harvest folder to check (null: <run_dir>/activations).")
+    harvest_folder(parser, "folder", "check")
 
 
 def run_verify(args: Parsed, paths: RunPaths) -> int:
@@ -106,7 +112,7 @@ def run_verify(args: Parsed, paths: RunPaths) -> int:
 
 
 def train_options(parser: ArgumentParser, profile: Profile) -> None:
-    parser.add_argument("--buffer", help="Harvest folder to train on (null: <run_dir>/activations).")
+    harvest_folder(parser, "--buffer", "train on")
     parser.add_argument(
         "--resume", action="store_true", help="Continue from <run_dir>/checkpoints/last.ckpt."
     )
@@ -148,7 +154,7 @@ def run_evaluate(args: Parsed, paths: RunPaths) -> int:
 
 
 def serve_options(parser: ArgumentParser, profile: Profile) -> None:
-    parser.add_argument("--buffer", help="Harvest folder to serve (null: <run_dir>/activations).")
+    harvest_folder(parser, "--buffer", "serve")
     parser.add_argument(
         "--host", default="127.0.0.1", help="Address to bind; anything but loopback needs --token."
     )
