@@ -221,7 +221,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def decoder_norms(self) -> torch.Tensor:
         """``(n_layers, d_features)``: norm of each feature's decoder vectors, all targets concatenated."""
-        return torch.stack([torch.linalg.vector_norm(W, dim=(1, 2)) for W in self.W_dec])  # no squared copy
+        return decoding.decoder_norms(self.W_dec)
 
     def loss(
         self,

@@ -160,9 +160,9 @@ class Decode(torch.autograd.Function):
 
 
 def decoder_norms(weights) -> torch.Tensor:
-    """``(n_layers, d_features)``: the norm of each feature's decoder vectors, all its targets together."""
-    with torch.no_grad():
-        return torch.stack([torch.linalg.vector_norm(W.float(), dim=(1, 2)) for W in weights])
+    """``(n_layers, d_features)``: the norm of each feature's decoder vectors, all its targets together (inside
+    ``Decode``'s forward, untracked; its backward adds their gradient itself)."""
+    return torch.stack([torch.linalg.vector_norm(W.float(), dim=(1, 2)) for W in weights])  # no squared copy
 
 
 def norm_gradient_scale(grad_norms: torch.Tensor, norms: torch.Tensor, source: int) -> torch.Tensor:
