@@ -25,7 +25,16 @@ from torch import nn
 from . import decoding
 from .activations import activation_for
 from .config import CLTConfig
-from .selected import decode_selected, select_encode, use_selected
+from .decoding import SPARSE_MAX_DENSITY
+from .selected import (
+    AttachPreactivations,
+    Selected,
+    ThresholdEncode,
+    decode_selected,
+    select_encode,
+    threshold_entries,
+    use_selected,
+)
 
 FORMAT = "cltlab.clt"
 FORMAT_VERSION = 1
@@ -242,28 +251,9 @@ class CrossLayerTranscoder(nn.Module):
         """
         self._check(y, "mlp_out")
         if use_selected(self.activation, self.d_features, x.device, decoding):
-            chosen = select_encode(self.normalized_input(x), self.W_enc, self.b_enc, self.activation.select)
-            recon, norms = decode_selected(chosen, list(self.W_dec), x.shape[0])
-            recon = recon + self.b_dec
-            layers = chosen.layers()  # (nnz,)
-            weighted = norms[layers, chosen.cols] * chosen.values  # ‖W_dec,i‖ · f_i of each kept entry
-            preact = recon.new_zeros(())
-            with torch.no_grad():
-                l0 = torch.bincount(layers, minlength=self.n_layers).float() / x.shape[0]
-                active = torch.zeros_like(norms, dtype=torch.bool).index_put_(
-                    (layers, chosen.cols), torch.tensor(True)
-                )
+            recon, weighted, preact, l0, active = self._selected_terms(x)
         else:
-            pre = self.preactivations(x)  # (batch, n_layers, d_features)
-            features = self.activation(pre)
-            needed = self.activation.gradient_support(pre, features) if decoding != "dense" else None
-            recon, norms = self._decode(features, needed, decoding, with_norms=True)  # (batch, L, d), (L, F)
-            weighted = norms * features
-            preact = self.activation.preact_loss(pre, norms)
-            with torch.no_grad():
-                active_mask = features > 0
-                l0 = active_mask.sum(-1).float().mean(0)
-                active = active_mask.any(0)
+            recon, weighted, preact, l0, active = self._thresholded_terms(x, decoding)
         if not (sparsity_coef or preact_coef):
             weighted = weighted.detach()  # measured, not differentiated
         sparsity = torch.tanh(sparsity_c * weighted).sum() / x.shape[0]
@@ -275,6 +265,58 @@ class CrossLayerTranscoder(nn.Module):
             nmse = err.sum((0, 2)) / variance
         total = mse + sparsity_coef * sparsity + preact_coef * preact
         return CLTLoss(total, mse, sparsity, preact, nmse, l0, active)
+
+    def _selected_terms(self, x: torch.Tensor):
+        """A TopK / BatchTopK step from the kept entries (``cltlab.selected``): the normalized reconstruction,
+        ``‖W_dec,i‖ · f_i`` of each entry, the pre-activation loss (none), L0 per layer and the features that fired."""
+        chosen = select_encode(self.normalized_input(x), self.W_enc, self.b_enc, self.activation.select)
+        recon, norms = decode_selected(chosen, list(self.W_dec), x.shape[0])
+        return self._entry_terms(chosen, recon, norms, recon.new_zeros(()), x.shape[0])
+
+    def _thresholded_terms(self, x: torch.Tensor, mode: str):
+        """``_selected_terms`` for every other step: a JumpReLU one from the entries it needs
+        (``selected.ThresholdEncode``) when decoding is ``sparse``, or ``auto`` on the CPU with under
+        ``SPARSE_MAX_DENSITY`` of the entries needed; else dense features, decoded by ``decoding.decode``."""
+        jumprelu = self.config.activation_kind == "jumprelu"
+        if mode == "dense" or not jumprelu or (mode == "auto" and x.device.type != "cpu"):
+            return self._dense_terms(self.preactivations(x), mode)
+        xn = self.normalized_input(x)
+        theta, bandwidth = self.activation.threshold, self.activation.bandwidth
+        with torch.no_grad():
+            pre = torch.einsum("bld,ldf->blf", xn, self.W_enc) + self.b_enc
+            entries = threshold_entries(pre, theta, bandwidth)
+        if mode == "auto" and entries[0].numel() >= SPARSE_MAX_DENSITY * pre.numel():
+            return self._dense_terms(AttachPreactivations.apply(xn, self.W_enc, self.b_enc, pre), mode)
+        values, rows, cols, counts, relu_sum = ThresholdEncode.apply(
+            xn, self.W_enc, self.b_enc, theta, pre, entries, bandwidth
+        )
+        chosen = Selected(values, rows, cols, counts)
+        recon, norms = decode_selected(chosen, list(self.W_dec), x.shape[0])
+        preact = (relu_sum * norms).sum() / x.shape[0]
+        return self._entry_terms(chosen, recon, norms, preact, x.shape[0])
+
+    def _entry_terms(self, chosen: Selected, recon, norms, preact, batch: int):
+        layers = chosen.layers()  # (nnz,)
+        weighted = norms[layers, chosen.cols] * chosen.values  # ‖W_dec,i‖ · f_i of each entry
+        with torch.no_grad():
+            fired = chosen.values > 0
+            layers, cols = layers[fired], chosen.cols[fired]
+            l0 = torch.bincount(layers, minlength=self.n_layers).float() / batch
+            active = torch.zeros_like(norms, dtype=torch.bool).index_put_((layers, cols), torch.tensor(True))
+        return recon + self.b_dec, weighted, preact, l0, active
+
+    def _dense_terms(self, pre: torch.Tensor, mode: str):
+        """``_selected_terms`` from the dense pre-activations ``(batch, n_layers, d_features)``."""
+        features = self.activation(pre)
+        needed = self.activation.gradient_support(pre, features) if mode != "dense" else None
+        recon, norms = self._decode(features, needed, mode, with_norms=True)  # (batch, L, d), (L, F)
+        weighted = norms * features
+        preact = self.activation.preact_loss(pre, norms)
+        with torch.no_grad():
+            active_mask = features > 0
+            l0 = active_mask.sum(-1).float().mean(0)
+            active = active_mask.any(0)
+        return recon, weighted, preact, l0, active
 
     # ----------------------------------------------------------------------------------------- save / load
 

@@ -178,3 +178,51 @@ def test_add_norm_gradient_adds_scale_times_each_row(n_nonzero):
     expected = grad.view(W.shape) + scale[:, None, None] * W
     torch.testing.assert_close(decoding.add_norm_gradient(grad.clone(), W, scale), expected)
     torch.testing.assert_close(decoding.add_norm_gradient(None, W, scale), scale[:, None, None] * W)
+
+
+def sparse_jumprelu(batch: int = 400, fraction: float = 0.03):
+    """A JumpReLU CLT whose thresholds let about ``fraction`` of each layer's entries through, as trained ones
+    do, with the kernel narrow enough that auto decoding takes the entries path; and a batch."""
+    clt = make_clt(L, D, F, threshold_init=0.3).train()
+    clt.activation.bandwidth = 0.02
+    x, y = inputs(clt, batch=batch)
+    with torch.no_grad():
+        pre = clt.preactivations(x).transpose(0, 1).flatten(1)
+        theta = torch.quantile(pre, 1 - fraction, dim=1)
+        clt.activation.log_threshold.copy_(theta.log()[:, None].expand(L, F))
+    return clt, x, y
+
+
+def test_a_sparse_jumprelu_steps_from_its_entries_with_the_dense_loss_and_gradients(monkeypatch):
+    clt, x, y = sparse_jumprelu()
+    pre, theta = clt.preactivations(x), clt.activation.threshold
+    near = (pre > theta - clt.activation.bandwidth / 2) & (pre <= theta)
+    assert near.any()  # entries whose only gradient is θ's
+    dense_loss, dense = loss_and_grads(clt, x, y, "dense")
+    dense_out = clt.loss(x, y, sparsity_coef=1e-2, preact_coef=1e-2, decoding="dense")
+
+    def dense_path(*args, **kwargs):
+        raise AssertionError("the entries path ran the dense JumpReLU or decoder")
+
+    monkeypatch.setattr(type(clt.activation), "forward", dense_path)
+    monkeypatch.setattr(decoding.Decode, "apply", dense_path)
+    loss, grads = loss_and_grads(clt, x, y, "auto")
+    assert loss == pytest.approx(dense_loss, rel=1e-6)
+    assert grads.keys() == dense.keys()
+    for name, grad in dense.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"∂{name}")
+    out = clt.loss(x, y, sparsity_coef=1e-2, preact_coef=1e-2, decoding="auto")
+    for field in ("mse", "sparsity", "preact", "nmse", "l0"):
+        torch.testing.assert_close(getattr(out, field), getattr(dense_out, field), msg=field)
+    assert torch.equal(out.active, dense_out.active)
+
+
+@pytest.mark.parametrize("fraction", [0.03, 0.5])  # the entries path, and auto's dense fallback
+def test_jumprelu_entries_and_fallback_give_the_input_gradient(fraction):
+    clt, x, y = sparse_jumprelu(fraction=fraction)
+    grads = {}
+    for mode in ("dense", "auto"):
+        x_ = x.clone().requires_grad_()
+        clt.loss(x_, y, sparsity_coef=1e-2, preact_coef=1e-2, decoding=mode).total.backward()
+        grads[mode] = x_.grad
+    torch.testing.assert_close(grads["auto"], grads["dense"], rtol=1e-4, atol=1e-7)
