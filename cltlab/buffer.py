@@ -191,6 +191,21 @@ class DiscBuffer(torch.utils.data.Dataset):
                     _read_into(fd, flat[at * row : at * row + size], self._offsets[shard][s] + start * row)
             at += stop - start
 
+    @contextlib.contextmanager
+    def batch_ranges(self, index: int) -> Iterator[list[tuple[int, int, int]]]:
+        """Batch ``index`` as ``(fd, offset, nbytes)`` ranges of its shard files, in the order ``read_batch_into``
+        fills its two arrays (every block's ``resid_mid`` rows, then their ``mlp_out`` rows); the descriptors stay
+        open inside the ``with`` block. For sending a batch without reading it (``os.sendfile``)."""
+        self.batch_rows(index)  # the range check
+        blocks, row = self._batches[index], self._row_bytes
+        with contextlib.ExitStack() as stack:
+            fds = {shard: stack.enter_context(self._handles().fds.use(shard)) for shard, _, _ in blocks}
+            yield [
+                (fds[shard], self._offsets[shard][s] + start * row, (stop - start) * row)
+                for s in range(len(SITES))
+                for shard, start, stop in blocks
+            ]
+
     def open(self) -> DiscBuffer:
         """Open up to ``max_open`` shards now (the rest open when first read); returns self."""
         for shard in range(min(len(self._shard_rows), self.max_open)):

@@ -11,6 +11,7 @@ import http.client
 import logging
 import os
 import secrets
+import shutil
 import socket
 import sys
 import threading
@@ -444,3 +445,50 @@ def test_an_untested_uvicorn_streams_the_same_bytes_without_direct_socket_writes
     with serve(buffer_path) as handle:
         assert httpx.get(handle.url + query).content == direct and len(direct) == 6 * (16 + 2 * B * ROW_BYTES)
     assert sent == []
+
+
+def test_batches_go_out_as_the_byte_ranges_of_their_shards(buffer_path, reference):
+    buffer = DiscBuffer(buffer_path, batch_size=B)
+    for index in range(len(buffer)):
+        with buffer.batch_ranges(index) as ranges:
+            data = b"".join(os.pread(fd, nbytes, offset) for fd, offset, nbytes in ranges)
+        expected = reference[index]
+        sites = (expected.resid_mid, expected.mlp_out)
+        assert data == b"".join(site.numpy().tobytes() for site in sites)
+    buffer.close()
+
+
+def test_a_shard_truncated_while_served_cuts_the_stream_and_the_error_is_reported(buffer_path, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(buffer_path, folder)
+    buffer = DiscBuffer(folder, batch_size=B)
+    n = len(buffer)
+
+    def ranges(index: int) -> list[tuple[str, int, int]]:
+        with buffer.batch_ranges(index) as parts:
+            return [(os.readlink(f"/proc/self/fd/{fd}"), offset, size) for fd, offset, size in parts]
+
+    end: dict[str, int] = {}
+    for index in range(n):
+        for path, offset, size in ranges(index):
+            end[path] = max(end.get(path, 0), offset + size)
+    shard = max(end, key=end.get)
+    cut = end[shard] - ROW_BYTES * B // 2  # the last rows of the largest shard go
+
+    def intact(index: int) -> bool:
+        return all(path != shard or offset + size <= cut for path, offset, size in ranges(index))
+
+    first = next(i for i in range(n) if intact(i) and not intact((i + 1) % n))  # read whole, then sendfile'd
+    buffer.close()
+    with pytest.raises(RuntimeError, match="the shard is truncated"):
+        with serve(folder) as server:
+            client = ActivationClient(server.url)
+            assert len(list(client.stream(B, n, index=0, transport="http"))) == n  # the shards are open now
+            os.truncate(shard, cut)
+            got = []
+            with pytest.raises(httpx.HTTPError):
+                for batch in client.stream(B, 2, index=first, transport="http"):
+                    got.append(batch.index)
+            assert got == [first]  # whole batches only: the cut one never arrives
+            assert client.health()["status"] == "ok"
+            client.close()

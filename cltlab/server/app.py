@@ -224,10 +224,13 @@ def stream(
         raise HTTPException(400, f"max_batches must be at most {limit}, not {max_batches}.")
     count = max_batches or limit
     nbytes = state.check_reply(batch_size, index)
-    # Two buffers: a reader thread reads batch k + 1 into one while batch k is sent from the other.
-    reservation = state.reserve(2 * nbytes, stream=True)
+    # A disc source's batches after the first go out by sendfile, unread; other sources fill two buffers: a
+    # reader thread reads batch k + 1 into one while batch k is sent from the other.
+    ranges = getattr(state.source, "ranges", None)
+    n_buffers = 1 if ranges is not None else 2
+    reservation = state.reserve(n_buffers * nbytes, stream=True)
     try:
-        buffers = [np.empty(nbytes, np.uint8) for _ in range(2)]
+        buffers = [np.empty(nbytes, np.uint8) for _ in range(n_buffers)]
         first = state.source.take(batch_size, index, buffers[0])  # a bad request fails here, before the 200
     except BaseException:
         reservation.release()
@@ -241,6 +244,13 @@ def stream(
     def frames():
         state.count(first.data.nbytes)
         batch = first
+        if ranges is not None:
+            yield [FRAME.pack(batch.rows, batch.index), batch.data]
+            for k in range(1, count):
+                with ranges(batch_size, None if index is None else index + k) as ranged:
+                    state.count(ranged.nbytes)
+                    yield [FRAME.pack(ranged.rows, ranged.index), *ranged.parts]
+            return
         with ThreadPoolExecutor(1, thread_name_prefix="cltlab-stream-reader") as reader:
             for k in range(count):
                 ahead = reader.submit(take, k + 1) if k + 1 < count else None

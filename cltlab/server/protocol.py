@@ -61,6 +61,26 @@ class WireBatch(NamedTuple):
     """``(2 * rows * row_bytes,)`` uint8: resid_mid then mlp_out, in the storage dtype."""
 
 
+class FileRange(NamedTuple):
+    """Bytes of an open file, sent as they are (``os.sendfile``: no copy through the server's memory)."""
+
+    fd: int
+    offset: int
+    nbytes: int
+
+
+class RangedBatch(NamedTuple):
+    """A ``WireBatch`` as the byte ranges of the files that hold it (a disc source's batches), in wire order."""
+
+    index: int
+    rows: int
+    parts: list[FileRange]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts)
+
+
 class SourceInfo(NamedTuple):
     """What a source holds."""
 

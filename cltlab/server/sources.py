@@ -30,7 +30,7 @@ import numpy as np
 from ..buffer import DiscBuffer
 from ..sites import NormAccumulator, NormStats, to_storage, trace_sites
 from ..store import STORAGE_DTYPES
-from .protocol import NoData, SourceError, SourceInfo, WireBatch
+from .protocol import FileRange, NoData, RangedBatch, SourceError, SourceInfo, WireBatch
 
 log = logging.getLogger("cltlab")
 
@@ -102,10 +102,7 @@ class DiscSource:
         """Batch ``index`` (the cursor's next one when None), read straight into ``out`` when it is large enough."""
         self.check(batch_size, index)
         with self.buffer(batch_size) as buffer:
-            if index is None:
-                with self._lock:
-                    index = self._cursors[batch_size]
-                    self._cursors[batch_size] += 1
+            index = self._next(batch_size, index)
             rows = buffer.batch_rows(index % len(buffer))
             site_bytes = rows * self.info.row_bytes
             data = (
@@ -115,6 +112,25 @@ class DiscSource:
             )
             buffer.read_batch_into(index % len(buffer), (data[:site_bytes], data[site_bytes:]))
         return WireBatch(index, rows, data)
+
+    @contextlib.contextmanager
+    def ranges(self, batch_size: int, index: int | None = None) -> Iterator[RangedBatch]:
+        """``take`` without reading: the batch as byte ranges of its shard files, open inside the ``with`` block
+        (the stream sends them with ``sendfile``, so the bytes never pass through this process)."""
+        self.check(batch_size, index)
+        with self.buffer(batch_size) as buffer:
+            index = self._next(batch_size, index)
+            position = index % len(buffer)
+            with buffer.batch_ranges(position) as ranges:
+                yield RangedBatch(index, buffer.batch_rows(position), [FileRange(*r) for r in ranges])
+
+    def _next(self, batch_size: int, index: int | None) -> int:
+        """``index``, or the next index of the shared cursor of ``batch_size`` when None."""
+        if index is not None:
+            return index
+        with self._lock:
+            self._cursors[batch_size] += 1
+            return self._cursors[batch_size] - 1
 
     @property
     def stats(self) -> NormStats:

@@ -27,6 +27,8 @@ import anyio
 import anyio.to_thread
 from starlette.responses import StreamingResponse
 
+from .protocol import FileRange
+
 EXTENSION = "cltlab.socket"
 PIECE = 2**20  # bytes per socket write (and per message without the extension)
 SEND_TIMEOUT_S = 600.0  # a client that reads nothing for this long is dropped (it reconnects if alive)
@@ -131,13 +133,34 @@ class SocketStream(StreamingResponse):
 
 
 def _write(sock: socket.socket, frames: Generator[list, None, None]) -> None:
-    """Each frame as one HTTP chunk (size line, buffers, CRLF); closes ``sock`` (a duplicate) and ``frames``."""
+    """Each frame as one HTTP chunk (size line, parts, CRLF); closes ``sock`` (a duplicate) and ``frames``.
+    A part is a buffer, or a ``FileRange`` sent by ``sendfile`` (the kernel copies it from the page cache)."""
     # Closed here, not later by the garbage collector in the event loop's thread.
     with sock, contextlib.closing(frames):
         for frame in frames:
-            views = [memoryview(part).cast("B") for part in frame]
-            size = sum(view.nbytes for view in views)
-            _send_all(sock, [memoryview(b"%x\r\n" % size), *views, memoryview(b"\r\n")])
+            size = sum(
+                part.nbytes if isinstance(part, FileRange) else memoryview(part).nbytes for part in frame
+            )
+            views = [memoryview(b"%x\r\n" % size)]
+            for part in frame:
+                if isinstance(part, FileRange):
+                    _send_all(sock, views)
+                    _send_file(sock, part)
+                    views = []
+                else:
+                    views.append(memoryview(part).cast("B"))
+            _send_all(sock, [*views, memoryview(b"\r\n")])
+
+
+def _send_file(sock: socket.socket, part: FileRange) -> None:
+    """``part``'s bytes with ``sendfile`` (within the socket's timeout); a file shorter than it is an error."""
+    with os.fdopen(part.fd, "rb", buffering=0, closefd=False) as file:
+        try:
+            sent = sock.sendfile(file, part.offset, part.nbytes)
+        except OSError as err:  # reset, closed, or timed out
+            raise ClientGone(err) from err
+    if sent != part.nbytes:
+        raise ValueError(f"Unexpected end of file at byte {part.offset + sent}: the shard is truncated.")
 
 
 def _send_all(sock: socket.socket, views: list[memoryview]) -> None:
@@ -171,6 +194,21 @@ def _pieces(frames: Iterable[list]) -> Iterator[memoryview]:
     from the front after every send, which makes one large write quadratic)."""
     for frame in frames:
         for part in frame:
+            if isinstance(part, FileRange):
+                yield from _file_pieces(part)
+                continue
             view = memoryview(part).cast("B")
             for start in range(0, view.nbytes, PIECE):
                 yield view[start : start + PIECE]
+
+
+def _file_pieces(part: FileRange) -> Iterator[memoryview]:
+    """``part``'s bytes read with ``pread``, ``PIECE`` at a time (for a stream without the socket)."""
+    for start in range(0, part.nbytes, PIECE):
+        size = min(PIECE, part.nbytes - start)
+        piece = os.pread(part.fd, size, part.offset + start)
+        if len(piece) != size:
+            raise ValueError(
+                f"Unexpected end of file at byte {part.offset + start + len(piece)}: the shard is truncated."
+            )
+        yield memoryview(piece)
