@@ -150,16 +150,18 @@ def test_server_survives_a_client_that_disconnects_mid_stream(server, reference)
 
 def test_streamed_batches_reuse_memory_only_once_let_go():
     info = {"dtype": "float32", "n_layers": 4, "d_model": 64}
-    memory = Recycler(2 * B * 4 * 64 * 4)
-    first = to_batch(memory.array(2 * B * 4 * 64 * 4), B, 0, info)
-    address = first.resid_mid.data_ptr()
+    memory = Recycler(16 + 2 * B * 4 * 64 * 4)  # a frame's header, then its batch
+    block = memory.block()
+    first = to_batch(memory.array(block, 2 * B * 4 * 64 * 4, 16), B, 0, info)
+    address = block.ctypes.data
+    assert first.resid_mid.data_ptr() == address + 16
     mlp_out = first.mlp_out
-    del first
-    second = memory.array(100)  # mlp_out still views the first array: new memory
+    del first, block
+    second = memory.block()  # mlp_out still views the first block: new memory
     assert second.ctypes.data != address and not memory.free
     del mlp_out
-    assert [array.ctypes.data for array in memory.free] == [address]  # the first array came back
-    assert memory.array(100).ctypes.data == address
+    assert [array.ctypes.data for array in memory.free] == [address]  # the first block came back
+    assert memory.block().ctypes.data == address
 
 
 def test_shm_batches_are_their_slots_until_garbage_collected(buffer_path, reference):

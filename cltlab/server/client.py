@@ -199,8 +199,7 @@ class ActivationClient:
         self, batch_size: int, max_batches: int | None, index: int | None
     ) -> Iterator[ActivationBatch]:
         info, received = self.info(), 0
-        header = bytearray(FRAME.size)
-        memory = Recycler(2 * batch_size * info["row_bytes"])
+        memory = Recycler(FRAME.size + 2 * batch_size * info["row_bytes"])
         deadline = None
         while max_batches is None or received < max_batches:
             params = {"batch_size": batch_size}
@@ -224,10 +223,12 @@ class ActivationClient:
                         dict(response.getheaders()),
                     )
                 while max_batches is None or received < max_batches:
-                    if _read_exactly(response, memoryview(header)) == 0:
+                    block = memory.block()  # the frame's header, then its batch, read into one block
+                    if _read_exactly(response, memoryview(block)[: FRAME.size]) == 0:
+                        memory.free.append(block)
                         return  # the server's limit: the stream ended cleanly between frames
-                    rows, batch_index = FRAME.unpack(header)
-                    batch = _receive(response, memory, rows, batch_index, info)
+                    rows, batch_index = FRAME.unpack_from(block)
+                    batch = _receive(response, memory, block, rows, batch_index, info)
                     received += 1
                     deadline = None
                     yield batch
@@ -312,20 +313,26 @@ class Recycler:
         self.nbytes = nbytes
         self.free: collections.deque[np.ndarray] = collections.deque(maxlen=keep)
 
-    def array(self, nbytes: int) -> np.ndarray:
-        """A uint8 array of ``nbytes`` (at most the ``nbytes`` given at construction)."""
+    def block(self) -> np.ndarray:
+        """``nbytes`` (given at construction) of memory, let go or new."""
         try:
-            memory = self.free.pop()
+            return self.free.pop()
         except IndexError:
-            memory = np.empty(self.nbytes, np.uint8)
-        data = np.frombuffer(memoryview(memory), np.uint8, nbytes)
-        weakref.finalize(data, self.free.append, memory)
+            return np.empty(self.nbytes, np.uint8)
+
+    def array(self, block: np.ndarray, nbytes: int, offset: int = 0) -> np.ndarray:
+        """A uint8 array of ``block[offset : offset + nbytes]``; ``block`` goes round again once it is let go."""
+        data = np.frombuffer(memoryview(block), np.uint8, nbytes, offset)
+        weakref.finalize(data, self.free.append, block)
         return data
 
 
-def _receive(response, memory: Recycler, rows: int, index: int, info: dict) -> ActivationBatch:
-    """The next batch of a stream, read straight into memory from ``memory``."""
-    data = memory.array(2 * rows * info["row_bytes"])
+def _receive(
+    response, memory: Recycler, block: np.ndarray, rows: int, index: int, info: dict
+) -> ActivationBatch:
+    """The batch of a stream frame whose header starts ``block``, read straight into the block after it (one
+    buffer for both: a separate header buffer made the large reads into the batch half as fast here)."""
+    data = memory.array(block, 2 * rows * info["row_bytes"], FRAME.size)
     if _read_exactly(response, memoryview(data)) != data.nbytes:
         raise ConnectionError("The stream ended inside a batch.")
     return to_batch(data, rows, index, info)
