@@ -1,4 +1,5 @@
-"""Command line for batch jobs: ``cltlab harvest | verify | train | evaluate | serve | run`` (also ``python -m cltlab``).
+"""Command line for batch jobs: ``cltlab harvest | verify | train | evaluate | serve | run`` and the seed importers
+(``import-seed-activations``, ``import-seed-checkpoint``); also ``python -m cltlab``.
 
 Every option defaults to the chosen profile's value: ``--profile NAME`` (ci, default, gpt2) or a YAML file written
 by ``Profile.save``. The options are the fields of the config dataclasses in ``cltlab/config.py``, nested as they
@@ -192,6 +193,43 @@ def run_run(args: Parsed, paths: RunPaths) -> int:
     return 0
 
 
+def seed_activation_options(parser: ArgumentParser, profile: Profile) -> None:
+    parser.add_argument(
+        "file", help="The seed's activation file (HDF5, dataset 'tensor' (N, 2, n_layers, d_model))."
+    )
+    parser.add_argument("out", help="DiscBuffer folder to write (an interrupted import resumes).")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--batch_rows", type=int, default=4096, help="Rows read and committed at a time.")
+
+
+def run_import_seed_activations(args: Parsed, paths: RunPaths) -> int:
+    from .buffer import DiscBuffer
+    from .seed import import_seed_activations
+
+    options = args.options
+    out = import_seed_activations(
+        options.file, options.out, dtype=options.dtype, batch_rows=options.batch_rows
+    )
+    print(DiscBuffer(out, batch_size=1).summary())
+    return 0
+
+
+def seed_checkpoint_options(parser: ArgumentParser, profile: Profile) -> None:
+    parser.add_argument("checkpoint", help="A seed Lightning checkpoint (or state dict) of a JumpReLU CLT.")
+    parser.add_argument("out", help="Folder to save the cltlab CLT in.")
+
+
+def run_import_seed_checkpoint(args: Parsed, paths: RunPaths) -> int:
+    from .seed import import_seed_checkpoint
+
+    clt = import_seed_checkpoint(args.options.checkpoint, args.options.out)
+    config = clt.config
+    print(
+        f"saved {args.options.out}: {config.n_layers} layers × {config.d_features} features, d_model {config.d_model}"
+    )
+    return 0
+
+
 COMMANDS = {
     "harvest": Command(
         "Harvest resid_mid/mlp_out activations into an HDF5 DiscBuffer.",
@@ -225,6 +263,16 @@ COMMANDS = {
         "The main job: execute notebooks 01-04 and 06 headlessly; keep them as the report.",
         lambda parser, profile: None,
         run_run,
+    ),
+    "import-seed-activations": Command(
+        "Convert a crosslayer-transcoder (seed) activation file into a DiscBuffer folder.",
+        seed_activation_options,
+        run_import_seed_activations,
+    ),
+    "import-seed-checkpoint": Command(
+        "Convert a crosslayer-transcoder (seed) JumpReLU CLT checkpoint into a cltlab CLT.",
+        seed_checkpoint_options,
+        run_import_seed_checkpoint,
     ),
 }
 

@@ -119,29 +119,34 @@ class ShardWriter:
         # Rows (sequence b, position p >= 1) of the batch, in a seeded random order: (take,) indices into B·T.
         order = torch.randperm(B * (T - 1), generator=torch.Generator().manual_seed(batch))[:take]
         index = (order // (T - 1)) * T + 1 + order % (T - 1)
-        rows = np.s_[self.rows : self.rows + take]
         arrays = {}
-        for s, (site, layers) in enumerate(zip(SITES, acts, strict=True)):
+        for site, layers in zip(SITES, acts, strict=True):
             # Gather the shuffled rows layer by layer straight into (take, n_layers, d_model): no stacked copy.
             x = torch.empty(take, len(layers), layers[0].shape[-1], dtype=layers[0].dtype)
             for layer, values in enumerate(layers):
                 x[:, layer] = values.reshape(B * T, -1)[index]
             arrays[site] = x.numpy()
-            self._add_stats(s, to_torch(arrays[site], self.dtype), self.rows)
         arrays["tokens"] = ids.reshape(-1)[index].to(torch.int32).numpy()
         arrays["sequence"] = (batch * B + index // T).numpy()
         arrays["position"] = (index % T).to(torch.int32).numpy()
-        sequences = ids.to(torch.int32).numpy()
+        self.write_rows(batch, arrays, ids.to(torch.int32).numpy())
+
+    def write_rows(self, batch: int, arrays: dict[str, np.ndarray], sequences: np.ndarray) -> None:
+        """Commit forward batch ``batch`` (global index): ``arrays`` holds its rows of every ``ROW_DATASETS``
+        dataset, in the order they are stored (the sites in the storage dtype), ``sequences`` its sequences."""
+        rows = np.s_[self.rows : self.rows + len(arrays["tokens"])]
+        for s, site in enumerate(SITES):
+            self._add_stats(s, to_torch(arrays[site], self.dtype), self.rows)
         for name in ROW_DATASETS:
             self.f[name].write_direct(arrays[name], dest_sel=rows)
-        first = (batch - self.first_batch) * B
-        self.f["sequences"].write_direct(sequences, dest_sel=np.s_[first : first + B])
+        first = (batch - self.first_batch) * int(self.f.attrs["batch_size"])
+        self.f["sequences"].write_direct(sequences, dest_sel=np.s_[first : first + len(sequences)])
         crc = batch_checksum([*(arrays[name] for name in ROW_DATASETS), sequences])
         self.f["checksums"].write_direct(
             np.array([crc], np.uint32), dest_sel=np.s_[self.batches : self.batches + 1]
         )
         self._commit()  # the rows and their checksum first, then the progress that vouches for them
-        self.rows, self.batches = self.rows + take, self.batches + 1
+        self.rows, self.batches = self.rows + len(arrays["tokens"]), self.batches + 1
         self.f["progress"][...] = (self.rows, self.batches)
         self.f.flush()
 
