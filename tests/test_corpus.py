@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -90,3 +91,34 @@ def test_shakespeare_train_and_eval_sequences(tokenizer):
     again = token_sequences("shakespeare", tokenizer, seq_len=16, bos_token_id=BOS, batch_size=2)
     first = list(itertools.islice(again, 1))[0]
     assert torch.equal(first, train)
+
+
+def test_an_hf_corpus_streams_a_local_dataset_folder_through_datasets(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"Document {i}: the quick brown fox jumps over the lazy dog." for i in range(40)]
+    (tmp_path / "jsonl").mkdir()
+    (tmp_path / "jsonl" / "part-0.jsonl").write_text(
+        "".join(json.dumps({"id": i, "text": text}) + "\n" for i, text in enumerate(texts))
+    )
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(
+        pa.table({"id": list(range(40)), "content": texts}), tmp_path / "parquet" / "train-0.parquet"
+    )
+    for folder in ("jsonl", "parquet"):  # a 'text' column; the one string column
+        corpus = f"hf:{tmp_path / folder}"
+        assert list(documents(corpus, "train")) == [t for i, t in enumerate(texts) if i % 10 != 9]
+        assert list(documents(corpus, "eval")) == texts[9::10]
+    batch = next(token_sequences(f"hf:{tmp_path / 'jsonl'}", tokenizer, seq_len=8, bos_token_id=BOS))
+    assert batch.shape == (1, 8) and batch[0, 0] == BOS
+    first = tokenizer(texts[0], add_special_tokens=False)["input_ids"][:7]
+    assert batch[0, 1:].tolist() == first
+
+
+def test_an_hf_corpus_without_a_text_column_is_one_clear_error(tmp_path):
+    (tmp_path / "part-0.jsonl").write_text(json.dumps({"title": "a", "body": "b"}) + "\n")
+    with pytest.raises(
+        ValueError, match=r"no 'text' column and not exactly one string column .*\['body', 'title'\]"
+    ):
+        next(documents(f"hf:{tmp_path}"))
