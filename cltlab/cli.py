@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from .config import PROFILES, EvalConfig, HarvestConfig, Profile, TrainConfig, get_profile
+from .precision import resolve_device
 from .run import RunPaths, run_paths
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # a field's docstring is its option's help
@@ -71,7 +72,15 @@ def harvest_options(parser: ArgumentParser, profile: Profile) -> None:
         "--job", default="0/1", type=job_spec, metavar="I/N",
         help="Write only shards I, I+N, I+2N, ... so N jobs (e.g. a SLURM array) fill one folder together.",
     )  # fmt: skip
+    device_option(parser)
     parser.add_class_arguments(HarvestConfig, None, default=profile.harvest)
+
+
+def device_option(parser: ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto",
+        help="Where models and CLTs run: auto (the GPU when there is one), cpu, cuda or cuda:N.",
+    )  # fmt: skip
 
 
 def job_spec(text: str) -> str:
@@ -86,7 +95,7 @@ def run_harvest(args: Parsed, paths: RunPaths) -> int:
     from .harvest import harvest
 
     job = tuple(int(part) for part in args.options.job.split("/"))
-    result = harvest(args.config, args.options.out or paths.buffer, job=job)
+    result = harvest(args.config, args.options.out or paths.buffer, job=job, device=args.options.device)
     state = "complete" if result.complete else "waiting for the other jobs' shards"
     print(f"{result.n_tokens} tokens in {result.path} ({state}; {result.seconds:.0f} s)")
     return 0
@@ -136,6 +145,7 @@ def evaluate_options(parser: ArgumentParser, profile: Profile) -> None:
     parser.add_argument("--clt", help="Saved CLT folder (null: <run_dir>/clt).")
     parser.add_argument("--model", help="Model to evaluate on (null: the profile's harvest model).")
     parser.add_argument("--corpus", help="Corpus whose eval split is used (null: the profile's).")
+    device_option(parser)
     parser.add_class_arguments(EvalConfig, None, default=profile.eval)
 
 
@@ -145,8 +155,8 @@ def run_evaluate(args: Parsed, paths: RunPaths) -> int:
     from .replacement import evaluate
 
     options, harvested = args.options, args.profile.harvest
-    clt = CrossLayerTranscoder.load(options.clt or paths.clt)
-    model = load_model(options.model or harvested.model, dtype="float32")
+    clt = CrossLayerTranscoder.load(options.clt or paths.clt, device=options.device)
+    model = load_model(options.model or harvested.model, dtype="float32", device=options.device)
     corpus, seq_len = options.corpus or harvested.corpus, harvested.seq_len
     metrics = evaluate(model, clt, corpus=corpus, seq_len=seq_len, config=args.config)
     print(metrics.summary())
@@ -329,6 +339,8 @@ def parse(argv: list[str]) -> Parsed:
     try:
         options = parser.instantiate(args)[args.command]
         config = config_from(cls, options) if cls else None
+        if getattr(options, "device", None) is not None:
+            resolve_device(options.device)  # one that this machine lacks is refused here, not mid-run
     except ValueError as error:  # a value the config dataclass refuses (its __post_init__)
         parser.error(f"{args.command}: {error}")
     return Parsed(args.command, options, config, profile, args.verbose)

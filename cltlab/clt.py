@@ -26,6 +26,7 @@ from . import decoding
 from .activations import activation_for
 from .config import CLTConfig
 from .decoding import SPARSE_MAX_DENSITY
+from .precision import resolve_device
 from .selected import (
     AttachPreactivations,
     Selected,
@@ -331,8 +332,9 @@ class CrossLayerTranscoder(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> CrossLayerTranscoder:
-        """Read a CLT written by ``save`` (safetensors, no pickle)."""
+    def load(cls, directory: str | Path, *, device: str | torch.device = "auto") -> CrossLayerTranscoder:
+        """Read a CLT written by ``save`` (safetensors, no pickle) onto ``device`` (``auto``: the GPU when there is
+        one)."""
         directory = Path(directory)
         config_path, weights_path = directory / "config.json", directory / "model.safetensors"
         if not config_path.exists() or not weights_path.exists():
@@ -347,4 +349,4 @@ class CrossLayerTranscoder(nn.Module):
             )
         clt = cls(CLTConfig.from_dict(meta["config"]))
         clt.load_state_dict(load_file(str(weights_path)))
-        return clt.to(device)
+        return clt.to(resolve_device(device))

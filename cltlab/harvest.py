@@ -40,7 +40,7 @@ from .config import HarvestConfig
 from .corpus import token_sequences
 from .locks import HarvestLock
 from .models import LoadedModel, load_model
-from .precision import model_dtype
+from .precision import model_dtype, resolve_device
 from .shard_writer import open_shard_for_writing
 from .sites import row_bytes, to_storage, trace_layers
 from .store import (
@@ -236,7 +236,7 @@ def harvest(
     path: str | Path,
     *,
     model: LoadedModel | None = None,
-    device: str | None = None,
+    device: str | None = "auto",
     job: tuple[int, int] = (0, 1),
     progress: bool = True,
     fsync: bool = True,
@@ -252,7 +252,7 @@ def harvest(
     job_index, n_jobs = job
     if not 0 <= job_index < n_jobs:
         raise ValueError(f"job must be (i, n) with 0 <= i < n, not {job}.")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     model = model or load_model(config.model, dtype=model_dtype(config.model_dtype, device), device=device)
     layer_start, layer_stop = config.layers or (0, model.n_layers)
     if layer_stop > model.n_layers:

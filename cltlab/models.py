@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .precision import resolve_device
+
 log = logging.getLogger("cltlab")
 
 
@@ -229,9 +231,11 @@ MODELS: dict[str, Callable[[torch.dtype], tuple[nn.Module, object]]] = {
 
 
 def load_model(
-    name: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+    name: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto"
 ) -> LoadedModel:
-    """Load a model by registry name or Hugging Face id, in eval mode with gradients off."""
+    """Load a model by registry name or Hugging Face id, in eval mode with gradients off, on ``device`` (``auto``:
+    the GPU when there is one)."""
+    device = resolve_device(device)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     loader = MODELS.get(name)
     model, tokenizer = loader(dtype) if loader else _load_hub(name, dtype)

@@ -43,6 +43,22 @@ def fast_bfloat16_cpu() -> bool:
         torch.set_num_threads(threads)
 
 
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or None): the GPU when there is one, else the CPU; any other name is checked, so a run asking
+    for a GPU it does not have fails at once with one message instead of deep inside a model."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asks for a GPU, and torch sees none here; use auto or cpu.")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s).")
+    return resolved
+
+
 def uses_cpu(device: str | torch.device | None, accelerator: str = "auto") -> bool:
     """Whether work for ``device`` (or, without one, Lightning's ``accelerator``) runs on the CPU."""
     if device is not None:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 import yaml
 from helpers import make_clt
 
@@ -55,6 +56,7 @@ def test_a_field_defaulting_to_none_takes_an_int_and_a_range_takes_a_list():
         (["train", "--loss.decoding", "diagonal"], "decoding must be auto, dense or sparse, not 'diagonal'"),
         (["train", "--transcoder.activation_kind", "relu"], "activation_kind must be one of jumprelu, topk"),
         (["train", "--profile", "nope"], "Unknown profile 'nope'"),
+        (["evaluate", "--device", "tpu9"], "device must be auto, cpu, cuda or cuda:N, not 'tpu9'"),
     ],
 )
 def test_a_wrong_option_is_one_error_naming_it(argv, message, capsys):
@@ -181,3 +183,12 @@ def test_a_yaml_file_naming_a_profile_takes_that_profiles_defaults(tmp_path):
     parsed = parse(["train", "--config", str(path)])
     assert parsed.profile.name == "ci"
     assert parsed.config == get_profile("ci").train.replace(sparsity_c=2.5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_gpu_this_machine_lacks_is_refused_before_anything_runs(capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse(["harvest", "--profile", "ci", "--device", "cuda"])
+    assert exit.value.code == 2
+    assert "harvest: device 'cuda' asks for a GPU, and torch sees none here" in capsys.readouterr().err
+    assert parse(["harvest", "--profile", "ci"]).options.device == "auto"

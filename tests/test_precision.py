@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 
 from cltlab import precision
 
@@ -28,3 +29,22 @@ def test_bf16_requests_follow_the_cpu(monkeypatch, caplog, fast):
 def test_the_measurement_is_a_cached_bool():
     assert isinstance(precision.fast_bfloat16_cpu(), bool)
     assert precision.fast_bfloat16_cpu.cache_info().currsize == 1
+
+
+def test_devices_resolve_to_this_machine(monkeypatch):
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert precision.resolve_device("auto").type == expected
+    assert precision.resolve_device(None).type == expected
+    assert precision.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N, not 'gpu'"):
+        precision.resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert precision.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="asks for a GPU, and torch sees none here"):
+        precision.resolve_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert precision.resolve_device("auto") == torch.device("cuda")
+    assert precision.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="this machine has 2 GPU"):
+        precision.resolve_device("cuda:2")
