@@ -172,6 +172,11 @@ def serve_options(parser: ArgumentParser, profile: Profile) -> None:
     parser.add_argument("--port", type=int, default=8765, help="Port to listen on (0: any free port).")
     parser.add_argument("--token", help="Bearer token clients must send (null: $CLTLAB_TOKEN).")
     parser.add_argument("--seconds", type=float, help="Stop after this many seconds (null: until Ctrl-C).")
+    parser.add_argument(
+        "--live", action="store_true",
+        help="Live mode: run the profile's harvest model on its corpus now and serve its rows (no folder).",
+    )  # fmt: skip
+    device_option(parser)
 
 
 def run_serve(args: Parsed, paths: RunPaths) -> int:
@@ -179,7 +184,17 @@ def run_serve(args: Parsed, paths: RunPaths) -> int:
     from .server import serve
 
     token = options.token or os.environ.get("CLTLAB_TOKEN")
-    handle = serve(options.buffer or paths.buffer, options.host, options.port, token=token)
+    if options.live:
+        from .models import load_model
+        from .precision import model_dtype
+
+        live = args.profile.harvest
+        model = load_model(
+            live.model, dtype=model_dtype(live.model_dtype, options.device), device=options.device
+        )
+        handle = serve(model, options.host, options.port, token=token, live=live)
+    else:
+        handle = serve(options.buffer or paths.buffer, options.host, options.port, token=token)
     print(f"serving {handle.source.info.description} at {handle.url} (Ctrl-C stops)", flush=True)
     stop_at = time.monotonic() + (options.seconds if options.seconds is not None else float("inf"))
     try:

@@ -192,3 +192,45 @@ def test_a_gpu_this_machine_lacks_is_refused_before_anything_runs(capsys):
     assert exit.value.code == 2
     assert "harvest: device 'cuda' asks for a GPU, and torch sees none here" in capsys.readouterr().err
     assert parse(["harvest", "--profile", "ci"]).options.device == "auto"
+
+
+def test_cli_serves_live_activations_over_loopback():
+    import re
+    import subprocess
+    import sys
+
+    from cltlab.server import ActivationClient
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cltlab",
+            "serve",
+            "--live",
+            "--profile",
+            "ci",
+            "--port",
+            "0",
+            "--seconds",
+            "120",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for line in process.stdout:
+            if found := re.search(r"serving live tiny-gpt2 .* at (http://127\.0\.0\.1:\d+)", line):
+                break
+        else:
+            raise AssertionError("cltlab serve --live printed no URL")
+        client = ActivationClient(found[1])
+        assert client.info()["kind"] == "live"
+        batch = client.tensor(16)
+        assert batch.resid_mid.shape == (16, 4, 64) and batch.mlp_out.shape == (16, 4, 64)
+        assert batch.resid_mid.abs().sum() > 0 and torch.isfinite(batch.mlp_out).all()
+        client.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
