@@ -4,8 +4,17 @@ Importing cltlab starts nothing (no threads, no network); the nouns below are th
 """
 
 import importlib.metadata
+import os
 
-from . import plots
+if (
+    os.environ.get("CLTLAB_PROGRESS") == "text"
+):  # a kernel of `cltlab run`: text bars, which the runner echoes
+    import tqdm.auto
+    import tqdm.std
+
+    tqdm.auto.tqdm = tqdm.std.tqdm  # before cltlab's modules and Lightning's progress bar import it
+
+from . import plots  # noqa: E402
 from .attribution import AttributionGraph, Intervention, attribute, intervene
 from .buffer import DiscBuffer
 from .clt import CrossLayerTranscoder

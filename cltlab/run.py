@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -201,16 +203,20 @@ def run_notebooks(
         profile if profile in PROFILES else str(Path(profile).resolve())
     )  # a YAML file, seen from notebooks/
     env = os.environ | dict(
-        CLTLAB_PROFILE=profile, CLTLAB_RUN_DIR=str(paths.root), PLOTLY_RENDERER="plotly_mimetype+notebook"
+        CLTLAB_PROFILE=profile,
+        CLTLAB_RUN_DIR=str(paths.root),
+        PLOTLY_RENDERER="plotly_mimetype+notebook",
+        CLTLAB_PROGRESS="text",  # progress bars as text on stderr, which _execute passes on to this terminal
+        TQDM_MININTERVAL="1",  # one redraw a second: the executed notebooks keep every redraw
     )
     for name in notebooks:
         _execute(Path(folder) / name, paths.report / name, timeout, env)
     return paths
 
 
-def _execute(source: Path, target: Path, timeout: int, env: dict[str, str]) -> None:
+def _execute(source: Path, target: Path, timeout: int, env: dict[str, str], *, echo: bool = True) -> None:
     import nbformat
-    from nbclient import NotebookClient
+    from jupyter_client import KernelManager
     from nbconvert import HTMLExporter
 
     if not source.exists():
@@ -220,12 +226,43 @@ def _execute(source: Path, target: Path, timeout: int, env: dict[str, str]) -> N
     nb = nbformat.read(source, as_version=4)
     start = time.perf_counter()
     log.info("executing %s ...", source.name)
-    client = NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(source.parent)}}
-    )
-    try:
-        client.execute(env=env)  # the kernel's environment
-    finally:  # keep the executed copy, error included
-        nbformat.write(nb, target)
-        target.with_suffix(".html").write_text(HTMLExporter().from_notebook_node(nb)[0])
+    with tempfile.TemporaryDirectory(prefix="cltlab-kernel-") as sockets:
+        # The kernel talks over Unix sockets in a private folder: no TCP port, nothing in plain text on the network.
+        km = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "kernel"))
+        client = _client(source, nb, km, timeout, echo)
+        try:
+            client.execute(env=env)  # the kernel's environment
+        finally:  # keep the executed copy, error included
+            if km.has_kernel:
+                km.shutdown_kernel(now=True)
+            nbformat.write(nb, target)
+            target.with_suffix(".html").write_text(HTMLExporter().from_notebook_node(nb)[0])
     log.info("%s done in %.0f s", source.name, time.perf_counter() - start)
+
+
+def _client(source: Path, nb, km, timeout: int, echo: bool):
+    """A NotebookClient of ``source`` that, with ``echo``, says which cell runs and passes on the cells' text
+    output (the progress bars of harvest, training, statistics and evaluation) as it arrives."""
+    from nbclient import NotebookClient
+
+    code = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"]
+
+    def started(cell, cell_index: int) -> None:
+        if cell.cell_type != "code":
+            return
+        first = next((line for line in cell.source.splitlines() if line.strip()), "")
+        where = f"{source.name} · cell {code.index(cell_index) + 1}/{len(code)}"
+        print(f"\n[{where}] {first[:90]}", file=sys.stderr, flush=True)
+
+    class Echoing(NotebookClient):
+        def output(self, outs, msg, display_id, cell_index):
+            if msg["msg_type"] == "stream":
+                stream = sys.stderr if msg["content"]["name"] == "stderr" else sys.stdout
+                stream.write(msg["content"]["text"])
+                stream.flush()
+            return super().output(outs, msg, display_id, cell_index)
+
+    return (Echoing if echo else NotebookClient)(
+        nb, km=km, timeout=timeout, kernel_name="python3", coalesce_streams=True,
+        resources={"metadata": {"path": str(source.parent)}}, on_cell_start=started if echo else None,
+    )  # fmt: skip

@@ -129,3 +129,20 @@ def test_saved_metrics_load_back_as_the_same_metrics(tmp_path):
     paths.save_metrics(metrics)
     assert paths.load_metrics() == metrics
     assert "CE recovered 0.7500" in paths.load_metrics().summary()
+
+
+def test_run_notebooks_shows_each_cell_and_its_progress_bars_and_uses_no_tcp(tmp_path, capfd):
+    write_notebook(
+        tmp_path / "nbs",
+        "bars.ipynb",
+        "import cltlab\nfrom cltlab.features import tqdm",
+        "for _ in tqdm(range(50), desc='counting'):\n    pass",
+    )
+    run_notebooks("ci", tmp_path / "run", notebooks=("bars.ipynb",), notebooks_dir=tmp_path / "nbs")
+    err = capfd.readouterr().err
+    assert "[bars.ipynb · cell 1/2] import cltlab" in err
+    assert "[bars.ipynb · cell 2/2] for _ in tqdm(range(50), desc='counting'):" in err
+    assert "counting: 100%" in err and "50/50" in err  # a text bar, passed on as the kernel drew it
+    assert "without encryption" not in err  # the kernel talks over Unix sockets, not TCP
+    executed = nbformat.read(tmp_path / "run" / "report" / "bars.ipynb", as_version=4)
+    assert "50/50" in executed.cells[1].outputs[0]["text"]  # and the report keeps it
