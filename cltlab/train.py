@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -169,6 +170,28 @@ def strategy_for(name: str):
     return name
 
 
+def text_progress_bar(config: TrainerConfig) -> list:
+    """In a kernel of ``cltlab run`` (``CLTLAB_PROGRESS=text``), a text progress bar that the runner passes on to
+    its terminal (Lightning's default there is a Rich bar inside a widget); elsewhere Lightning's default."""
+    if os.environ.get("CLTLAB_PROGRESS") != "text":
+        return []
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    return [TQDMProgressBar(refresh_rate=max(1, config.log_every))]
+
+
+def quiet_lightning_tips() -> None:
+    """Drop Lightning's advertisement for its cloud logger from the logs (no setting turns it off)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in logger.filters):
+        logger.addFilter(_NoTips())
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
 def make_trainer(config: TrainerConfig, run_dir: str | Path, **overrides) -> L.Trainer:
     """A Lightning Trainer for ``config``: device chosen automatically, CSV (+ W&B) logs and checkpoints under ``run_dir``.
 
@@ -202,12 +225,13 @@ def make_trainer(config: TrainerConfig, run_dir: str | Path, **overrides) -> L.T
         use_distributed_sampler=False,  # ActivationData already gives each rank its own part of the buffer
         precision=training_precision(config.precision, accelerator=config.accelerator),
         logger=loggers,
-        callbacks=[checkpoints, *overrides.pop("callbacks", [])],
+        callbacks=[checkpoints, *text_progress_bar(config), *overrides.pop("callbacks", [])],
         log_every_n_steps=config.log_every,
         enable_model_summary=False,
         default_root_dir=run_dir,
     )
     kwargs.update(overrides)
+    quiet_lightning_tips()
     return L.Trainer(**kwargs)
 
 
@@ -262,7 +286,11 @@ def train(
     try:
         # weights_only: a checkpoint holds tensors and plain values; unpickling anything else could run code.
         ckpt_path = str(last) if resume and last.exists() else None
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with (
+            warnings.catch_warnings()
+        ):  # Lightning's own use of a torch API torch now deprecates; nothing of ours
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         for logger in trainer.loggers:  # close the W&B run so the next train() in this kernel starts its own
             if type(logger).__name__ == "WandbLogger":

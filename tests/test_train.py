@@ -342,3 +342,18 @@ def test_a_checkpoint_from_before_the_nested_config_still_loads(trained, tmp_pat
     module = CLTModule.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu", weights_only=True)
     assert module.cfg == config
     assert torch.equal(module.clt.W_enc.float(), result.clt.W_enc)
+
+
+def test_the_trainer_has_a_text_bar_under_cltlab_run_and_no_cloud_logger_tip(tmp_path, monkeypatch, caplog):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from cltlab.train import make_trainer
+
+    config = TrainerConfig(max_steps=3, wandb=False)
+    with caplog.at_level("INFO"):
+        trainer = make_trainer(config, tmp_path / "a")
+    assert not any("Tip" in record.getMessage() for record in caplog.records)
+    assert any("GPU available" in record.getMessage() for record in caplog.records)  # the rest still logs
+    monkeypatch.setenv("CLTLAB_PROGRESS", "text")
+    trainer = make_trainer(config, tmp_path / "b")
+    assert type(trainer.progress_bar_callback) is TQDMProgressBar
