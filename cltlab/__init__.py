@@ -6,9 +6,8 @@ Importing cltlab starts nothing (no threads, no network); the nouns below are th
 import importlib.metadata
 import os
 
-if (
-    os.environ.get("CLTLAB_PROGRESS") == "text"
-):  # a kernel of `cltlab run`: text bars, which the runner echoes
+# In a kernel of `cltlab run`: text progress bars, which the runner passes on to its terminal.
+if os.environ.get("CLTLAB_PROGRESS") == "text":
     import tqdm.auto
     import tqdm.std
 

@@ -188,7 +188,7 @@ class DiscBuffer(torch.utils.data.Dataset):
                     # contiguous (see store.py), so a block of rows is one byte range of the shard file.
                     flat = array.reshape(-1).view(np.uint8)
                     size = (stop - start) * row
-                    _read_into(fd, flat[at * row : at * row + size], self._offsets[shard][s] + start * row)
+                    read_into(fd, flat[at * row : at * row + size], self._offsets[shard][s] + start * row)
             at += stop - start
 
     @contextlib.contextmanager
@@ -335,7 +335,7 @@ class DiscBuffer(torch.utils.data.Dataset):
         return self.summary()
 
 
-def _read_into(fd: int, array: np.ndarray, offset: int) -> None:
+def read_into(fd: int, array: np.ndarray | bytearray, offset: int) -> None:
     """Fill ``array`` (C-contiguous) from ``fd`` at ``offset`` with positional reads (safe across threads)."""
     view = memoryview(array).cast("B")
     while view.nbytes:

@@ -160,7 +160,11 @@ class CrossLayerTranscoder(nn.Module):
 
     def preactivations(self, x: torch.Tensor) -> torch.Tensor:
         """Raw ``resid_mid`` ``(batch, n_layers, d_model)`` → pre-activations ``(batch, n_layers, d_features)``."""
-        return torch.einsum("bld,ldf->blf", self.normalized_input(x), self.W_enc) + self.b_enc
+        return self._encoded(self.normalized_input(x))
+
+    def _encoded(self, xn: torch.Tensor) -> torch.Tensor:
+        """``preactivations`` of an input already through ``normalized_input``."""
+        return torch.einsum("bld,ldf->blf", xn, self.W_enc) + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Raw ``resid_mid`` ``(batch, n_layers, d_model)`` → features ``(batch, n_layers, d_features)``."""
@@ -284,7 +288,7 @@ class CrossLayerTranscoder(nn.Module):
         xn = self.normalized_input(x)
         theta, bandwidth = self.activation.threshold, self.activation.bandwidth
         with torch.no_grad():
-            pre = torch.einsum("bld,ldf->blf", xn, self.W_enc) + self.b_enc
+            pre = self._encoded(xn)
             entries = threshold_entries(pre, theta, bandwidth)
         if mode == "auto" and entries[0].numel() >= SPARSE_MAX_DENSITY * pre.numel():
             return self._dense_terms(AttachPreactivations.apply(xn, self.W_enc, self.b_enc, pre), mode)

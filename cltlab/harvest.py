@@ -149,7 +149,7 @@ def _clear_disk_full(directory: Path, need: int):
         raise
 
 
-def _check_existing(directory: Path, provenance: dict) -> dict | None:
+def check_existing(directory: Path, provenance: dict) -> dict | None:
     """Refuse a folder holding a different harvest; return its manifest if it has one."""
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} is a file; a harvest writes a folder. Choose another path.")
@@ -258,7 +258,7 @@ def harvest(
     if layer_stop > model.n_layers:
         raise ValueError(f"layers {config.layers} exceed the {model.n_layers} layers of {config.model!r}.")
     provenance = _provenance(config, model, layer_start, layer_stop)
-    manifest = _check_existing(path, provenance)
+    manifest = check_existing(path, provenance)
     if manifest is not None and manifest.get("complete"):
         log.info("Reusing finished harvest %s", path)
         return HarvestResult(path, int(manifest["n_written"]), 0.0, True, True)

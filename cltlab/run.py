@@ -214,7 +214,7 @@ def run_notebooks(
     return paths
 
 
-def _execute(source: Path, target: Path, timeout: int, env: dict[str, str], *, echo: bool = True) -> None:
+def _execute(source: Path, target: Path, timeout: int, env: dict[str, str]) -> None:
     import nbformat
     from jupyter_client import KernelManager
     from nbconvert import HTMLExporter
@@ -229,7 +229,7 @@ def _execute(source: Path, target: Path, timeout: int, env: dict[str, str], *, e
     with tempfile.TemporaryDirectory(prefix="cltlab-kernel-") as sockets:
         # The kernel talks over Unix sockets in a private folder: no TCP port, nothing in plain text on the network.
         km = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "kernel"))
-        client = _client(source, nb, km, timeout, echo)
+        client = _client(source, nb, km, timeout)
         try:
             client.execute(env=env)  # the kernel's environment
         finally:  # keep the executed copy, error included
@@ -240,9 +240,9 @@ def _execute(source: Path, target: Path, timeout: int, env: dict[str, str], *, e
     log.info("%s done in %.0f s", source.name, time.perf_counter() - start)
 
 
-def _client(source: Path, nb, km, timeout: int, echo: bool):
-    """A NotebookClient of ``source`` that, with ``echo``, says which cell runs and passes on the cells' text
-    output (the progress bars of harvest, training, statistics and evaluation) as it arrives."""
+def _client(source: Path, nb, km, timeout: int):
+    """A NotebookClient of ``source`` that says which cell runs and passes on the cells' text output (the progress
+    bars of harvest, training, statistics and evaluation) as it arrives."""
     from nbclient import NotebookClient
 
     code = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"]
@@ -262,7 +262,7 @@ def _client(source: Path, nb, km, timeout: int, echo: bool):
                 stream.flush()
             return super().output(outs, msg, display_id, cell_index)
 
-    return (Echoing if echo else NotebookClient)(
+    return Echoing(
         nb, km=km, timeout=timeout, kernel_name="python3", coalesce_streams=True,
-        resources={"metadata": {"path": str(source.parent)}}, on_cell_start=started if echo else None,
+        resources={"metadata": {"path": str(source.parent)}}, on_cell_start=started,
     )  # fmt: skip

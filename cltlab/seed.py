@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .clt import CrossLayerTranscoder
 from .config import CLTConfig
-from .harvest import _check_existing
+from .harvest import check_existing
 from .locks import HarvestLock
 from .shard_writer import open_shard_for_writing
 from .sites import to_storage
@@ -66,7 +66,7 @@ def import_seed_activations(
         "shard_batches": shard_batches, "tokenizer": "none (imported from the seed)", "bos_token_id": 0,
         "config": json.dumps({"source": str(source)}), "cltlab_version": importlib.metadata.version("cltlab"),
     }  # fmt: skip
-    manifest = _check_existing(out, provenance)
+    manifest = check_existing(out, provenance)
     if manifest is not None and manifest.get("complete"):
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -74,20 +74,19 @@ def import_seed_activations(
     n_shards = math.ceil(n_batches / shard_batches)
     with HarvestLock(out, (0, 1), n_shards), h5py.File(source, "r") as f:
         bar = tqdm(total=N, unit="row", desc=f"import {source.name}", disable=not progress)
+        tensor, no_sequences = f["tensor"], np.zeros((batch_rows, 2), np.int32)  # rows carry no tokens
         for index in range(n_shards):
             first, last = index * shard_batches, min((index + 1) * shard_batches, n_batches)
-            if (out / shard_name(index)).exists():
-                bar.update(min(N, last * batch_rows) - first * batch_rows)
-                continue
             rows = min(N, last * batch_rows) - first * batch_rows
+            if (out / shard_name(index)).exists():
+                bar.update(rows)
+                continue
             shard = open_shard_for_writing(out, provenance, index, rows, last - first, fsync)
             try:
                 bar.update(shard.rows)
                 for number in range(first + shard.batches, last):
                     start, stop = number * batch_rows, min(N, (number + 1) * batch_rows)
-                    shard.write_rows(
-                        number, _seed_rows(f["tensor"], start, stop, dtype), _no_sequences(batch_rows)
-                    )
+                    shard.write_rows(number, _seed_rows(tensor, start, stop, dtype), no_sequences)
                     bar.update(stop - start)
                 shard.finish()
             finally:
@@ -124,10 +123,6 @@ def _seed_rows(tensor: h5py.Dataset, start: int, stop: int, dtype: str) -> dict[
     arrays["sequence"] = np.arange(start, stop, dtype=np.int64)
     arrays["position"] = np.ones(n, np.int32)
     return arrays
-
-
-def _no_sequences(batch_rows: int) -> np.ndarray:
-    return np.zeros((batch_rows, 2), np.int32)
 
 
 def import_seed_checkpoint(checkpoint: str | Path, out: str | Path) -> CrossLayerTranscoder:

@@ -52,8 +52,7 @@ class Selected(NamedTuple):
 
     def layers(self) -> torch.Tensor:
         """``(nnz,)`` layer of each entry."""
-        layer = torch.arange(len(self.counts), device=self.rows.device)
-        return torch.repeat_interleave(layer, self.counts.to(self.rows.device))
+        return _layers(self.counts, self.rows.device)
 
 
 def use_selected(activation, d_features: int, device: torch.device, mode: str) -> bool:
@@ -97,11 +96,12 @@ class SelectEncode(torch.autograd.Function):
         F = ctx.n_features
         grad_W = x.new_zeros(L, d, F) if ctx.needs_input_grad[1] else None
         grad_b = x.new_zeros(L, F) if ctx.needs_input_grad[2] else None
-        for layer, (r, c, g) in enumerate(_per_layer(counts, rows, cols, grad_values)):
-            if grad_W is not None:  # ∂W[l][:, f] = Σ over the entries of f of ∂value · x[row, l]
-                grad_W[layer] = bag_sum_transposed(r, c, g, x[:, layer].float().contiguous(), F).T
-            if grad_b is not None:
-                grad_b[layer].index_add_(0, c, g.to(grad_b.dtype))
+        if grad_W is not None:
+            _add_encoder_gradient(grad_W, x, counts, rows, cols, grad_values)
+        if grad_b is not None:
+            grad_b.index_put_(
+                (_layers(counts, cols.device), cols), grad_values.to(grad_b.dtype), accumulate=True
+            )
         return None, grad_W, grad_b, None
 
 
@@ -122,7 +122,7 @@ class ThresholdEncode(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, theta, pre, entries, bandwidth):
         rows, cols, counts = entries
         batch, L, F = pre.shape
-        layers = torch.repeat_interleave(torch.arange(L, device=rows.device), counts.to(rows.device))
+        layers = _layers(counts, rows.device)
         with torch.no_grad():
             pre_values = pre[rows, layers, cols].float()
             theta_e = theta[layers, cols]
@@ -157,9 +157,9 @@ class ThresholdEncode(torch.autograd.Function):
         grad_W = grad_x = None
         if ctx.needs_input_grad[1]:
             grad_W = torch.einsum("ld,lf->ldf", x.float().sum(0), -grad_relu_sum)
-            counts = torch.bincount(layers, minlength=L).cpu()
-            for layer, (r, c, g) in enumerate(_per_layer(counts, rows, cols, correction)):
-                grad_W[layer] += bag_sum_transposed(r, c, g, x[:, layer].float().contiguous(), F).T
+            _add_encoder_gradient(
+                grad_W, x, torch.bincount(layers, minlength=L).cpu(), rows, cols, correction
+            )
         if ctx.needs_input_grad[0]:
             grad_pre = (
                 (-grad_relu_sum)
@@ -237,6 +237,19 @@ class DecodeSelected(torch.autograd.Function):
             scale = None if grad_norms is None else norm_gradient_scale(grad_norms, norms, source)
             grad_weights.append(add_norm_gradient(grad_W, W, scale))
         return grad_values, None, None, None, None, *grad_weights
+
+
+def _layers(counts: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``(nnz,)`` layer of each entry, for entries held layer after layer, ``counts`` of each."""
+    return torch.repeat_interleave(torch.arange(len(counts), device=device), counts.to(device))
+
+
+def _add_encoder_gradient(grad_W, x, counts, rows, cols, grads) -> None:
+    """``grad_W[l][:, f] += Σ`` over layer l's entries of feature f of ``grad · x[row, l]``: ``x[l]ᵀ`` times a
+    sparse matrix, by ``embedding_bag`` with the entries grouped by feature (no dense ``(batch, F)`` gradient)."""
+    n_features = grad_W.shape[-1]
+    for layer, (r, c, g) in enumerate(_per_layer(counts, rows, cols, grads)):
+        grad_W[layer] += bag_sum_transposed(r, c, g, x[:, layer].float().contiguous(), n_features).T
 
 
 def _nonzero(rows, cols, values):

@@ -81,6 +81,7 @@ class ShardWriter:
     def __init__(self, f: h5py.File, partial: Path, final: Path, *, fsync: bool):
         self.f, self.partial, self.final, self.fsync = f, partial, final, fsync
         self.first_batch, self.layer_start = int(f.attrs["first_batch"]), int(f.attrs["layer_start"])
+        self.batch_size = int(f.attrs["batch_size"])  # sequences per forward batch
         self.dtype = str(f.attrs["dtype"])
         self.rows, self.batches = 0, 0
         self.norms = NormAccumulator(*f["stats_sum"].shape[1:])  # of every STATS_STRIDE-th row
@@ -139,7 +140,7 @@ class ShardWriter:
             self._add_stats(s, to_torch(arrays[site], self.dtype), self.rows)
         for name in ROW_DATASETS:
             self.f[name].write_direct(arrays[name], dest_sel=rows)
-        first = (batch - self.first_batch) * int(self.f.attrs["batch_size"])
+        first = (batch - self.first_batch) * self.batch_size
         self.f["sequences"].write_direct(sequences, dest_sel=np.s_[first : first + len(sequences)])
         crc = batch_checksum([*(arrays[name] for name in ROW_DATASETS), sequences])
         self.f["checksums"].write_direct(

@@ -286,9 +286,8 @@ def train(
     try:
         # weights_only: a checkpoint holds tensors and plain values; unpickling anything else could run code.
         ckpt_path = str(last) if resume and last.exists() else None
-        with (
-            warnings.catch_warnings()
-        ):  # Lightning's own use of a torch API torch now deprecates; nothing of ours
+        # torch deprecates a pytree API that Lightning's own code calls; the warning says nothing about ours
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:

@@ -428,13 +428,13 @@ def test_a_buffer_keeps_at_most_max_open_shards_open(buffer_copy, monkeypatch):
     assert shard_fds(buffer_copy) == 0
     buffer = DiscBuffer(buffer_copy, batch_size=BATCH, block_rows=16, max_open=1)  # three shards
     open_while_reading = []
-    read_into = cltlab.buffer._read_into
+    read_into = cltlab.buffer.read_into
 
     def counting(fd, array, offset):
         open_while_reading.append(shard_fds(buffer_copy))
         return read_into(fd, array, offset)
 
-    monkeypatch.setattr(cltlab.buffer, "_read_into", counting)
+    monkeypatch.setattr(cltlab.buffer, "read_into", counting)
     with ThreadPoolExecutor(4) as pool:  # threads reading at once share the descriptors
         batches = list(pool.map(buffer.__getitem__, range(len(buffer))))
     got = torch.cat([b.resid_mid for b in batches]), torch.cat([b.mlp_out for b in batches])

@@ -56,4 +56,6 @@ def test_path_length_counts_edges_from_tokens_to_logits(tiny_gpt2):
     assert quality.path_length(direct) == pytest.approx(1.0)  # without features, tokens reach logits directly
     busy = make_clt(tiny_gpt2.n_layers, tiny_gpt2.d_model, 32, threshold_init=0.5)
     graph = cltlab.attribute(tiny_gpt2, busy, "The cat sat on the mat", progress=False)
+    # some influence now goes through features; a path visits at most one feature per layer (a feature writes
+    # to later layers only), so no path is longer than n_layers + 1 edges
     assert 1.0 < quality.path_length(graph) <= tiny_gpt2.n_layers + 1

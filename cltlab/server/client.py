@@ -225,7 +225,7 @@ class ActivationClient:
                 while max_batches is None or received < max_batches:
                     block = memory.block()  # the frame's header, then its batch, read into one block
                     if _read_exactly(response, memoryview(block)[: FRAME.size]) == 0:
-                        memory.free.append(block)
+                        memory.give_back(block)
                         return  # the server's limit: the stream ended cleanly between frames
                     rows, batch_index = FRAME.unpack_from(block)
                     batch = _receive(response, memory, block, rows, batch_index, info)
@@ -323,8 +323,12 @@ class Recycler:
     def array(self, block: np.ndarray, nbytes: int, offset: int = 0) -> np.ndarray:
         """A uint8 array of ``block[offset : offset + nbytes]``; ``block`` goes round again once it is let go."""
         data = np.frombuffer(memoryview(block), np.uint8, nbytes, offset)
-        weakref.finalize(data, self.free.append, block)
+        weakref.finalize(data, self.give_back, block)
         return data
+
+    def give_back(self, block: np.ndarray) -> None:
+        """``block`` may be handed out again."""
+        self.free.append(block)
 
 
 def _receive(

@@ -27,6 +27,7 @@ import anyio
 import anyio.to_thread
 from starlette.responses import StreamingResponse
 
+from ..buffer import read_into
 from .protocol import FileRange
 
 EXTENSION = "cltlab.socket"
@@ -203,12 +204,9 @@ def _pieces(frames: Iterable[list]) -> Iterator[memoryview]:
 
 
 def _file_pieces(part: FileRange) -> Iterator[memoryview]:
-    """``part``'s bytes read with ``pread``, ``PIECE`` at a time (for a stream without the socket)."""
+    """``part``'s bytes read as the DiscBuffer reads them (``read_into``), ``PIECE`` at a time (for a stream
+    without the socket)."""
     for start in range(0, part.nbytes, PIECE):
-        size = min(PIECE, part.nbytes - start)
-        piece = os.pread(part.fd, size, part.offset + start)
-        if len(piece) != size:
-            raise ValueError(
-                f"Unexpected end of file at byte {part.offset + start + len(piece)}: the shard is truncated."
-            )
+        piece = bytearray(min(PIECE, part.nbytes - start))
+        read_into(part.fd, piece, part.offset + start)
         yield memoryview(piece)
