@@ -61,8 +61,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 def uses_cpu(device: str | torch.device | None, accelerator: str = "auto") -> bool:
     """Whether work for ``device`` (or, without one, Lightning's ``accelerator``) runs on the CPU."""
-    if device is not None:
-        return torch.device(device).type == "cpu"
+    if (
+        device is not None
+    ):  # 'auto' is where resolve_device would put the work; other names are taken as they are
+        return (resolve_device() if device == "auto" else torch.device(device)).type == "cpu"
     return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
 
 

@@ -48,3 +48,12 @@ def test_devices_resolve_to_this_machine(monkeypatch):
     assert precision.resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(ValueError, match="this machine has 2 GPU"):
         precision.resolve_device("cuda:2")
+
+
+def test_model_dtype_reads_auto_like_every_other_device(monkeypatch):
+    monkeypatch.setattr(precision, "fast_bfloat16_cpu", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert precision.model_dtype("bfloat16", "auto") == "float32"  # auto is this CPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert precision.model_dtype("bfloat16", "auto") == "bfloat16"
