@@ -302,6 +302,16 @@ class DiscBuffer(torch.utils.data.Dataset):
             return TokenContext(f["sequences"][seq, start : pos + 1 + after].tolist(), pos - start)
 
     @property
+    def origin(self) -> dict:
+        """What the rows were harvested from: ``model``, ``corpus`` and ``seq_len`` (the validation during training
+        measures the CLT on that model and the corpus's held-out text)."""
+        return {
+            "model": self.info["model"],
+            "corpus": self.info["corpus"],
+            "seq_len": int(self.info["seq_len"]),
+        }
+
+    @property
     def stats(self) -> NormStats:
         """Mean and RMS scale per layer of both sites, estimated at harvest time (every 8th stored row)."""
         norms = NormAccumulator(self.n_layers, self.d_model)

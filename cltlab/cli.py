@@ -176,6 +176,11 @@ def serve_options(parser: ArgumentParser, profile: Profile) -> None:
         "--live", action="store_true",
         help="Live mode: run the profile's harvest model on its corpus now and serve its rows (no folder).",
     )  # fmt: skip
+    parser.add_argument(
+        "--shuffle_rows", type=int, default=65536,
+        help="Live mode: rows of the shuffling pool each batch is drawn from (memory: 2 × rows × layers × d_model "
+        "× dtype bytes; 0 serves the harvest order). Normalization comes from the rows harvested to fill it.",
+    )  # fmt: skip
     device_option(parser)
 
 
@@ -192,7 +197,10 @@ def run_serve(args: Parsed, paths: RunPaths) -> int:
         model = load_model(
             live.model, dtype=model_dtype(live.model_dtype, options.device), device=options.device
         )
-        handle = serve(model, options.host, options.port, token=token, live=live)
+        from .server import LiveSource
+
+        source = LiveSource.from_config(model, live, shuffle_rows=options.shuffle_rows)
+        handle = serve(source, options.host, options.port, token=token)
     else:
         handle = serve(options.buffer or paths.buffer, options.host, options.port, token=token)
     print(f"serving {handle.source.info.description} at {handle.url} (Ctrl-C stops)", flush=True)

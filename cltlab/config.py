@@ -183,6 +183,11 @@ class TrainerConfig:
     """Steps between logged metrics."""
     checkpoint_every: int = 500
     """Steps between checkpoints."""
+    val_every: int = 0
+    """Steps between held-out replacement metrics (KL, top-1, CE recovered, NMSE and L0 per layer; see
+    ``cltlab.validation``), also measured after the last step; 0: none."""
+    val_sequences: int = 8
+    """Held-out sequences each validation runs the replacement model on."""
     wandb: bool = True
     """Log to Weights & Biases (offline unless logged in); metrics always go to CSV too."""
     dead_window: int = 1_000_000
@@ -193,6 +198,11 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if min(self.max_steps, self.log_every, self.checkpoint_every, self.num_nodes) <= 0:
             raise ValueError("max_steps, log_every, checkpoint_every and num_nodes must be positive.")
+        if self.val_every < 0 or self.val_sequences <= 0:
+            raise ValueError(
+                f"val_every must be 0 (no validation) or positive, and val_sequences positive, not "
+                f"{self.val_every} and {self.val_sequences}."
+            )
 
 
 @dataclass
@@ -316,7 +326,9 @@ PROFILES: dict[str, Profile] = {
             transcoder=TranscoderConfig(d_features=128),
             loss=LossConfig(sparsity_coef=1e-3),
             optimizer=OptimizerConfig(lr=1e-3),
-            trainer=TrainerConfig(max_steps=60, log_every=5, checkpoint_every=30, wandb=False),
+            trainer=TrainerConfig(
+                max_steps=60, log_every=5, checkpoint_every=30, wandb=False, val_every=30, val_sequences=4
+            ),
             data=DataConfig(batch_size=256),
         ),
         eval=EvalConfig(n_sequences=8, batch_size=4),
@@ -336,7 +348,14 @@ PROFILES: dict[str, Profile] = {
             transcoder=TranscoderConfig(d_features=256),
             loss=LossConfig(sparsity_coef=3e-4),
             optimizer=OptimizerConfig(lr=6e-4),
-            trainer=TrainerConfig(max_steps=600, precision="bf16-mixed", log_every=10, checkpoint_every=200),
+            trainer=TrainerConfig(
+                max_steps=600,
+                precision="bf16-mixed",
+                log_every=10,
+                checkpoint_every=200,
+                val_every=300,
+                val_sequences=8,
+            ),
             # one worker process reads and prefetches batches while the CLT trains
             data=DataConfig(batch_size=512, num_workers=1),
         ),
@@ -350,7 +369,7 @@ PROFILES: dict[str, Profile] = {
             transcoder=TranscoderConfig(d_features=2048),
             loss=LossConfig(sparsity_coef=2e-4),
             optimizer=OptimizerConfig(lr=2e-4),
-            trainer=TrainerConfig(max_steps=3000),
+            trainer=TrainerConfig(max_steps=3000, val_every=500),
             data=DataConfig(batch_size=1024),
         ),
         eval=EvalConfig(n_sequences=64, batch_size=8),

@@ -41,16 +41,29 @@ def read_metrics(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def training_curves(
-    log_dir: str | Path, metrics: tuple[str, ...] = ("loss", "nmse", "l0", "dead_frac")
+    log_dir: str | Path,
+    metrics: tuple[str, ...] = ("loss", "nmse", "l0", "dead_frac"),
+    held_out: tuple[str, ...] = ("kl", "top1", "ce_recovered"),
 ) -> go.Figure:
-    """Loss, NMSE, L0 and dead fraction of a run, against the step."""
+    """Loss, NMSE, L0 and dead fraction of a run against the step. Where the run validated on held-out text
+    (``TrainerConfig.val_every``), the held-out NMSE and L0 are drawn over the training ones, and held-out KL,
+    top-1 agreement and CE recovered get a panel each."""
     series = read_metrics(log_dir)
-    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics)
-    for i, name in enumerate(metrics, start=1):
-        points = series.get(name, [])
-        fig.add_trace(go.Scatter(x=[s for s, _ in points], y=[v for _, v in points], name=name), row=1, col=i)
-        fig.update_xaxes(title_text="step", row=1, col=i)
-    fig.update_layout(height=320, showlegend=False, title="Training")
+    panels = [*metrics, *(f"val/{name}" for name in held_out if f"val/{name}" in series)]
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    titles = [name.replace("val/", "held-out ") for name in panels]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles)
+    for i, name in enumerate(panels):
+        row, col = divmod(i, cols)
+        over = [f"val/{name}"] if name in metrics and f"val/{name}" in series else []
+        for key in (name, *over):
+            points = series.get(key, [])  # a metric never logged is an empty panel
+            mode = "lines+markers" if key.startswith("val/") else "lines"
+            trace = go.Scatter(x=[s for s, _ in points], y=[v for _, v in points], name=key, mode=mode)
+            fig.add_trace(trace, row=row + 1, col=col + 1)
+        fig.update_xaxes(title_text="step", row=row + 1, col=col + 1)
+    fig.update_layout(height=320 * rows, showlegend=False, title="Training")
     return fig
 
 

@@ -26,6 +26,7 @@ from .config import CLTConfig, TrainConfig, TrainerConfig
 from .data import ActivationData
 from .precision import training_precision
 from .sites import ActivationBatch
+from .validation import ReplacementValidation
 
 log = logging.getLogger("cltlab")
 
@@ -279,6 +280,11 @@ def train(
     )
     module = CLTModule(dataclasses.asdict(clt_config), dataclasses.asdict(config))
     module.clt.set_normalization(*buffer.stats)
+    if config.trainer.val_every:
+        trainer_overrides["callbacks"] = [
+            *trainer_overrides.get("callbacks", []),
+            validation_for(buffer, config.trainer),
+        ]
     if isinstance(buffer, DiscBuffer):
         buffer.close()  # each rank opens its own part in ActivationData.setup
     trainer = make_trainer(config.trainer, run_dir, **trainer_overrides)
@@ -300,6 +306,29 @@ def train(
         clt.save(clt_dir)
         log.info("Saved the CLT to %s", clt_dir)
     return TrainResult(clt, clt_dir, run_dir / "logs", run_dir / "checkpoints", trainer.global_rank)
+
+
+def validation_for(buffer, config: TrainerConfig) -> ReplacementValidation:
+    """The held-out validation ``config.val_every`` asks for, on the model and corpus the harvest's manifest
+    names."""
+    if config.strategy.startswith("fsdp"):
+        raise ValueError(
+            "val_every does not work with FSDP (each rank holds a shard of the CLT); set it to 0."
+        )
+    origin = getattr(buffer, "origin", None)
+    if origin is None:
+        raise ValueError(
+            "val_every needs to know the model and corpus the activations came from (a harvest folder's manifest "
+            "or an activation server's info names them; this source does not): set val_every to 0, or pass "
+            "callbacks=[cltlab.validation.ReplacementValidation(model, corpus=..., seq_len=..., every=...)]."
+        )
+    return ReplacementValidation(
+        origin["model"],
+        corpus=origin["corpus"],
+        seq_len=origin["seq_len"],
+        every=config.val_every,
+        n_sequences=config.val_sequences,
+    )
 
 
 def trained_clt(trainer: L.Trainer, module: CLTModule) -> CrossLayerTranscoder | None:

@@ -214,6 +214,8 @@ def test_cli_serves_live_activations_over_loopback():
             "0",
             "--seconds",
             "120",
+            "--shuffle_rows",
+            "2048",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -226,7 +228,9 @@ def test_cli_serves_live_activations_over_loopback():
         else:
             raise AssertionError("cltlab serve --live printed no URL")
         client = ActivationClient(found[1])
-        assert client.info()["kind"] == "live"
+        info = client.wait_for_data(timeout=60)
+        assert info["kind"] == "live" and info["normalization"] is not None  # from the pool's 2048+ rows
+        assert info["origin"] == {"model": "tiny-gpt2", "corpus": "shakespeare", "seq_len": 64}
         batch = client.tensor(16)
         assert batch.resid_mid.shape == (16, 4, 64) and batch.mlp_out.shape == (16, 4, 64)
         assert batch.resid_mid.abs().sum() > 0 and torch.isfinite(batch.mlp_out).all()

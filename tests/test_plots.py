@@ -62,3 +62,17 @@ def test_feature_frequencies_histogram_of_live_features():
     fig = plots.feature_frequencies(stats)
     assert list(fig.data[0].x) == torch.tensor([0.1, 0.01]).log10().tolist()
     assert "2 live features, 50.0% dead" in fig.layout.title.text
+
+
+def test_training_curves_draw_the_held_out_figures_where_the_run_validated(tmp_path):
+    write_version(
+        tmp_path,
+        0,
+        "loss,nmse,val/nmse,val/kl,val/top1,step\n3.0,0.9,,,,0\n2.0,0.5,,,,5\n,,0.7,2.5,0.3,5\n,,0.6,2.0,0.4,10\n",
+    )
+    fig = plots.training_curves(tmp_path, metrics=("loss", "nmse"))
+    assert [t.name for t in fig.data] == ["loss", "nmse", "val/nmse", "val/kl", "val/top1"]
+    assert list(fig.data[2].x) == [5, 10] and list(fig.data[2].y) == [0.7, 0.6]  # over the training NMSE
+    assert list(fig.data[3].y) == [2.5, 2.0] and list(fig.data[4].y) == [0.3, 0.4]
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["loss", "nmse", "held-out kl", "held-out top1"]  # no CE recovered was logged

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from helpers import assert_exact, wait_until
@@ -340,11 +341,14 @@ def test_live_mode_serves_the_rows_of_a_direct_harvest(tiny_gpt2):
                                bos_token_id=tiny_gpt2.bos_token_id, batch_size=forward))[:3]  # fmt: skip
     direct = [trace_sites(tiny_gpt2, x, 0, 4) for x in ids]  # before the live harvester uses the model
     expected = [torch.cat([a[i][:, 1:].reshape(-1, 4, 64) for a in direct]) for i in range(2)]
-    source = LiveSource(tiny_gpt2, seq_len=seq_len, batch_size=forward, capacity=64, repeat=False)
+    source = LiveSource(
+        tiny_gpt2, seq_len=seq_len, batch_size=forward, capacity=64, shuffle_rows=0, repeat=False
+    )
     with serve(source) as handle:
         client = ActivationClient(handle.url)
         info = client.wait_for_data(timeout=30)
         assert info["kind"] == "live" and info["n_tokens"] is None and info["normalization"] is not None
+        assert info["origin"] == {"model": "tiny-gpt2", "corpus": "shakespeare", "seq_len": seq_len}
         batches = list(client.stream(rows, 3, transport="http"))
         assert [b.index for b in batches] == [0, 1, 2]
         assert torch.equal(torch.cat([b.resid_mid for b in batches]), expected[0][: 3 * rows])
@@ -352,12 +356,77 @@ def test_live_mode_serves_the_rows_of_a_direct_harvest(tiny_gpt2):
         assert httpx.get(f"{handle.url}/activations/tensor?batch_size=4&index=0").status_code == 400
 
 
+def test_live_mode_mixes_rows_of_many_sequences_serves_each_once_and_normalizes_from_the_pool(tiny_gpt2):
+    from cltlab.sites import NormAccumulator
+
+    seq_len, forward, pool = (
+        16,
+        2,
+        120,
+    )  # 15 rows per sequence, 30 per forward batch; the pool holds 8 sequences
+    ids = list(token_sequences("shakespeare", tiny_gpt2.tokenizer, seq_len=seq_len,
+                               bos_token_id=tiny_gpt2.bos_token_id, batch_size=forward))[:12]  # fmt: skip
+    direct = [[x[:, 1:].reshape(-1, 4 * 64) for x in trace_sites(tiny_gpt2, b, 0, 4)[:2]] for b in ids]
+    resid, out = (torch.cat([d[i] for d in direct]) for i in range(2))  # (360, 256) in harvest order
+
+    def served(seed: int) -> tuple[list[torch.Tensor], object]:
+        source = LiveSource(tiny_gpt2, seq_len=seq_len, batch_size=forward, shuffle_rows=pool, seed=seed)
+        try:
+            batches = [source.take(32).data.view(np.float32).reshape(2, 32, -1) for _ in range(5)]
+            return [torch.from_numpy(b.copy()) for b in batches], source.stats
+        finally:
+            source.close()
+
+    batches, stats = served(seed=0)
+    rows = []
+    for batch in batches:  # each served row is a harvested row (to float rounding: another thread ran it)
+        distance, row = torch.cdist(batch[0], resid).min(1)
+        assert (distance < 1e-3).all()
+        torch.testing.assert_close(batch[1], out[row], atol=1e-4, rtol=1e-4)  # with its own mlp_out
+        assert len(set((row // (seq_len - 1)).tolist())) >= 6  # harvest order gives 3 sequences per batch
+        rows += row.tolist()
+    # Each harvested row served once at most (some contexts repeat in the corpus: count them as one kind each),
+    # and none from beyond the pool and the rows harvested since.
+    kind = (torch.cdist(resid, resid) < 1e-3).float().argmax(1)  # the first row alike
+    served_kinds = torch.bincount(kind[rows], minlength=len(resid))
+    assert (
+        len(rows) == 160 and (served_kinds <= torch.bincount(kind[: pool + 160], minlength=len(resid))).all()
+    )
+    # The statistics: every row harvested until the pool first overflowed (5 forward batches = 150 rows).
+    norms = NormAccumulator(4, 64)
+    for resid, out in direct[:5]:
+        norms.add(0, resid.view(-1, 4, 64))
+        norms.add(1, out.view(-1, 4, 64))
+    for got, want in zip(stats, norms.stats(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    again, _ = served(seed=0)
+    other, _ = served(seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))  # the seed fixes the order
+    assert not torch.equal(batches[0], other[0])
+
+
+def test_the_row_mixer_passes_every_row_once():
+    from cltlab.server.sources import RowMixer
+
+    mixer = RowMixer(size=10, seed=3)
+    rows = np.arange(2 * 37 * 1).reshape(2, 37, 1)  # site 1 = site 0 + 37: the sites stay paired
+    out = [mixer.add(rows[:, :4]), mixer.add(rows[:, 4:7]), mixer.add(rows[:, 7:30]), mixer.add(rows[:, 30:])]
+    assert [o.shape[1] for o in out] == [0, 0, 20, 7]  # nothing leaves before the pool is full
+    everything = np.concatenate([*out, mixer.drain()], axis=1)
+    assert sorted(everything[0, :, 0]) == list(range(37)) and (everything[1] == everything[0] + 37).all()
+    assert list(everything[0, :, 0]) != list(range(37))
+    assert mixer.drain().shape[1] == 0
+    assert RowMixer(0).add(rows) is rows  # size 0: the harvest order
+
+
 def test_serve_builds_a_live_source_from_a_model_and_harvest_config(tiny_gpt2):
     from cltlab.server.runner import as_source
 
-    source = as_source(
-        tiny_gpt2, cltlab.config.HarvestConfig(model="tiny-gpt2", seq_len=8, batch_size=1, layers=(1, 3))
-    )
+    config = cltlab.config.HarvestConfig(model="tiny-gpt2", seq_len=8, batch_size=1, layers=(1, 3))
+    default = as_source(tiny_gpt2, config)  # serve(model, live=config)
+    default.close()
+    assert default._mixer.size == 65536  # the default pool
+    source = LiveSource.from_config(tiny_gpt2, config, shuffle_rows=20)
     try:
         assert (source.seq_len, source.forward_batch, source.info.n_layers, source.info.layer_start) == (
             8,
@@ -365,7 +434,7 @@ def test_serve_builds_a_live_source_from_a_model_and_harvest_config(tiny_gpt2):
             2,
             1,
         )
-        assert source.take(7).rows == 7
+        assert source.take(7).rows == 7 and source._mixer.size == 20
     finally:
         source.close()
 

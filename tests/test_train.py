@@ -357,3 +357,52 @@ def test_the_trainer_has_a_text_bar_under_cltlab_run_and_no_cloud_logger_tip(tmp
     monkeypatch.setenv("CLTLAB_PROGRESS", "text")
     trainer = make_trainer(config, tmp_path / "b")
     assert type(trainer.progress_bar_callback) is TQDMProgressBar
+
+
+def test_validation_logs_the_held_out_metrics_that_evaluate_gives(tmp_path, buffer_path, tiny_gpt2):
+    from cltlab import evaluate
+    from cltlab.config import EvalConfig
+
+    config = TrainConfig(
+        transcoder=TranscoderConfig(d_features=32),
+        optimizer=OptimizerConfig(lr=1e-3),
+        trainer=TrainerConfig(
+            max_steps=7, wandb=False, log_every=1, checkpoint_every=7, val_every=3, val_sequences=2
+        ),
+        data=DataConfig(batch_size=128),
+    )
+    result = train(config, buffer_path, tmp_path, enable_progress_bar=False)
+    validated = [r for r in read_metrics(result.log_dir) if r.get("val/kl")]
+    assert [int(r["step"]) for r in validated] == [3, 6, 7]  # every 3 steps, and after the last
+    assert len({r["val/kl"] for r in validated}) == 3  # measured on the weights of each step
+    # The last one measured the trained CLT: the model, corpus and length come from the harvest's manifest.
+    metrics = evaluate(
+        tiny_gpt2,
+        result.clt,
+        corpus="shakespeare",
+        seq_len=32,
+        config=EvalConfig(n_sequences=2, batch_size=2),
+        progress=False,
+    )
+    last = {key: float(value) for key, value in validated[-1].items() if key.startswith("val/") and value}
+    assert last["val/kl"] == pytest.approx(metrics.kl, rel=1e-4)
+    assert last["val/top1"] == pytest.approx(metrics.top1_agreement)
+    assert last["val/ce_recovered"] == pytest.approx(metrics.ce_recovered, rel=1e-4)
+    assert last["val/l0"] == pytest.approx(metrics.mean_l0, rel=1e-5)
+    for i in range(4):
+        assert last[f"val/nmse/layer_{i}"] == pytest.approx(metrics.nmse[i], rel=1e-4)
+        assert last[f"val/l0/layer_{i}"] == pytest.approx(metrics.l0[i], rel=1e-5)
+    assert result.clt.training is False and last["val/seconds"] > 0
+    fig = plots.training_curves(result.log_dir)
+    assert {"val/nmse", "val/l0", "val/kl", "val/top1", "val/ce_recovered"} <= {t.name for t in fig.data}
+
+
+def test_validation_needs_a_harvest_folder_and_no_fsdp(buffer_path):
+    from cltlab.train import validation_for
+
+    with pytest.raises(ValueError, match="val_every needs to know the model and corpus"):
+        validation_for(object(), TrainerConfig(val_every=5))
+    with pytest.raises(ValueError, match="FSDP"):
+        validation_for(DiscBuffer(buffer_path, batch_size=100), TrainerConfig(val_every=5, strategy="fsdp"))
+    with pytest.raises(ValueError, match="val_every must be 0"):
+        TrainerConfig(val_every=-1)

@@ -383,7 +383,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
                 info["d_model"],
                 info["layer_start"],
             )
-            self.dtype = info["dtype"]
+            self.dtype, self.origin = info["dtype"], info.get("origin")
             self.stats = client.normalization
 
     def __iter__(self) -> Iterator[ActivationBatch]:

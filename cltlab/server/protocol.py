@@ -98,6 +98,8 @@ class SourceInfo(NamedTuple):
     """Storage dtype: ``float32``, ``float16`` or ``bfloat16`` (sent as its uint16 bits)."""
     n_tokens: int | None
     """Rows in the source (None in live mode: unbounded)."""
+    origin: dict | None = None
+    """What the rows were harvested from: ``model``, ``corpus``, ``seq_len`` (None: not known)."""
 
     @property
     def row_bytes(self) -> int:
@@ -155,6 +157,12 @@ class Health(BaseModel):
     fill: float = Field(description="Fraction of the source ready to serve.")
 
 
+class Origin(BaseModel):
+    model: str
+    corpus: str
+    seq_len: int
+
+
 class Normalization(BaseModel):
     input_mean: list[list[float]]
     input_scale: list[list[float]]
@@ -185,6 +193,7 @@ class Info(BaseModel):
     layer_start: int
     dtype: str = Field(description="Storage dtype (bfloat16 travels as its uint16 bits).")
     n_tokens: int | None = Field(description="Rows in the source (None in live mode).")
+    origin: Origin | None = Field(None, description="What the rows were harvested from, where known.")
     row_bytes: int = Field(description="Bytes of one row of one site.")
     sites: list[str]
     normalization: Normalization | None

@@ -59,13 +59,7 @@ def as_source(source, live=None) -> Source:
     if isinstance(source, str | Path):
         return DiscSource(source)
     if hasattr(source, "envoy_blocks"):  # a LoadedModel: live mode
-        options = {}
-        if live is not None:
-            options = dict(
-                corpus=live.corpus, seq_len=live.seq_len, batch_size=live.batch_size, layers=live.layers,
-                dtype=live.dtype, split=live.split,
-            )  # fmt: skip
-        return LiveSource(source, **options)
+        return LiveSource(source) if live is None else LiveSource.from_config(source, live)
     raise TypeError(
         f"serve() takes a harvest folder, a DiscBuffer, a LoadedModel (live mode) or a Source, not "
         f"{type(source).__name__}."

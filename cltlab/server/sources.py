@@ -7,10 +7,15 @@ in the storage dtype (bfloat16 as its 2-byte bits), back to back in one byte buf
   batch_size=batch_size, seed=seed)[index % len(buffer)]``, byte for byte. Requests without an index take the
   next index of a shared cursor (one per batch size), so concurrent clients get disjoint batches.
 - **Live mode** (``LiveSource``): a harvester thread runs the model on the corpus and appends rows to a bounded
-  ring as batches are taken. Its rows are, in order: for each forward batch ``ids`` ``(B, T)`` of
+  ring as batches are taken. The harvest order is: for each forward batch ``ids`` ``(B, T)`` of
   ``token_sequences(corpus, ..., batch_size=B)``, sequence by sequence, positions ``1..T-1`` (BOS not served),
-  i.e. ``trace_sites(model, ids, ...)[:, 1:].reshape(-1, n_layers, d_model)``. Batches are consecutive runs of
-  these rows; batch ``k`` is the k-th batch taken. Nothing touches the disc.
+  i.e. ``trace_sites(model, ids, ...)[:, 1:].reshape(-1, n_layers, d_model)``. Rows pass through a shuffling pool
+  of ``shuffle_rows`` rows (``RowMixer``: each new row takes the place of a random row of the pool, which goes to
+  the ring), so that a batch mixes rows of many sequences; ``shuffle_rows=0`` serves the harvest order. Batches
+  are consecutive runs of the ring's rows; batch ``k`` is the k-th batch taken. The served order depends only on
+  the corpus, the model and ``seed``. No batch is served, and no normalization reported, before the pool has
+  filled: the statistics are those of every row harvested until then (at least ``shuffle_rows``), and stay
+  fixed, so every client normalizes alike. Nothing touches the disc.
 
 Both are ``protocol.Source``s: the server needs nothing else of a source, so any class with those members serves.
 """
@@ -53,6 +58,7 @@ class DiscSource:
             probe.layer_start,
             probe.dtype,
             probe.n_tokens,
+            probe.origin,
         )
         self._stats = probe.stats
         probe.close()
@@ -162,11 +168,17 @@ class LiveSource:
         layers: tuple[int, int] | None = None,
         dtype: str = "float32",
         split: str = "train",
-        capacity: int = 65536,
+        capacity: int = 16384,
+        shuffle_rows: int = 65536,
+        seed: int = 0,
         repeat: bool = True,
     ):
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, not {dtype!r}.")
+        if capacity < 1 or shuffle_rows < 0:
+            raise ValueError(
+                f"capacity must be positive and shuffle_rows non-negative, not {capacity} and {shuffle_rows}."
+            )
         self.model, self.corpus, self.seq_len, self.forward_batch = model, corpus, seq_len, batch_size
         self.layer_start, self.layer_stop = layers or (0, model.n_layers)
         self.split, self.capacity, self.repeat = split, capacity, repeat
@@ -174,6 +186,7 @@ class LiveSource:
             "live",
             f"live {model.name} on {corpus}/{split}, seq_len {seq_len}, layers {self.layer_start}–{self.layer_stop - 1}",
             self.layer_stop - self.layer_start, model.d_model, self.layer_start, dtype, None,
+            {"model": model.name, "corpus": corpus, "seq_len": seq_len},
         )  # fmt: skip
         self._chunks: collections.deque[np.ndarray] = (
             collections.deque()
@@ -181,12 +194,26 @@ class LiveSource:
         self._offset = 0  # rows of the first chunk already taken
         self._rows = 0  # rows ready
         self._taken = 0  # batches taken
-        self._norms = NormAccumulator(self.info.n_layers, self.info.d_model)  # of every row harvested
+        self._norms = NormAccumulator(
+            self.info.n_layers, self.info.d_model
+        )  # of the rows before the first batch
+        self._stats: NormStats | None = None  # fixed when the first rows reach the ring
+        self._mixer = RowMixer(shuffle_rows, seed)
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._harvest, name="cltlab-live-harvester", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def from_config(cls, model, config, **options) -> LiveSource:
+        """A live source running ``model`` on what the HarvestConfig ``config`` names (corpus, seq_len, forward
+        batch size, layers, dtype, split); ``options`` are further arguments (``shuffle_rows``, ``capacity``,
+        ``seed`` ...)."""
+        return cls(
+            model, corpus=config.corpus, seq_len=config.seq_len, batch_size=config.batch_size,
+            layers=config.layers, dtype=config.dtype, split=config.split, **options,
+        )  # fmt: skip
 
     def _batches(self):
         from ..corpus import token_sequences
@@ -204,24 +231,34 @@ class LiveSource:
             for ids in self._batches():
                 acts = trace_sites(self.model, ids, self.layer_start, self.layer_stop)
                 sites = [x[:, 1:].reshape(-1, self.info.n_layers, self.info.d_model).cpu() for x in acts[:2]]
-                with self._cond:
+                if self._stats is None:
                     for s, x in enumerate(sites):
                         self._norms.add(s, x)
                 chunk = np.stack([to_storage(x, self.info.dtype).numpy() for x in sites])
-                chunk = chunk.reshape(2, chunk.shape[1], -1)
-                with self._cond:
-                    while self._rows >= self.capacity and not self._stop.is_set():
-                        self._cond.wait(0.1)
-                    if self._stop.is_set():
-                        return
-                    self._chunks.append(chunk)
-                    self._rows += chunk.shape[1]
-                    self._cond.notify_all()
+                if not self._put(self._mixer.add(chunk.reshape(2, chunk.shape[1], -1))):
+                    return
+            self._put(self._mixer.drain())  # the corpus ended (repeat=False): the pool's rows, shuffled
         except BaseException as err:  # noqa: BLE001 - surfaced by take() and the server handle
             log.error("The live harvester stopped: %s", err)
             self.error = err
             with self._cond:
                 self._cond.notify_all()
+
+    def _put(self, rows: np.ndarray) -> bool:
+        """Append ``rows`` ``(2, n, row)`` to the ring once it has room; False when the source is closing."""
+        if rows.shape[1] == 0:
+            return not self._stop.is_set()
+        with self._cond:
+            while self._rows >= self.capacity and not self._stop.is_set():
+                self._cond.wait(0.1)
+            if self._stop.is_set():
+                return False
+            if self._stats is None:
+                self._stats = self._norms.stats()
+            self._chunks.append(rows)
+            self._rows += rows.shape[1]
+            self._cond.notify_all()
+        return True
 
     @property
     def alive(self) -> bool:
@@ -275,9 +312,8 @@ class LiveSource:
 
     @property
     def stats(self) -> NormStats | None:
-        """Normalization statistics of the rows harvested so far (None before the first forward batch)."""
-        with self._cond:
-            return self._norms.stats()
+        """Normalization statistics of the rows harvested before the first batch was ready (None until then)."""
+        return self._stats
 
     def fill(self) -> float:
         """Fraction of the ring's capacity holding rows ready to serve."""
@@ -288,3 +324,41 @@ class LiveSource:
         with self._cond:
             self._cond.notify_all()
         self._thread.join(timeout=10)
+
+
+class RowMixer:
+    """A shuffling pool of ``size`` rows: rows come in in harvest order and go out in a random order, each once.
+
+    Until the pool is full, rows only come in; then each new row takes the slot of a uniformly random pooled row,
+    which goes out. ``drain`` empties the pool in a random order. Seeded: the same rows in give the same rows out.
+    """
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.rng = size, np.random.default_rng(seed)
+        self.pool: np.ndarray | None = None  # (2, size, row), allocated at the first rows
+        self.n = 0  # rows pooled
+
+    def add(self, rows: np.ndarray) -> np.ndarray:
+        """Pool ``rows`` ``(2, n, row)``; return the rows that leave ``(2, m, row)`` (none until the pool fills)."""
+        if self.size == 0:
+            return rows
+        if self.pool is None:
+            self.pool = np.empty((2, self.size, rows.shape[2]), rows.dtype)
+        fill = min(self.size - self.n, rows.shape[1])
+        self.pool[:, self.n : self.n + fill] = rows[:, :fill]
+        self.n += fill
+        out = []
+        for at in range(fill, rows.shape[1], self.size):  # at most a pool's worth at a time
+            new = rows[:, at : at + self.size]
+            slots = self.rng.choice(self.size, new.shape[1], replace=False)
+            out.append(self.pool[:, slots])  # a copy: fancy indexing
+            self.pool[:, slots] = new
+        return np.concatenate(out, axis=1) if out else rows[:, :0]
+
+    def drain(self) -> np.ndarray:
+        """Every pooled row, in a random order; the pool is empty afterwards."""
+        if self.pool is None:
+            return np.empty((2, 0, 0), np.uint8)
+        out = self.pool[:, self.rng.permutation(self.n)]
+        self.n = 0
+        return out

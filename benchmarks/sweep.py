@@ -1,0 +1,127 @@
+"""Quality per CPU-minute of the ``default`` profile: train variants of it on one harvest and compare them.
+
+Each point changes a few fields of the default profile's ``TrainConfig`` (``TrainConfig.replace`` names); all
+train on the same harvest (``--buffer``, the default run's) and are evaluated as notebook 04 does
+(``cltlab.evaluate``: the profile's eval config, held-out text, float32 model). A point's wall time is its
+training time; ``make run`` leaves about 5 minutes of its 10 for training. Finished points are kept under
+``--out`` (keyed by their config, harvest and eval), so running again reuses them.
+
+The table printed at the end has one row per point; the last lines are ``name = value`` for the best point
+(lowest KL among those within ``--budget`` seconds of training).
+Usage: python benchmarks/sweep.py [--buffer runs/default/activations] [--points baseline,lam1e-4] [--list]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import cltlab
+
+# name → TrainConfig.replace(**changes) from the default profile
+POINTS: dict[str, dict] = {
+    "baseline": {},
+    "lam1e-4": dict(sparsity_coef=1e-4),
+    "lam3e-5": dict(sparsity_coef=3e-5),
+    "lam1e-5": dict(sparsity_coef=1e-5),
+    "lr2e-3": dict(lr=2e-3),
+    "lr2e-3_lam3e-5": dict(lr=2e-3, sparsity_coef=3e-5),
+    "c1_lam3e-5": dict(sparsity_c=1.0, sparsity_coef=3e-5),
+    "warmup0.5_lam3e-5": dict(sparsity_warmup=0.5, sparsity_coef=3e-5),
+    "theta0.03_lam3e-5": dict(threshold_init=0.03, sparsity_coef=3e-5),
+    "bw0.03_lam3e-5": dict(bandwidth=0.03, sparsity_coef=3e-5),
+    "F512_S300_lam3e-5": dict(d_features=512, max_steps=300, sparsity_coef=3e-5),
+    "B256_S1200_lam3e-5": dict(batch_size=256, max_steps=1200, sparsity_coef=3e-5),
+    "S1200_lam3e-5": dict(max_steps=1200, sparsity_coef=3e-5),
+    "topk16": dict(activation_kind="topk", k=16),
+    "batchtopk32": dict(activation_kind="batchtopk", k=32),
+}
+FIGURES = ("kl", "top1_agreement", "ce_recovered", "nmse", "mean_l0")
+
+
+def run_point(name: str, buffer: Path, out: Path, model, profile) -> dict:
+    """Train and evaluate one point, or read it back when it has been run with the same config."""
+    changes = POINTS[name]
+    steps = changes.get("max_steps", profile.train.trainer.max_steps)
+    config = profile.train.replace(**{"wandb": False, "checkpoint_every": steps, "val_every": 0, **changes})
+    run_dir = out / name
+    key = dict(
+        train=dataclasses.asdict(config),
+        buffer=cltlab.DiscBuffer(buffer).summary(),
+        eval=dataclasses.asdict(profile.eval),
+    )
+    saved = run_dir / "sweep.json"
+    if saved.exists() and json.loads(saved.read_text())["key"] == key:
+        return json.loads(saved.read_text())["result"]
+    shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished or differently configured run
+    start = time.perf_counter()
+    result = cltlab.train(config, buffer, run_dir, enable_progress_bar=False)
+    train_s = time.perf_counter() - start
+    shutil.rmtree(result.checkpoint_dir, ignore_errors=True)
+    metrics = cltlab.evaluate(
+        model,
+        result.clt,
+        corpus=profile.harvest.corpus,
+        seq_len=profile.harvest.seq_len,
+        config=profile.eval,
+        progress=False,
+    )
+    figures = metrics.to_dict()
+    figures["nmse"] = sum(metrics.nmse) / len(metrics.nmse)
+    outcome = {"train_s": train_s, **{k: figures[k] for k in FIGURES}}
+    saved.write_text(json.dumps(dict(key=key, result=outcome), indent=2))
+    return outcome
+
+
+def table(results: dict[str, dict]) -> str:
+    head = f"| {'point':<22} | train s | KL | top-1 | CE rec. | NMSE | L0 |"
+    lines = [head, "|" + "---|" * 7]
+    for name, r in results.items():
+        lines.append(
+            f"| {name:<22} | {r['train_s']:.0f} | {r['kl']:.3f} | {r['top1_agreement']:.3f} | "
+            f"{r['ce_recovered']:.3f} | {r['nmse']:.3f} | {r['mean_l0']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--buffer", default="runs/default/activations", help="The harvest to train on.")
+    parser.add_argument("--out", default="runs/sweep", help="Cache folder for the points' runs.")
+    parser.add_argument("--points", default=",".join(POINTS), help="Comma-separated point names.")
+    parser.add_argument("--budget", type=float, default=330.0, help="Training seconds a winner may take.")
+    parser.add_argument("--list", action="store_true", help="Print the points and what each changes.")
+    args = parser.parse_args()
+    if args.list:
+        for name, changes in POINTS.items():
+            print(f"{name:<22} {changes}")
+        return
+    names = args.points.split(",")
+    unknown = [n for n in names if n not in POINTS]
+    if unknown:
+        parser.error(f"unknown point(s) {', '.join(unknown)}; --list shows them")
+    profile = cltlab.config.get_profile("default")
+    model = cltlab.load_model(profile.harvest.model)  # float32 for evaluation, as notebook 04 does
+    results = {}
+    for name in names:
+        results[name] = run_point(name, Path(args.buffer), Path(args.out), model, profile)
+        r = results[name]
+        print(f"{name:<22} {r['train_s']:.0f} s  KL {r['kl']:.3f}  top-1 {r['top1_agreement']:.3f}  "
+              f"CE rec. {r['ce_recovered']:.3f}  NMSE {r['nmse']:.3f}  L0 {r['mean_l0']:.1f}", flush=True)  # fmt: skip
+    print(table(results))
+    within = {n: r for n, r in results.items() if r["train_s"] <= args.budget}
+    if within:
+        best = min(within, key=lambda n: within[n]["kl"])
+        print(f"best = {best}")
+        for figure in FIGURES:
+            print(f"best_{figure} = {within[best][figure]:.4g}")
+
+
+if __name__ == "__main__":
+    main()
