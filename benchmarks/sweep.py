@@ -3,7 +3,7 @@
 Each point changes a few fields of the default profile's ``TrainConfig`` (``TrainConfig.replace`` names); all
 train on the same harvest (``--buffer``, the default run's) and are evaluated as notebook 04 does
 (``cltlab.evaluate``: the profile's eval config, held-out text, float32 model). A point's wall time is its
-training time; ``make run`` leaves about 5 minutes of its 10 for training. Finished points are kept under
+training time, each point sized to about the same (``STEPS``). Finished points are kept under
 ``--out`` (keyed by their config, harvest and eval), so running again reuses them.
 
 The table printed at the end has one row per point; the last lines are ``name = value`` for the best point
@@ -22,23 +22,20 @@ from pathlib import Path
 
 import cltlab
 
-# name → TrainConfig.replace(**changes) from the default profile
+# name → TrainConfig.replace(**changes) from the default profile, each at the same budget: ``STEPS`` steps of
+# 512 tokens (~3 s each on a 2-core AVX2 CPU, ~8 minutes), or as many steps of another batch size as take as long.
+STEPS = 160
 POINTS: dict[str, dict] = {
-    "baseline": {},
-    "lam1e-4": dict(sparsity_coef=1e-4),
-    "lam3e-5": dict(sparsity_coef=3e-5),
-    "lam1e-5": dict(sparsity_coef=1e-5),
+    "default": {},
     "lr2e-3": dict(lr=2e-3),
+    "lr2e-3_lam1e-4": dict(lr=2e-3, sparsity_coef=1e-4),
     "lr2e-3_lam3e-5": dict(lr=2e-3, sparsity_coef=3e-5),
-    "c1_lam3e-5": dict(sparsity_c=1.0, sparsity_coef=3e-5),
-    "warmup0.5_lam3e-5": dict(sparsity_warmup=0.5, sparsity_coef=3e-5),
-    "theta0.03_lam3e-5": dict(threshold_init=0.03, sparsity_coef=3e-5),
-    "bw0.03_lam3e-5": dict(bandwidth=0.03, sparsity_coef=3e-5),
-    "F512_S300_lam3e-5": dict(d_features=512, max_steps=300, sparsity_coef=3e-5),
-    "B256_S1200_lam3e-5": dict(batch_size=256, max_steps=1200, sparsity_coef=3e-5),
-    "S1200_lam3e-5": dict(max_steps=1200, sparsity_coef=3e-5),
-    "topk16": dict(activation_kind="topk", k=16),
-    "batchtopk32": dict(activation_kind="batchtopk", k=32),
+    "B256_lr2e-3_lam1e-4": dict(batch_size=256, max_steps=2 * STEPS, lr=2e-3, sparsity_coef=1e-4),
+    "batchtopk32_lr2e-3": dict(activation_kind="batchtopk", k=32, lr=2e-3),
+    "lr2e-3_lam1e-4_c1": dict(lr=2e-3, sparsity_coef=1e-4, sparsity_c=1.0),
+    "lr2e-3_lam1e-4_theta0.03": dict(lr=2e-3, sparsity_coef=1e-4, threshold_init=0.03),
+    "F512_lr2e-3_lam1e-4": dict(d_features=512, max_steps=STEPS // 2, lr=2e-3, sparsity_coef=1e-4),
+    "plt_S2400_lr2e-3_lam1e-4": dict(cross_layer=False, max_steps=15 * STEPS, lr=2e-3, sparsity_coef=1e-4),
 }
 FIGURES = ("kl", "top1_agreement", "ce_recovered", "nmse", "mean_l0")
 
@@ -46,8 +43,10 @@ FIGURES = ("kl", "top1_agreement", "ce_recovered", "nmse", "mean_l0")
 def run_point(name: str, buffer: Path, out: Path, model, profile) -> dict:
     """Train and evaluate one point, or read it back when it has been run with the same config."""
     changes = POINTS[name]
-    steps = changes.get("max_steps", profile.train.trainer.max_steps)
-    config = profile.train.replace(**{"wandb": False, "checkpoint_every": steps, "val_every": 0, **changes})
+    steps = changes.get("max_steps", STEPS)
+    config = profile.train.replace(
+        **{"max_steps": steps, "wandb": False, "checkpoint_every": steps, "val_every": 0, **changes}
+    )
     run_dir = out / name
     key = dict(
         train=dataclasses.asdict(config),
@@ -95,7 +94,7 @@ def main() -> None:
     parser.add_argument("--buffer", default="runs/default/activations", help="The harvest to train on.")
     parser.add_argument("--out", default="runs/sweep", help="Cache folder for the points' runs.")
     parser.add_argument("--points", default=",".join(POINTS), help="Comma-separated point names.")
-    parser.add_argument("--budget", type=float, default=330.0, help="Training seconds a winner may take.")
+    parser.add_argument("--budget", type=float, default=600.0, help="Training seconds a winner may take.")
     parser.add_argument("--list", action="store_true", help="Print the points and what each changes.")
     args = parser.parse_args()
     if args.list:

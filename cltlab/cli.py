@@ -1,7 +1,7 @@
 """Command line for batch jobs: ``cltlab harvest | verify | train | evaluate | serve | run`` and the seed importers
 (``import-seed-activations``, ``import-seed-checkpoint``); also ``python -m cltlab``.
 
-Every option defaults to the chosen profile's value: ``--profile NAME`` (ci, default, gpt2) or a YAML file written
+Every option defaults to the chosen profile's value: ``--profile NAME`` (ci, default, gpt2, gpu) or a YAML file written
 by ``Profile.save``. The options are the fields of the config dataclasses in ``cltlab/config.py``, nested as they
 are (``cltlab train --loss.sparsity_coef 1e-3 --trainer.max_steps 500``), with those fields' docstrings as help.
 jsonargparse (LightningCLI's parser) reads them: ``--config FILE.yaml`` takes options from a file, and

@@ -216,10 +216,19 @@ class DataConfig:
     reader_threads: int = 0
     """Threads that read batches straight into (pinned) memory in the training process, instead of DataLoader
     workers: fewer copies, for feeding a GPU (see ``data.ThreadedBatches``). 0: use the DataLoader."""
+    live: bool = False
+    """Harvest the training rows as they are needed (``data.LiveActivations``), as the harvest folder given to
+    ``train`` was harvested (model, corpus, layers), instead of reading that folder: for more tokens than a disc
+    holds. One device; not resumable to the same batches."""
+    shuffle_rows: int = 65536
+    """With ``live``: rows of the shuffling pool each batch is drawn from (the normalization comes from the rows
+    that filled it)."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.num_workers < 0 or self.reader_threads < 0:
             raise ValueError("batch_size must be positive and num_workers, reader_threads non-negative.")
+        if self.shuffle_rows < 0:
+            raise ValueError(f"shuffle_rows must be non-negative, not {self.shuffle_rows}.")
 
 
 @dataclass
@@ -360,6 +369,36 @@ PROFILES: dict[str, Profile] = {
             data=DataConfig(batch_size=512, num_workers=1),
         ),
         eval=EvalConfig(n_sequences=32, batch_size=8),
+    ),
+    # One modern GPU (tens of GiB): every layer of smollm2-135m, 4096 features per layer, 20M training tokens
+    # harvested live (~1.4 TB in bf16: more than a disc holds) from the offline corpus, which repeats (use an
+    # ``hf:`` corpus online); the folder keeps 262,144 tokens (18 GiB) for feature statistics and dashboards.
+    "gpu": Profile(
+        name="gpu",
+        harvest=HarvestConfig(
+            model="smollm2-135m",
+            n_tokens=262_144,
+            seq_len=128,
+            batch_size=64,
+            model_dtype="bfloat16",
+            dtype="bfloat16",
+        ),
+        train=TrainConfig(
+            transcoder=TranscoderConfig(d_features=4096),
+            loss=LossConfig(sparsity_coef=2e-4),
+            optimizer=OptimizerConfig(lr=4e-4, lr_warmup_steps=100),
+            trainer=TrainerConfig(
+                max_steps=4883,  # × 4096 tokens = 20M
+                precision="bf16-mixed",
+                compile=True,
+                log_every=50,
+                checkpoint_every=1000,
+                val_every=500,
+                val_sequences=32,
+            ),
+            data=DataConfig(batch_size=4096, live=True, shuffle_rows=262_144),
+        ),
+        eval=EvalConfig(n_sequences=256, batch_size=32),
     ),
     # GPT-2 small from the hub (needs the network once).
     "gpt2": Profile(

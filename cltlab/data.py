@@ -14,11 +14,18 @@ would have read next, and its losses are the same.
 
 A stream (an ``IterableDataset`` such as ``ActivationClient(url).dataset(batch_size)``) is used as it is: every
 rank opens its own stream, and the server hands each request the next batch of its shared cursor.
+
+With ``DataConfig.live`` the batches are harvested as they are needed (``LiveActivations``): the model the
+harvest folder's manifest names runs in this process, on the training device, over the corpus it names, and its
+rows go through a shuffling pool — no folder of training tokens, so a run may train on more tokens than a disc
+would hold.
 """
 
 from __future__ import annotations
 
 import collections
+import json
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -104,6 +111,56 @@ class ThreadedBatches:
                     free.append(held.popleft())
                 submit(pool)
                 yield ActivationBatch(*views, index=index)
+
+
+class LiveActivations(torch.utils.data.IterableDataset):
+    """Training batches of ``batch_size`` rows taken from a ``LiveSource`` in this process (no server, no folder).
+
+    ``n_layers``, ``d_model``, ``layer_start``, ``stats`` and ``origin`` describe the rows as a DiscBuffer's do, so
+    ``train`` takes it; ``stats`` are the source's, from the rows that filled its shuffling pool (waited for here).
+    Use with ``num_workers=0``: the source's harvester thread lives in this process. ``close()`` stops it.
+    """
+
+    def __init__(self, source, batch_size: int, *, timeout: float = 600.0):
+        self.source, self.batch_size, self.timeout = source, batch_size, timeout
+        source.check(batch_size)
+        info = source.info
+        self.n_layers, self.d_model, self.layer_start = info.n_layers, info.d_model, info.layer_start
+        self.dtype, self.origin = info.dtype, info.origin
+        self.stats = source.wait_ready(timeout)
+
+    @classmethod
+    def like(cls, folder: str | Path, config: DataConfig, *, seed: int = 0) -> LiveActivations:
+        """Rows harvested live as the harvest ``folder`` was (its manifest's config: model, corpus, sequence
+        length, layers, dtypes), the model on the GPU when there is one."""
+        from .config import HarvestConfig
+        from .models import load_model
+        from .precision import model_dtype, resolve_device
+        from .server.sources import LiveSource
+        from .store import read_manifest
+
+        harvest = HarvestConfig(**json.loads(read_manifest(Path(folder))["config"]))
+        device = resolve_device("auto")
+        model = load_model(harvest.model, dtype=model_dtype(harvest.model_dtype, device), device=device)
+        source = LiveSource.from_config(
+            model, harvest, shuffle_rows=config.shuffle_rows, capacity=4 * config.batch_size, seed=seed
+        )
+        try:
+            return cls(source, config.batch_size)
+        except BaseException:
+            source.close()
+            raise
+
+    def __iter__(self) -> Iterator[ActivationBatch]:
+        from .server.client import to_batch
+
+        info = self.source.info._asdict()
+        while True:
+            wire = self.source.take(self.batch_size, timeout=self.timeout)
+            yield to_batch(wire.data, wire.rows, wire.index, info)
+
+    def close(self) -> None:
+        self.source.close()
 
 
 class ActivationData(L.LightningDataModule):

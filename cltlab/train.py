@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 from .buffer import DiscBuffer
 from .clt import CrossLayerTranscoder
 from .config import CLTConfig, TrainConfig, TrainerConfig
-from .data import ActivationData
+from .data import ActivationData, LiveActivations
 from .precision import training_precision
 from .sites import ActivationBatch
 from .validation import ReplacementValidation
@@ -262,7 +262,9 @@ def train(
     """Train a CLT (or a per-layer transcoder) on a harvested buffer; save it to ``<run_dir>/clt``.
 
     ``data`` is a harvest folder, or an IterableDataset with ``n_layers``, ``d_model``, ``layer_start`` and ``stats``,
-    e.g. ``cltlab.ActivationClient(url).dataset(batch_size)`` reading from an activation server.
+    e.g. ``cltlab.ActivationClient(url).dataset(batch_size)`` reading from an activation server. With
+    ``config.data.live`` the rows are harvested as training needs them, as the folder ``data`` was harvested
+    (``data.LiveActivations``).
 
     With several devices or nodes (``config.trainer``: ``devices``, ``num_nodes``, ``strategy``) every process runs this
     function: each rank trains on its own disjoint part of the buffer (see ``data.ActivationData``), and rank 0
@@ -270,6 +272,35 @@ def train(
     """
     run_dir = Path(run_dir)
     L.seed_everything(config.trainer.seed, verbose=False)
+    if config.data.live and not isinstance(data, torch.utils.data.IterableDataset):
+        check_live(config)
+        data = LiveActivations.like(data, config.data, seed=config.trainer.seed)
+    try:
+        return _train(config, data, run_dir, resume=resume, **trainer_overrides)
+    finally:
+        if isinstance(data, LiveActivations):
+            data.close()
+
+
+def check_live(config: TrainConfig) -> None:
+    """Refuse live training where it cannot work: several processes (each would harvest the same rows) or
+    DataLoader workers (the harvester thread lives in the training process)."""
+    trainer = config.trainer
+    if str(trainer.devices) != "1" or trainer.num_nodes != 1 or config.data.num_workers:
+        raise ValueError(
+            "data.live trains on one device in one process: set trainer.devices=1, trainer.num_nodes=1 and "
+            "data.num_workers=0, or serve live rows to every rank with `cltlab serve --live`."
+        )
+
+
+def _train(
+    config: TrainConfig,
+    data: str | Path | torch.utils.data.IterableDataset,
+    run_dir: Path,
+    *,
+    resume: bool,
+    **trainer_overrides,
+) -> TrainResult:
     datamodule = ActivationData(data, config.data, seed=config.trainer.seed)
     buffer = datamodule.source  # the whole buffer (or stream): the same shape and statistics on every rank
     clt_config = CLTConfig(

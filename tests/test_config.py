@@ -86,7 +86,9 @@ def test_profile_to_dict_nests_every_section():
 
 
 def test_unknown_profile_lists_the_known_ones():
-    with pytest.raises(KeyError, match=r"Unknown profile 'nope'; choose one of \['ci', 'default', 'gpt2'\]"):
+    with pytest.raises(
+        KeyError, match=r"Unknown profile 'nope'; choose one of \['ci', 'default', 'gpt2', 'gpu'\]"
+    ):
         get_profile("nope")
 
 
@@ -174,3 +176,12 @@ def test_replace_names_fields_alone_and_leaves_the_original():
         ValueError, match="max_steps, log_every, checkpoint_every and num_nodes must be positive"
     ):
         config.replace(max_steps=0)
+
+
+def test_the_gpu_profile_is_sized_for_one_gpu_and_trains_live():
+    gpu = get_profile("gpu")
+    assert gpu.harvest.model == "smollm2-135m" and gpu.harvest.layers is None  # every layer
+    assert gpu.train.transcoder.d_features >= 4096
+    assert gpu.train.trainer.max_steps * gpu.train.data.batch_size >= 20_000_000
+    assert gpu.train.data.live and gpu.train.trainer.precision == "bf16-mixed" and gpu.train.trainer.compile
+    assert gpu.train.trainer.val_every > 0 and str(gpu.train.trainer.devices) == "1"

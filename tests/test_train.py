@@ -406,3 +406,33 @@ def test_validation_needs_a_harvest_folder_and_no_fsdp(buffer_path):
         validation_for(DiscBuffer(buffer_path, batch_size=100), TrainerConfig(val_every=5, strategy="fsdp"))
     with pytest.raises(ValueError, match="val_every must be 0"):
         TrainerConfig(val_every=-1)
+
+
+def test_live_training_harvests_its_rows_as_the_folder_was_harvested(tmp_path, buffer_path):
+    from cltlab.data import LiveActivations
+
+    data = DataConfig(batch_size=64, live=True, shuffle_rows=200)
+    live = LiveActivations.like(buffer_path, data, seed=0)
+    try:
+        assert (live.n_layers, live.d_model, live.layer_start, live.dtype) == (4, 64, 0, "float32")
+        assert live.origin == {"model": "tiny-gpt2", "corpus": "shakespeare", "seq_len": 32}
+        batch = next(iter(live))
+        assert batch.resid_mid.shape == (64, 4, 64) and batch.mlp_out.abs().sum() > 0
+        expected_stats = live.stats
+    finally:
+        live.close()
+    # The buffer's own statistics differ (they are of its 500 rows): the CLT is normalized by the live pool's.
+    assert not torch.equal(
+        expected_stats.input_scale, DiscBuffer(buffer_path, batch_size=64).stats.input_scale
+    )
+    config = TrainConfig(
+        transcoder=TranscoderConfig(d_features=16),
+        trainer=TrainerConfig(max_steps=4, wandb=False, log_every=1, checkpoint_every=4),
+        data=data,
+    )
+    result = train(config, buffer_path, tmp_path, enable_progress_bar=False)
+    assert len(read_metrics(result.log_dir)) == 4
+    torch.testing.assert_close(result.clt.input_scale, expected_stats.input_scale)  # same seed, same pool
+    torch.testing.assert_close(result.clt.output_mean, expected_stats.output_mean)
+    with pytest.raises(ValueError, match="data.live trains on one device"):
+        train(config.replace(devices=2), buffer_path, tmp_path / "two", enable_progress_bar=False)

@@ -315,6 +315,20 @@ class LiveSource:
         """Normalization statistics of the rows harvested before the first batch was ready (None until then)."""
         return self._stats
 
+    def wait_ready(self, timeout: float = 600.0) -> NormStats:
+        """Wait until the first batch is ready (the shuffling pool has filled); return the normalization."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._stats is None:
+                if self.error is not None:
+                    raise NoData(f"The live harvester failed: {self.error}") from self.error
+                if not self.alive:
+                    raise NoData("The live harvester stopped before its first batch.")
+                if time.monotonic() >= deadline:
+                    raise NoData(f"The live harvester filled no pool of rows within {timeout:.0f} s.")
+                self._cond.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+        return self._stats
+
     def fill(self) -> float:
         """Fraction of the ring's capacity holding rows ready to serve."""
         return min(1.0, self._rows / self.capacity)
