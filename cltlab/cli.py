@@ -218,7 +218,7 @@ def run_serve(args: Parsed, paths: RunPaths) -> int:
 def run_run(args: Parsed, paths: RunPaths) -> int:
     from .run import run_notebooks
 
-    run_notebooks(args.options.profile, paths.root)
+    run_notebooks(args.options.profile, paths.root, device=args.options.device)
     print(f"\n=== cltlab main job: profile {args.profile.name}, run folder {paths.root} ===")
     print(paths.load_metrics().summary())
     print(paths.load_attribution_scores().summary())
@@ -294,7 +294,7 @@ COMMANDS = {
     ),
     "run": Command(
         "The main job: execute notebooks 01-04 and 06 headlessly; keep them as the report.",
-        lambda parser, profile: None,
+        lambda parser, profile: device_option(parser),
         run_run,
     ),
     "import-seed-activations": Command(

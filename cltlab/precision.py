@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 
 import torch
@@ -44,9 +45,13 @@ def fast_bfloat16_cpu() -> bool:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` (or None): the GPU when there is one, else the CPU; any other name is checked, so a run asking
-    for a GPU it does not have fails at once with one message instead of deep inside a model."""
+    """``auto`` (or None): the device ``$CLTLAB_DEVICE`` names (``cltlab run --device``), else the GPU when there
+    is one, else the CPU; any other name is checked, so a run asking for a GPU it does not have fails at once with
+    one message instead of deep inside a model."""
     if device is None or device == "auto":
+        chosen = os.environ.get("CLTLAB_DEVICE", "auto")
+        if chosen != "auto":
+            return resolve_device(chosen)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
@@ -65,7 +70,14 @@ def uses_cpu(device: str | torch.device | None, accelerator: str = "auto") -> bo
         device is not None
     ):  # 'auto' is where resolve_device would put the work; other names are taken as they are
         return (resolve_device() if device == "auto" else torch.device(device)).type == "cpu"
-    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    return accelerator == "cpu" or (accelerator == "auto" and resolve_device().type == "cpu")
+
+
+def lightning_accelerator(accelerator: str) -> str:
+    """Lightning's ``accelerator`` for the config's: ``auto`` follows ``resolve_device`` (``$CLTLAB_DEVICE``)."""
+    if accelerator != "auto" or os.environ.get("CLTLAB_DEVICE", "auto") == "auto":
+        return accelerator
+    return "cpu" if resolve_device().type == "cpu" else "gpu"
 
 
 def training_precision(precision: str, *, accelerator: str = "auto") -> str:

@@ -187,12 +187,14 @@ def run_notebooks(
     notebooks: tuple[str, ...] = MAIN_JOB,
     notebooks_dir: Path | None = None,
     timeout: int = 3600,
+    device: str = "auto",
 ) -> RunPaths:
     """Execute the ordered notebooks for ``profile``; keep executed copies (ipynb + HTML) in ``<run>/report``.
 
     The notebooks come from ``notebooks_dir``, by default the checkout's or the installed wheel's
     (``find_notebooks()``). Their kernels get the profile and run folder in their own environment; this process's
-    ``os.environ`` is left as it was.
+    ``os.environ`` is left as it was. ``device`` is where their models, CLTs and training run (``auto``: the GPU
+    when there is one; see ``precision.resolve_device``).
     """
     paths = run_paths(profile, run_dir)
     paths.report.mkdir(parents=True, exist_ok=True)
@@ -209,6 +211,8 @@ def run_notebooks(
         CLTLAB_PROGRESS="text",  # progress bars as text on stderr, which _execute passes on to this terminal
         TQDM_MININTERVAL="1",  # one redraw a second: the executed notebooks keep every redraw
     )
+    if device != "auto":  # else $CLTLAB_DEVICE, where set, still decides
+        env["CLTLAB_DEVICE"] = device
     for name in notebooks:
         _execute(Path(folder) / name, paths.report / name, timeout, env)
     return paths

@@ -24,7 +24,7 @@ from .buffer import DiscBuffer
 from .clt import CrossLayerTranscoder
 from .config import CLTConfig, TrainConfig, TrainerConfig
 from .data import ActivationData, LiveActivations
-from .precision import training_precision
+from .precision import lightning_accelerator, training_precision
 from .sites import ActivationBatch
 from .validation import ReplacementValidation
 
@@ -219,7 +219,7 @@ def make_trainer(config: TrainerConfig, run_dir: str | Path, **overrides) -> L.T
     kwargs = dict(
         max_steps=config.max_steps,
         max_epochs=-1,
-        accelerator=config.accelerator,
+        accelerator=lightning_accelerator(config.accelerator),
         devices=config.devices,
         num_nodes=config.num_nodes,
         strategy=strategy_for(config.strategy),

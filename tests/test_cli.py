@@ -57,6 +57,8 @@ def test_a_field_defaulting_to_none_takes_an_int_and_a_range_takes_a_list():
         (["train", "--transcoder.activation_kind", "relu"], "activation_kind must be one of jumprelu, topk"),
         (["train", "--profile", "nope"], "Unknown profile 'nope'"),
         (["evaluate", "--device", "tpu9"], "device must be auto, cpu, cuda or cuda:N, not 'tpu9'"),
+        (["run", "--device", "tpu9"], "device must be auto, cpu, cuda or cuda:N, not 'tpu9'"),
+        (["serve", "--live", "--shuffle_rows", "many"], "--shuffle_rows"),
     ],
 )
 def test_a_wrong_option_is_one_error_naming_it(argv, message, capsys):

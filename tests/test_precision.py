@@ -57,3 +57,21 @@ def test_model_dtype_reads_auto_like_every_other_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert precision.model_dtype("bfloat16", "auto") == "bfloat16"
+
+
+def test_cltlab_device_decides_what_auto_means(monkeypatch):
+    monkeypatch.setenv("CLTLAB_DEVICE", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert precision.resolve_device("auto") == torch.device("cpu")  # though a GPU is there
+    assert precision.resolve_device("cuda") == torch.device("cuda")  # a named device is taken as named
+    assert (
+        precision.lightning_accelerator("auto") == "cpu" and precision.lightning_accelerator("gpu") == "gpu"
+    )
+    assert precision.uses_cpu(None, "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CLTLAB_DEVICE", "cuda")
+    with pytest.raises(ValueError, match="asks for a GPU, and torch sees none here"):
+        precision.resolve_device("auto")
+    monkeypatch.delenv("CLTLAB_DEVICE")
+    assert precision.lightning_accelerator("auto") == "auto"

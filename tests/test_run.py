@@ -108,6 +108,19 @@ def test_run_notebooks_executes_into_the_report(tmp_path):
     assert (paths.report / "a.html").read_text().lstrip().lower().startswith("<!doctype html>")
 
 
+def test_run_notebooks_passes_the_device_to_the_kernels(tmp_path):
+    write_notebook(
+        tmp_path / "nbs",
+        "a.ipynb",
+        "import os, cltlab.precision\nprint(os.environ['CLTLAB_DEVICE'], cltlab.precision.resolve_device())",
+    )
+    paths = run_notebooks(
+        "ci", tmp_path / "run", notebooks=("a.ipynb",), notebooks_dir=tmp_path / "nbs", device="cpu"
+    )
+    executed = nbformat.read(paths.report / "a.ipynb", as_version=4)
+    assert executed.cells[0].outputs[0]["text"] == "cpu cpu\n"
+
+
 def test_failing_notebook_still_lands_in_the_report(tmp_path):
     from nbclient.exceptions import CellExecutionError
 
