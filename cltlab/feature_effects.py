@@ -51,15 +51,25 @@ def logit_effects(
 ) -> TokenEffects:
     """Direct effect on the logits of one unit of the feature: the sum of its decoder vectors (in model units)
     through ``unembedding`` ``(vocab, d_model)``. The final norm's scaling is left out (a logit-lens view)."""
-    W = clt.W_dec[layer][feature]  # (n_targets, d_model)
-    targets = torch.arange(layer, layer + W.shape[0]) if clt.config.cross_layer else torch.tensor([layer])
-    direction = (W * clt.output_scale[targets]).sum(0)  # (d_model,)
+    direction = feature_directions(clt, layer, feature)  # (d_model,)
     logits = unembedding.float().to(direction.device) @ direction  # (vocab,)
     up, down = logits.topk(n), (-logits).topk(n)
     return TokenEffects(
         list(zip(up.indices.tolist(), up.values.tolist(), strict=True)),
         list(zip(down.indices.tolist(), (-down.values).tolist(), strict=True)),
     )
+
+
+def feature_directions(
+    clt: CrossLayerTranscoder, layer: int, feature: int | slice = slice(None)
+) -> torch.Tensor:
+    """What one unit of a feature (or of each of ``layer``'s features) adds to the residual stream over all the
+    layers it writes to: the sum of its decoder vectors in model units, ``(d_model,)`` (or ``(d_features,
+    d_model)``)."""
+    W = clt.W_dec[layer][feature].detach()  # (n_targets, d_model) or (d_features, n_targets, d_model)
+    n_targets = W.shape[-2]
+    targets = torch.arange(layer, layer + n_targets) if clt.config.cross_layer else torch.tensor([layer])
+    return (W * clt.output_scale[targets]).sum(-2)
 
 
 def unembedding(model: LoadedModel) -> torch.Tensor:

@@ -6,8 +6,13 @@ of tokens around each, is read back from the buffer by ``FeatureStatistics.conte
 ``n_layers × d_features × (k + n_bins)`` however many tokens are read. Activations are in the CLT's own units
 (pre-activations of the normalized ``resid_mid``), as ``CrossLayerTranscoder.encode_layer`` returns them.
 
+With them, what a feature's page shows (``feature_pages``): every top context's window of tokens with the
+feature's activation on each, and, given the model, the output tokens each feature promotes and suppresses — so
+that the FeatureBrowser and the exported dashboards show a feature without running the model.
+
 ``feature_statistics(..., save_dir=...)`` writes safetensors + JSON (conventionally ``<clt_dir>/feature_stats``)
-and loads that instead of recomputing when the CLT's encoder, the buffer and the settings are the same.
+and loads that instead of recomputing when the CLT's encoder, the buffer and the settings are the same; a folder
+written by an older cltlab is recomputed.
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ from tqdm.auto import tqdm
 
 from .buffer import DiscBuffer
 from .clt import CrossLayerTranscoder
+from .feature_effects import unembedding
+from .feature_pages import WINDOW, context_windows, logit_tables
+from .models import LoadedModel
 
 FORMAT = "cltlab.feature_stats"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the context windows and logit tables
 LOG10_RANGE = (-3.0, 3.0)
 """Activation histograms cover 10^-3 … 10^3 on log-spaced bins; the end bins also take what lies beyond."""
 SORT_KEYS = ("index", "frequency", "max_activation")
@@ -103,6 +111,22 @@ class FeatureStatistics:
     """Model layer of CLT layer 0."""
     reused: bool = False
     """True when loaded from ``save_dir`` instead of computed."""
+    context_ids: torch.Tensor | None = None
+    """``(n_layers, d_features, k, window)`` int32 token ids around each top row, its own token at ``before``
+    (``feature_pages.Windows``; -1 outside the sequence)."""
+    context_acts: torch.Tensor | None = None
+    """Same shape: the feature's activation on each of those tokens (NaN where unknown)."""
+    top_logit_ids: torch.Tensor | None = None
+    """``(n_layers, d_features, n)`` output tokens each feature promotes most (``feature_pages.LogitTables``)."""
+    top_logit_values: torch.Tensor | None = None
+    bottom_logit_ids: torch.Tensor | None = None
+    """The tokens it suppresses most, most negative first."""
+    bottom_logit_values: torch.Tensor | None = None
+
+    @property
+    def before(self) -> int:
+        """Tokens before the top token in each context window."""
+        return WINDOW[0]
 
     @property
     def n_layers(self) -> int:
@@ -162,14 +186,22 @@ class FeatureStatistics:
         "top_values",
         "top_rows",
     )
+    PAGE_TENSORS = (
+        "context_ids",
+        "context_acts",
+        "top_logit_ids",
+        "top_logit_values",
+        "bottom_logit_ids",
+        "bottom_logit_values",
+    )
 
     def save(self, directory: str | Path, key: dict | None = None) -> Path:
         """Write ``stats.safetensors`` and ``stats.json`` (format version, ``key`` identifying the inputs)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        names = [*self.TENSORS, *(n for n in self.PAGE_TENSORS if getattr(self, n) is not None)]
         save_file(
-            {name: getattr(self, name).contiguous() for name in self.TENSORS},
-            str(directory / "stats.safetensors"),
+            {name: getattr(self, name).contiguous() for name in names}, str(directory / "stats.safetensors")
         )
         meta = dict(
             format=FORMAT,
@@ -186,6 +218,12 @@ class FeatureStatistics:
         """Read statistics written by ``save`` (no pickle)."""
         directory = Path(directory)
         meta = _read_meta(directory)
+        if meta is not None and meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{directory / 'stats.json'} has format {meta.get('format')!r} version {meta.get('format_version')!r}; "
+                f"this cltlab reads version {FORMAT_VERSION}: compute them again with cltlab.feature_statistics(..., "
+                "save_dir=...), which replaces them."
+            )
         if meta is None:
             raise FileNotFoundError(
                 f"No feature statistics in {directory}: compute them with cltlab.feature_statistics(..., "
@@ -200,21 +238,19 @@ def _read_meta(directory: Path) -> dict | None:
     if not path.exists() or not (directory / "stats.safetensors").exists():
         return None
     meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format") != FORMAT:
         raise ValueError(
-            f"{path} has format {meta.get('format')!r} version {meta.get('format_version')!r}; this cltlab "
-            f"reads {FORMAT!r} version {FORMAT_VERSION}. Delete the folder to recompute the statistics."
+            f"{path} holds {meta.get('format')!r}, not feature statistics ({FORMAT!r}); pass another save_dir."
         )
     return meta
 
 
-def encoder_fingerprint(clt: CrossLayerTranscoder) -> str:
-    """A hash of everything that decides the CLT's feature activations (encoder, thresholds, input norm)."""
+def clt_fingerprint(clt: CrossLayerTranscoder) -> str:
+    """A hash of the CLT's weights (its activations decide the statistics, its decoder the logit tables)."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(clt.state_dict().items()):
-        if not name.startswith(("W_dec", "b_dec", "output_")):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -288,18 +324,30 @@ def feature_statistics(
     block_size: int = 4096,
     max_tokens: int | None = None,
     save_dir: str | Path | None = None,
+    model: LoadedModel | None = None,
     progress: bool = True,
 ) -> FeatureStatistics:
-    """Statistics of every feature of every layer, from one streaming pass over the first ``max_tokens`` rows.
+    """Statistics of every feature of every layer, from one streaming pass over the first ``max_tokens`` rows,
+    and what each feature's page shows: its top contexts' token windows with its activation on every token (a
+    second pass over the blocks that hold them) and, with ``model``, its logit tables.
 
-    With ``save_dir`` (conventionally ``<clt_dir>/feature_stats``), statistics saved there from the same CLT
-    encoder, buffer, ``k``, ``n_bins`` and token count are loaded instead; otherwise the new ones are saved there.
+    With ``save_dir`` (conventionally ``<clt_dir>/feature_stats``), statistics saved there from the same CLT,
+    buffer, model, ``k``, ``n_bins`` and token count are loaded instead; otherwise (or when an older cltlab wrote
+    them) the new ones are saved there.
     """
     n = _check(clt, buffer, max_tokens)
-    key = dict(clt=encoder_fingerprint(clt), buffer=buffer.summary(), n_tokens=n, k=k, n_bins=n_bins)
+    key = dict(
+        clt=clt_fingerprint(clt),
+        buffer=buffer.summary(),
+        n_tokens=n,
+        k=k,
+        n_bins=n_bins,
+        window=list(WINDOW),
+        model=model.name if model is not None else None,
+    )
     if save_dir is not None:
         meta = _read_meta(Path(save_dir))
-        if meta is not None and meta["key"] == key:
+        if meta is not None and meta.get("format_version") == FORMAT_VERSION and meta["key"] == key:
             return FeatureStatistics.load(save_dir)
     tensors = _stream(
         clt,
@@ -311,7 +359,12 @@ def feature_statistics(
         n=n,
         progress=progress,
     )
-    stats = FeatureStatistics(**tensors, n_tokens=n, layer_offset=clt.config.layer_offset)
+    windows = context_windows(clt, buffer, tensors["top_rows"], n=n, block_size=block_size)
+    pages = dict(context_ids=windows.ids, context_acts=windows.acts)
+    if model is not None:
+        tables = logit_tables(clt, unembedding(model))
+        pages.update(zip(FeatureStatistics.PAGE_TENSORS[2:], tables, strict=True))
+    stats = FeatureStatistics(**tensors, **pages, n_tokens=n, layer_offset=clt.config.layer_offset)
     if save_dir is not None:
         stats.save(save_dir, key)
     return stats

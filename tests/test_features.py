@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from helpers import make_clt
+from safetensors.torch import save_file
 
 from cltlab import DiscBuffer, feature_statistics, top_contexts
 from cltlab.features import FeatureStatistics, layer_statistics
@@ -121,7 +122,8 @@ class CountingBuffer:
 def test_feature_statistics_match_brute_force_on_every_layer(clt, buffer):
     counting = CountingBuffer(buffer)
     stats = feature_statistics(clt, counting, k=K, n_bins=24, block_size=64, progress=False)
-    assert max(counting.reads) <= 64 and sum(counting.reads) == 500  # one streaming pass, in blocks
+    # One streaming pass in blocks, then the blocks that hold the top contexts' windows.
+    assert max(counting.reads) <= 64 and sum(counting.reads[:8]) == 500 and sum(counting.reads[8:]) <= 500
     assert stats.n_layers == 4 and stats.d_features == 12 and stats.n_tokens == 500 and not stats.reused
     for layer in range(4):
         f = brute_force(clt, buffer, layer, 500)
@@ -156,23 +158,83 @@ def test_feature_statistics_are_saved_beside_the_clt_and_reloaded(clt, buffer, t
     assert again.reused and counting.reads == []  # loaded, not recomputed
     for name in FeatureStatistics.TENSORS:
         assert torch.equal(getattr(first, name), getattr(again, name))
+    assert torch.equal(first.context_ids, again.context_ids)
+    torch.testing.assert_close(first.context_acts, again.context_acts, equal_nan=True, rtol=0, atol=0)
     assert FeatureStatistics.load(save_dir).n_tokens == 500
     # Other settings or another encoder: computed again (and saved over the old ones).
     assert not feature_statistics(clt, buffer, k=K + 1, save_dir=save_dir, progress=False).reused
     other = make_clt(4, 64, 12, normalization=False, threshold_init=0.5, seed=6)
     other.set_normalization(*buffer.stats)
     assert not feature_statistics(other, counting, k=K, save_dir=save_dir, progress=False).reused
-    assert sum(counting.reads) == 500
+    assert counting.reads[0] == 500  # computed: a pass over the buffer (then the windows' blocks)
 
 
-def test_saved_statistics_of_another_format_version_say_so(clt, buffer, tmp_path):
-    feature_statistics(clt, buffer, k=K, save_dir=tmp_path, progress=False)
+def test_statistics_saved_by_an_older_cltlab_are_recomputed_not_misread(clt, buffer, tmp_path):
+    first = feature_statistics(clt, buffer, k=K, save_dir=tmp_path, progress=False)
     meta = json.loads((tmp_path / "stats.json").read_text())
-    (tmp_path / "stats.json").write_text(json.dumps({**meta, "format_version": 99}))
-    with pytest.raises(ValueError, match="version 99.*Delete the folder to recompute"):
+    # Version 1 had no context windows: a folder of it is recomputed (and replaced), never loaded.
+    old = {name: getattr(first, name) for name in FeatureStatistics.TENSORS}
+    save_file(old, str(tmp_path / "stats.safetensors"))
+    (tmp_path / "stats.json").write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(ValueError, match="version 1; this cltlab reads version 2"):
+        FeatureStatistics.load(tmp_path)
+    again = feature_statistics(clt, buffer, k=K, save_dir=tmp_path, progress=False)
+    assert not again.reused and torch.equal(again.context_ids, first.context_ids)
+    assert json.loads((tmp_path / "stats.json").read_text())["format_version"] == 2
+    assert FeatureStatistics.load(tmp_path).context_acts.shape == first.context_acts.shape
+    (tmp_path / "stats.json").write_text(json.dumps({**meta, "format": "something.else"}))
+    with pytest.raises(ValueError, match="not feature statistics"):
         feature_statistics(clt, buffer, k=K, save_dir=tmp_path, progress=False)
     with pytest.raises(FileNotFoundError, match="No feature statistics in"):
         FeatureStatistics.load(tmp_path / "missing")
+
+
+def test_context_windows_hold_each_tokens_activation_as_a_brute_force_pass_finds_it(clt, buffer):
+    stats = feature_statistics(clt, buffer, k=K, progress=False)
+    tokens, sequence, position = buffer.token_info()
+    sequences = buffer.sequences
+    row_of = {(int(s), int(p)): r for r, (s, p) in enumerate(zip(sequence, position, strict=True))}
+    before, width = stats.before, stats.context_ids.shape[-1]
+    assert stats.context_ids.shape == (4, 12, K, width) and width == before + 1 + 4
+    checked = 0
+    for layer in range(4):
+        f = brute_force(clt, buffer, layer, 500)  # (rows, features)
+        for feature in range(12):
+            for j in range(K):
+                row = int(stats.top_rows[layer, feature, j])
+                ids, acts = stats.context_ids[layer, feature, j], stats.context_acts[layer, feature, j]
+                if row < 0:
+                    assert (ids == -1).all() and acts.isnan().all()
+                    continue
+                assert acts[before] == pytest.approx(stats.top_values[layer, feature, j].item(), abs=1e-5)
+                for w in range(width):
+                    at = int(position[row]) - before + w
+                    if not 1 <= at < sequences.shape[1]:
+                        assert ids[w] == -1 and acts[w].isnan()
+                        continue
+                    assert ids[w] == sequences[sequence[row], at]
+                    other = row_of.get((int(sequence[row]), at))
+                    if other is None:  # a token the harvest did not store (the token count ran out)
+                        assert acts[w].isnan()
+                    else:
+                        assert acts[w] == pytest.approx(f[other, feature].item(), abs=1e-5)
+                        checked += 1
+    assert checked > 500
+
+
+def test_logit_tables_are_each_features_logit_effects(clt, buffer, tiny_gpt2):
+    from cltlab.feature_effects import logit_effects, unembedding
+
+    stats = feature_statistics(clt, buffer, k=K, model=tiny_gpt2, progress=False)
+    assert feature_statistics(clt, buffer, k=K, progress=False).top_logit_ids is None  # no model, no tables
+    U = unembedding(tiny_gpt2)
+    for layer, feature in [(0, 0), (1, 7), (3, 11)]:
+        effects = logit_effects(clt, U, layer, feature, n=10)
+        assert stats.top_logit_ids[layer, feature].tolist() == [t for t, _ in effects.promoted]
+        assert stats.bottom_logit_ids[layer, feature].tolist() == [t for t, _ in effects.suppressed]
+        assert stats.top_logit_values[layer, feature].tolist() == pytest.approx(
+            [v for _, v in effects.promoted]
+        )
 
 
 def test_order_sorts_live_features_first(clt, buffer):

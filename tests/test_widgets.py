@@ -29,8 +29,8 @@ def clt(buffer):
 
 
 @pytest.fixture(scope="module")
-def stats(clt, buffer):
-    return feature_statistics(clt, buffer, k=4, progress=False)
+def stats(clt, buffer, tiny_gpt2):
+    return feature_statistics(clt, buffer, k=4, model=tiny_gpt2, progress=False)
 
 
 @pytest.fixture
@@ -57,19 +57,45 @@ def test_browser_opens_on_the_most_frequent_feature_of_the_first_layer(browser, 
     assert list(browser.figure.data[3].x) == pytest.approx([stats.frequency[0, feature].log10().item()] * 2)
 
 
-def test_contexts_shade_every_token_by_the_recomputed_activation(browser, stats):
+def focus_values(html: str) -> list[float]:
+    found = re.findall(r'cltlab-token cltlab-focus" title="[^"]+" data-activation="([^"]+)"', html)
+    return [float(v) for v in found]
+
+
+def test_contexts_shade_every_token_by_its_activation(browser, stats):
     feature = browser.feature.value
     html = browser.contexts.value
     assert html.count("cltlab-focus") == 3 and html.count("<tr>") == 4  # 3 contexts + the header
-    focus = [
-        float(v)
-        for v in re.findall(r'cltlab-token cltlab-focus" title="[^"]+" data-activation="([^"]+)"', html)
-    ]
-    # The model recomputes each context's activations over its whole sequence: the top token gets its top value.
-    assert focus == pytest.approx(stats.top_values[0, feature, :3].tolist(), rel=1e-3, abs=1e-3)
+    # Each context's top token shows the feature's top value.
+    assert focus_values(html) == pytest.approx(stats.top_values[0, feature, :3].tolist(), rel=1e-3, abs=1e-3)
     values = activations_shown(html)
     assert len(values) > 3 and max(values) <= stats.max_activation[0, feature].item() + 1e-3
     assert any(v == 0 for v in values) or min(values) < max(values)  # the shading varies along a context
+
+
+def test_a_switch_runs_no_model_and_shows_what_the_model_would(browser, stats, clt, tiny_gpt2, buffer):
+    import dataclasses
+
+    forwards = []
+    hook = tiny_gpt2.model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    try:
+        pages = []
+        for layer, feature in [(0, 5), (1, 7), (3, 2), (1, 4)]:
+            browser.show(layer, feature)
+            pages.append((browser.contexts.value, browser.tokens.value))
+        assert forwards == []  # every context, activation and logit table came from the statistics
+        # Statistics without the page data: the browser recomputes through the model, and shows the same.
+        bare = dataclasses.replace(stats, **dict.fromkeys(stats.PAGE_TENSORS))
+        slow = FeatureBrowser(bare, clt, tiny_gpt2, buffer, n_contexts=3, before=4, after=2)
+        for (layer, feature), (contexts, tokens) in zip([(0, 5), (1, 7), (3, 2), (1, 4)], pages, strict=True):
+            slow.show(layer, feature)
+            assert activations_shown(slow.contexts.value) == pytest.approx(
+                activations_shown(contexts), rel=1e-3, abs=1e-4
+            )
+            assert slow.tokens.value == tokens
+        assert forwards  # that one ran the model
+    finally:
+        hook.remove()
 
 
 def test_layer_change_redraws_for_that_layer(browser, stats):

@@ -9,7 +9,13 @@ from plotly.subplots import make_subplots
 
 from ..buffer import DiscBuffer
 from ..clt import CrossLayerTranscoder
-from ..feature_effects import decoder_norms_by_target, feature_activations, logit_effects, unembedding
+from ..feature_effects import (
+    TokenEffects,
+    decoder_norms_by_target,
+    feature_activations,
+    logit_effects,
+    unembedding,
+)
 from ..features import FeatureStatistics
 from ..models import LoadedModel
 from .html import code, shaded_tokens, table, token_text
@@ -24,7 +30,8 @@ class FeatureBrowser(widgets.VBox):
 
     Choose a layer and a feature (a rank slider over the features sorted by index, frequency or maximum
     activation, or the feature number) and see: the top contexts from the buffer with every token shaded by the
-    feature's activation on it (recomputed through the model over the whole sequence); its activation histogram;
+    feature's activation on it (kept by ``feature_statistics``, so that a switch runs no model; recomputed through
+    the model for statistics without them); its activation histogram;
     its decoder norm per target layer (where the feature writes); the output tokens its decoder vectors promote
     and suppress through the unembedding; its density among the layer's features. Dead features are marked.
 
@@ -139,7 +146,7 @@ class FeatureBrowser(widgets.VBox):
             )
         self._draw_figure(layer, feature)
         self.contexts.value = self._contexts_html(layer, feature)
-        effects = logit_effects(self.clt, self._unembedding, layer, feature, n=self.n_tokens)
+        effects = self._logit_effects(layer, feature)
         tok = self.model.tokenizer
         self.tokens.value = table(
             ["promotes", "logit", "suppresses", "logit"],
@@ -149,6 +156,20 @@ class FeatureBrowser(widgets.VBox):
             ],
             css_class="cltlab-token-effects",
         )
+
+    def _logit_effects(self, layer: int, feature: int) -> TokenEffects:
+        """The promoted and suppressed tokens: from the statistics where they hold them, else computed."""
+        stats, n = self.stats, self.n_tokens
+        if stats.top_logit_ids is None or stats.top_logit_ids.shape[-1] < n:
+            return logit_effects(self.clt, self._unembedding, layer, feature, n=n)
+        pairs = [
+            list(zip(ids[layer, feature, :n].tolist(), values[layer, feature, :n].tolist(), strict=True))
+            for ids, values in (
+                (stats.top_logit_ids, stats.top_logit_values),
+                (stats.bottom_logit_ids, stats.bottom_logit_values),
+            )
+        ]
+        return TokenEffects(*pairs)
 
     def _draw_figure(self, layer: int, feature: int) -> None:
         stats, offset = self.stats, self.stats.layer_offset
@@ -179,6 +200,36 @@ class FeatureBrowser(widgets.VBox):
             )
 
     def _contexts_html(self, layer: int, feature: int) -> str:
+        stats = self.stats
+        if (
+            stats.context_ids is None
+            or self.before > stats.before
+            or self.after > stats.context_ids.shape[-1] - stats.before - 1
+        ):
+            return self._recomputed_contexts_html(layer, feature)
+        vmax = stats.max_activation[layer, feature].item()
+        rows = []
+        lo, hi = stats.before - self.before, stats.before + self.after + 1  # the part of each window shown
+        for j in range(min(self.n_contexts, stats.top_rows.shape[-1])):
+            if stats.top_rows[layer, feature, j] < 0:
+                break
+            ids = stats.context_ids[layer, feature, j, lo:hi].tolist()
+            acts = stats.context_acts[layer, feature, j, lo:hi].nan_to_num(0.0).tolist()
+            keep = [i for i, t in enumerate(ids) if t >= 0]
+            texts = [token_text(self.model.tokenizer, ids[i]) for i in keep]
+            values = [acts[i] for i in keep]
+            focus = keep.index(self.before)
+            rows.append(
+                f"<tr><td>{stats.top_values[layer, feature, j]:.3f}</td><td>"
+                f"{shaded_tokens(texts, values, vmax, focus=focus)}</td></tr>"
+            )
+        if not rows:
+            return '<p class="cltlab-no-contexts"><i>No contexts: this feature never fired.</i></p>'
+        head = "<tr><th>activation</th><th style='text-align:left'>context (shade = activation)</th></tr>"
+        return f'<table class="cltlab-contexts">{head}{"".join(rows)}</table>'
+
+    def _recomputed_contexts_html(self, layer: int, feature: int) -> str:
+        """The contexts with their activations recomputed through the model (statistics without windows)."""
         top = self.stats.contexts(self.buffer, layer, feature, before=FULL_PREFIX, after=self.after)
         top = top[: self.n_contexts]
         if not top:

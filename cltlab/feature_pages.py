@@ -1,0 +1,131 @@
+"""What a feature's page shows, computed with its statistics so that showing a page runs no model.
+
+After the statistics pass has found each feature's top rows, ``context_windows`` takes, for every top row, the
+``before`` tokens before it and the ``after`` tokens after it in its sequence, and the feature's activation on
+each of them, encoded from the stored ``resid_mid`` rows (what the model computed at harvest time; the rows of
+a sequence are found by their ``sequence`` and ``position``, as a forward batch's rows are stored shuffled). It
+reads only the buffer blocks that hold such rows and encodes only those rows. ``logit_tables`` lists, for every
+feature, the output tokens its decoder promotes and suppresses through the unembedding.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .buffer import DiscBuffer
+from .clt import CrossLayerTranscoder
+from .feature_effects import feature_directions
+
+WINDOW = (12, 4)
+"""Tokens kept before and after each top context's own token."""
+
+
+class Windows(NamedTuple):
+    """The token windows of every feature's top contexts; the top token is at position ``before`` of each."""
+
+    ids: torch.Tensor
+    """``(n_layers, d_features, k, before + 1 + after)`` int32 token ids; -1 where the window runs past its
+    sequence (or the context slot is empty)."""
+    acts: torch.Tensor
+    """Same shape, float32: the feature's activation on each token; NaN where no stored row holds it (BOS, a
+    sequence cut short by the harvest's token count, an empty slot)."""
+
+
+@torch.no_grad()
+def context_windows(
+    clt: CrossLayerTranscoder,
+    buffer: DiscBuffer,
+    top_rows: torch.Tensor,
+    *,
+    n: int,
+    before: int = WINDOW[0],
+    after: int = WINDOW[1],
+    block_size: int = 4096,
+) -> Windows:
+    """The windows around ``top_rows`` ``(n_layers, d_features, k)`` (-1: empty) among buffer rows ``[0, n)``."""
+    _, sequence, position = (torch.from_numpy(a.astype(np.int64)) for a in buffer.token_info(0, n))
+    sequences = torch.from_numpy(buffer.sequences.astype(np.int64))  # (n_sequences, seq_len)
+    first = int(buffer.info["shards"][0]["first_sequence"])  # global number of sequences[0]
+    filled = top_rows >= 0
+    rows = top_rows.clamp_min(0)
+    offsets = torch.arange(-before, after + 1)  # (W,)
+    at = position[rows].unsqueeze(-1) + offsets  # (L, F, k, W) positions in the sequence
+    seq = (sequence[rows] - first).unsqueeze(-1).expand_as(at)
+    inside = filled.unsqueeze(-1) & (at >= 1) & (at < sequences.shape[1])  # BOS (position 0) is not shown
+    at = at.clamp(0, sequences.shape[1] - 1)
+    ids = torch.where(inside, sequences[seq, at], -1).int()
+    # The stored row of each window token (a forward batch's rows are stored shuffled): -1 where none is.
+    row_of = torch.full(sequences.shape, -1, dtype=torch.long)
+    row_of[sequence - first, position] = torch.arange(n)
+    near = torch.where(inside, row_of[seq, at], -1)
+    stored = near >= 0
+    acts = torch.full(ids.shape, float("nan"))
+    _encode_entries(clt, buffer, stored, near, acts, block_size)
+    return Windows(ids, acts)
+
+
+def _encode_entries(
+    clt: CrossLayerTranscoder,
+    buffer: DiscBuffer,
+    stored: torch.Tensor,
+    near: torch.Tensor,
+    acts: torch.Tensor,
+    block_size: int,
+) -> None:
+    """Fill ``acts[stored]`` with each entry's feature activation on its row ``near[stored]``, reading only the
+    blocks that hold such rows."""
+    device = clt.W_enc.device
+    n_layers = stored.shape[0]
+    entries = []  # per layer: the rows, features and flat slots of its entries, sorted by row
+    for layer in range(n_layers):
+        feature, slot_k, slot_w = stored[layer].nonzero(as_tuple=True)
+        row = near[layer, feature, slot_k, slot_w]
+        order = row.argsort()
+        flat = (feature * stored.shape[2] + slot_k) * stored.shape[3] + slot_w
+        entries.append((row[order], feature[order], flat[order]))
+    needed = torch.cat([e[0] for e in entries]).unique()
+    for start in (needed // block_size * block_size).unique().tolist():
+        stop = min(start + block_size, buffer.n_tokens)
+        resid = buffer.read(start, stop).resid_mid  # (block, n_layers, d_model)
+        for layer, (row, feature, flat) in enumerate(entries):
+            lo, hi = torch.searchsorted(row, torch.tensor([start, stop])).tolist()
+            if lo == hi:
+                continue
+            unique, inverse = row[lo:hi].unique(return_inverse=True)
+            f = clt.encode_layer(resid[unique - start, layer].to(device).float(), layer).cpu()
+            acts[layer].view(-1)[flat[lo:hi]] = f[inverse, feature[lo:hi]]
+
+
+class LogitTables(NamedTuple):
+    """Per feature, the output tokens its decoder pushes up and down most (direct logit effect per unit)."""
+
+    top_ids: torch.Tensor
+    """``(n_layers, d_features, n)`` int32, largest effect first."""
+    top_values: torch.Tensor
+    """``(n_layers, d_features, n)``"""
+    bottom_ids: torch.Tensor
+    """``(n_layers, d_features, n)`` int32, most negative first."""
+    bottom_values: torch.Tensor
+    """``(n_layers, d_features, n)``"""
+
+
+@torch.no_grad()
+def logit_tables(
+    clt: CrossLayerTranscoder, unembedding: torch.Tensor, *, n: int = 10, chunk: int = 512
+) -> LogitTables:
+    """``logit_effects`` of every feature at once (features in chunks of ``chunk`` to bound memory)."""
+    U = unembedding.float().to(clt.W_enc.device)  # (vocab, d_model)
+    parts: list[list[torch.Tensor]] = [[], [], [], []]
+    for layer in range(clt.n_layers):
+        directions = feature_directions(clt, layer)  # (d_features, d_model)
+        for start in range(0, clt.d_features, chunk):
+            logits = directions[start : start + chunk] @ U.T  # (chunk, vocab)
+            up, down = logits.topk(n, dim=1), (-logits).topk(n, dim=1)
+            for part, value in zip(parts, (up.indices, up.values, down.indices, -down.values), strict=True):
+                part.append(value.cpu())
+    shape = (clt.n_layers, clt.d_features, n)
+    ids_up, up, ids_down, down = (torch.cat(part).reshape(shape) for part in parts)
+    return LogitTables(ids_up.int(), up, ids_down.int(), down)
