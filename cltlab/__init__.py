@@ -17,6 +17,7 @@ from . import plots  # noqa: E402
 from .attribution import AttributionGraph, Intervention, attribute, intervene
 from .buffer import DiscBuffer
 from .clt import CrossLayerTranscoder
+from .dashboard import export_dashboard
 from .features import feature_statistics, top_contexts
 from .harvest import harvest
 from .interop import export_circuit_tracer
@@ -37,6 +38,7 @@ __all__ = [  # in data-flow order: the names the notebooks use; the rest live in
     "feature_statistics",
     "top_contexts",
     "FeatureBrowser",
+    "export_dashboard",
     "ReplacementModel",
     "evaluate",
     "ReplacementComparison",

@@ -1,5 +1,5 @@
-"""Command line for batch jobs: ``cltlab harvest | verify | train | evaluate | serve | run`` and the seed importers
-(``import-seed-activations``, ``import-seed-checkpoint``); also ``python -m cltlab``.
+"""Command line for batch jobs: ``cltlab harvest | verify | train | evaluate | serve | run | dashboard`` and the
+seed importers (``import-seed-activations``, ``import-seed-checkpoint``); also ``python -m cltlab``.
 
 Every option defaults to the chosen profile's value: ``--profile NAME`` (ci, default, gpt2, gpu) or a YAML file written
 by ``Profile.save``. The options are the fields of the config dataclasses in ``cltlab/config.py``, nested as they
@@ -177,10 +177,11 @@ def serve_options(parser: ArgumentParser, profile: Profile) -> None:
         help="Live mode: run the profile's harvest model on its corpus now and serve its rows (no folder).",
     )  # fmt: skip
     parser.add_argument(
-        "--shuffle_rows", type=int, default=65536,
-        help="Live mode: rows of the shuffling pool each batch is drawn from (memory: 2 × rows × layers × d_model "
-        "× dtype bytes; 0 serves the harvest order). Normalization comes from the rows harvested to fill it.",
-    )  # fmt: skip
+        "--shuffle_rows",
+        type=int,
+        default=65536,
+        help="Live mode: pool of rows each batch mixes (0: in order).",
+    )
     device_option(parser)
 
 
@@ -223,6 +224,19 @@ def run_run(args: Parsed, paths: RunPaths) -> int:
     print(paths.load_metrics().summary())
     print(paths.load_attribution_scores().summary())
     print(f"report: {paths.report}  (executed notebooks + HTML)")
+    return run_dashboard(args, paths)
+
+
+def dashboard_options(parser: ArgumentParser, profile: Profile) -> None:
+    parser.add_argument("--out", help="Folder to write the site into (null: <run_dir>/dashboard).")
+    device_option(parser)
+
+
+def run_dashboard(args: Parsed, paths: RunPaths) -> int:
+    from .run import write_dashboard
+
+    out, device = getattr(args.options, "out", None), args.options.device
+    print(f"feature dashboard: {write_dashboard(args.profile, paths, out=out, device=device)}  (offline)")
     return 0
 
 
@@ -296,6 +310,11 @@ COMMANDS = {
         "The main job: execute notebooks 01-04 and 06 headlessly; keep them as the report.",
         lambda parser, profile: device_option(parser),
         run_run,
+    ),
+    "dashboard": Command(
+        "Write the static feature dashboard (index by layer, a page per feature) that opens offline.",
+        dashboard_options,
+        run_dashboard,
     ),
     "import-seed-activations": Command(
         "Convert a crosslayer-transcoder (seed) activation file into a DiscBuffer folder.",

@@ -1,4 +1,4 @@
-"""Read and write circuit-tracer's CLT layout.
+"""Read and write circuit-tracer's CLT layout, and write the feature files of its graph viewer.
 
 circuit-tracer loads a directory with, for every layer i, ``W_enc_{i}.safetensors`` holding ``W_enc_{i}``
 ``(d_features, d_model)``, ``b_enc_{i}`` ``(d_features,)``, ``b_dec_{i}`` ``(d_model,)``, ``threshold_{i}``
@@ -228,3 +228,52 @@ def import_circuit_tracer(directory: str | Path, *, bandwidth: float = 0.1) -> C
         )
         clt.W_dec[i].copy_(W_dec[:, : L - i])  # the targets past the CLT's last layer are padding
     return clt
+
+
+def export_feature_files(
+    stats,
+    clt: CrossLayerTranscoder,
+    model,
+    out_dir: str | Path,
+    *,
+    scan: str = "cltlab",
+    features: dict[int, list[int]] | None = None,
+) -> Path:
+    """Write circuit-tracer's feature files ``<out_dir>/features/<scan>/<index>.json`` (beside the graph files
+    ``AttributionGraph.export_graph_files`` wrote into ``out_dir``); return that folder."""
+    from .attribution.export import cantor
+    from .dashboard import Pages
+
+    pages = Pages(stats, clt, model, neighbours=1)
+    folder = Path(out_dir) / "features" / scan
+    folder.mkdir(parents=True, exist_ok=True)
+    chosen = features or {layer: list(range(stats.d_features)) for layer in range(stats.n_layers)}
+    edges = stats.bin_edges
+    for layer, picked in chosen.items():
+        for feature in picked:
+            counts = stats.histogram[layer, feature].double()
+            active = counts.nonzero().squeeze(1)
+            cumulative = counts.cumsum(0) / counts.sum().clamp_min(1)
+            quantiles = [
+                edges[int((cumulative < q).sum().clamp_max(len(counts) - 1)) + 1].item()
+                for q in (0.5, 0.9, 0.99)
+            ]
+            examples = [
+                dict(tokens=texts, tokens_acts_list=acts, train_token_ind=focus, is_repeated_datapoint=False)
+                for _, texts, acts, focus in pages.contexts(layer, feature)
+            ]
+            logits = pages.logits
+            record = dict(
+                transcoder_id=scan,
+                index=cantor(layer, feature),
+                examples_quantiles=[dict(quantile_name="Top activations", examples=examples)],
+                top_logits=[pages.text(int(t)) for t in logits.top_ids[layer, feature]],
+                bottom_logits=[pages.text(int(t)) for t in logits.bottom_ids[layer, feature]],
+                act_min=edges[int(active.min())].item() if len(active) else 0.0,
+                act_max=stats.max_activation[layer, feature].item(),
+                quantile_values=quantiles if len(active) else [],
+                histogram=counts.tolist(),
+                activation_frequency=stats.frequency[layer, feature].item(),
+            )
+            (folder / f"{cantor(layer, feature)}.json").write_text(json.dumps(record))
+    return folder

@@ -105,6 +105,11 @@ class RunPaths:
         return self.root / "metrics.json"
 
     @property
+    def dashboard(self) -> Path:
+        """The static feature dashboard (``index.html``; ``cltlab dashboard``)."""
+        return self.root / "dashboard"
+
+    @property
     def attribution(self) -> Path:
         """The attribution graph of the run's prompt (graph.json + graph.safetensors) and its scores.json."""
         return self.root / "attribution"
@@ -270,3 +275,25 @@ def _client(source: Path, nb, km, timeout: int):
         nb, km=km, timeout=timeout, kernel_name="python3", coalesce_streams=True,
         resources={"metadata": {"path": str(source.parent)}}, on_cell_start=started,
     )  # fmt: skip
+
+
+def write_dashboard(profile: Profile, paths: RunPaths, *, out=None, device: str = "auto") -> Path:
+    """The run's static feature dashboard, and circuit-tracer's feature files beside its graph files (when the
+    run has them), from the saved statistics (computed first if need be)."""
+    from .buffer import DiscBuffer
+    from .clt import CrossLayerTranscoder
+    from .dashboard import export_dashboard
+    from .features import feature_statistics
+    from .interop import export_feature_files
+    from .models import load_model
+
+    clt = CrossLayerTranscoder.load(paths.clt, device=device)
+    model = load_model(profile.harvest.model, device=device)
+    buffer = DiscBuffer(paths.buffer)
+    stats = feature_statistics(clt, buffer, model=model, save_dir=paths.clt / "feature_stats")
+    index = export_dashboard(stats, clt, model, out or paths.dashboard)
+    graphs = paths.attribution / "graph_files" / "graph-metadata.json"
+    if graphs.exists() and clt.config.layer_offset == 0:
+        for scan in {g["scan"] for g in json.loads(graphs.read_text())["graphs"]}:
+            export_feature_files(stats, clt, model, graphs.parent, scan=scan)
+    return index

@@ -281,3 +281,49 @@ def test_attribution_graph_click_opens_the_feature_in_the_browser(page, lab, scr
     view.evaluate("element => element.scrollIntoView({block: 'start', inline: 'nearest'})")
     view.screenshot(path=str(screenshots / "attribution_graph.png"))
     page.screenshot(path=str(screenshots / "06_attribution.png"), full_page=True)
+
+
+def test_the_exported_dashboard_works_offline_from_file_urls(tmp_path, tiny_gpt2, screenshots):
+    """The static site in Chromium from file://, every network request refused: the plots render, and a
+    neighbour link opens that feature's page, whose plots render too."""
+    from playwright.sync_api import sync_playwright
+
+    profile = cltlab.config.get_profile("ci")
+    cltlab.harvest(profile.harvest, tmp_path / "acts", model=tiny_gpt2, progress=False)
+    buffer = cltlab.DiscBuffer(tmp_path / "acts")
+    clt = make_clt(buffer.n_layers, buffer.d_model, 16, normalization=False, threshold_init=0.5, seed=1)
+    clt.set_normalization(*buffer.stats)
+    stats = cltlab.feature_statistics(clt, buffer, model=tiny_gpt2, progress=False)
+    index = cltlab.export_dashboard(stats, clt, tiny_gpt2, tmp_path / "site", progress=False)
+    requested = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.route(
+            re.compile(r"^(?!file:).*"), lambda route: (requested.append(route.request.url), route.abort())
+        )
+        page.goto(index.as_uri())
+        page.locator("a", has_text="layer 2").click()
+        page.locator("#features tbody tr").first.wait_for()
+        page.locator("th", has_text="max activation").click()  # sort: the largest maximum first
+        peaks = [float(v) for v in page.locator("#features tbody tr td:nth-child(3)").all_inner_texts()]
+        assert peaks == sorted(peaks, reverse=True)
+        page.locator("#features tbody tr a").first.click()
+        page.locator("#activations .main-svg").first.wait_for()
+        assert page.locator(".js-plotly-plot").count() == 3
+        assert page.locator(".js-plotly-plot .bars path").count() > 0  # bars were drawn
+        first = page.locator("h1").inner_text()
+        page.screenshot(path=str(screenshots / "dashboard_feature.png"), full_page=True)
+        neighbour = page.locator("a.neighbour").first
+        name = neighbour.inner_text()
+        neighbour.click()
+        page.wait_for_function(
+            f"() => document.querySelector('h1')?.innerText.toLowerCase() === {name.lower()!r}"
+        )
+        page.locator("#norms .main-svg").first.wait_for()
+        assert page.locator("h1").inner_text() != first and page.locator(".js-plotly-plot").count() == 3
+        assert page.locator(".contexts").count() == 1
+        page.screenshot(path=str(screenshots / "dashboard_neighbour.png"), full_page=True)
+        browser.close()
+    assert requested == []  # nothing outside the site was asked for

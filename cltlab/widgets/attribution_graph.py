@@ -21,9 +21,9 @@ from ..attribution import AttributionGraph, Intervention, InterventionResult, No
 from ..buffer import DiscBuffer
 from ..clt import CrossLayerTranscoder
 from ..features import FeatureStatistics
+from ..html import code, readable, table, token_text
 from ..models import LoadedModel
 from .feature_browser import FeatureBrowser
-from .html import code, readable, table, token_text
 
 KINDS = {"feature": "#ff7f0e", "error": "#7f7f7f", "token": "#2ca02c", "logit": "#9467bd"}
 """Node kinds, in the order of their traces, and their colours."""

@@ -17,8 +17,8 @@ from ..feature_effects import (
     unembedding,
 )
 from ..features import FeatureStatistics
+from ..html import code, shaded_tokens, table, token_text
 from ..models import LoadedModel
-from .html import code, shaded_tokens, table, token_text
 
 SORTS = [("index", "index"), ("frequency", "frequency"), ("max activation", "max_activation")]
 FULL_PREFIX = 1 << 30

@@ -7,9 +7,9 @@ import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
 
+from ..html import code, table, token_text
 from ..replacement import ReplacementModel
 from .feature_browser import FeatureBrowser
-from .html import code, table, token_text
 
 
 class ReplacementComparison(widgets.VBox):
