@@ -289,7 +289,7 @@ def write_dashboard(profile: Profile, paths: RunPaths, *, out=None, device: str 
 
     clt = CrossLayerTranscoder.load(paths.clt, device=device)
     model = load_model(profile.harvest.model, device=device)
-    buffer = DiscBuffer(paths.buffer)
+    buffer = DiscBuffer(paths.buffer, batch_size=1)  # read in blocks, not batches
     stats = feature_statistics(clt, buffer, model=model, save_dir=paths.clt / "feature_stats")
     index = export_dashboard(stats, clt, model, out or paths.dashboard)
     graphs = paths.attribution / "graph_files" / "graph-metadata.json"

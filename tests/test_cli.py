@@ -240,3 +240,14 @@ def test_cli_serves_live_activations_over_loopback():
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_cli_writes_the_dashboard_of_a_run(tmp_path, buffer_path, capsys):
+    (tmp_path / "activations").symlink_to(buffer_path)
+    clt = make_clt(4, 64, 8, normalization=False, threshold_init=0.5, seed=2)
+    clt.set_normalization(*DiscBuffer(buffer_path, batch_size=100).stats)
+    clt.save(tmp_path / "clt")
+    assert main(["dashboard", "--profile", "ci", "--run_dir", str(tmp_path)]) == 0
+    assert f"feature dashboard: {tmp_path / 'dashboard' / 'index.html'}" in capsys.readouterr().out
+    assert len(list((tmp_path / "dashboard" / "features").glob("L*/*.html"))) == 4 * 8
+    assert (tmp_path / "clt" / "feature_stats" / "stats.json").exists()  # the statistics, kept for next time
