@@ -113,25 +113,25 @@ class Pages:
             self._text[token] = readable(self.tokenizer.decode([token]))
         return self._text[token]
 
-    def contexts(self, layer: int, feature: int) -> list[tuple[float, list[str], list[float], int]]:
-        """Each top context: its activation, the window's token texts, their activations, the top token's
-        index."""
-        stats, out = self.stats, []
-        for j in range(stats.top_rows.shape[-1]):
-            if stats.top_rows[layer, feature, j] < 0:
-                break
-            ids = stats.context_ids[layer, feature, j].tolist()
-            acts = (stats.context_acts[layer, feature, j].nan_to_num(0.0) + 0.0).tolist()  # no -0.0
+    def contexts(
+        self, layer: int, feature: int, band: int | None = None
+    ) -> list[tuple[float, list[str], list[float], int]]:
+        """The top contexts (or those sampled from activation ``band``), each as its activation, the window's
+        token texts, their activations and the index of its own token."""
+        stats = self.stats
+        k = stats.top_rows.shape[-1]
+        if band is None:
+            rows, values, first = stats.top_rows[layer, feature], stats.top_values[layer, feature], 0
+        else:
+            rows, values = stats.band_rows[layer, feature, band], stats.band_values[layer, feature, band]
+            first = k + band * len(rows)
+        out = []
+        for j in (rows >= 0).nonzero().flatten().tolist():
+            ids = stats.context_ids[layer, feature, first + j].tolist()
+            acts = (stats.context_acts[layer, feature, first + j].nan_to_num(0.0) + 0.0).tolist()  # no -0.0
             keep = [i for i, t in enumerate(ids) if t >= 0]
             texts = [self.text(ids[i]) for i in keep]
-            out.append(
-                (
-                    stats.top_values[layer, feature, j].item(),
-                    texts,
-                    [acts[i] for i in keep],
-                    keep.index(stats.before),
-                )
-            )
+            out.append((values[j].item(), texts, [acts[i] for i in keep], keep.index(stats.before)))
         return out
 
     def label(self, layer: int, feature: int) -> str:
@@ -226,13 +226,22 @@ def _feature_page(pages: Pages, layer: int, feature: int, chosen: dict[int, list
             f"{stats.max_activation[layer, feature]:.3f} · mean {stats.mean_activation[layer, feature]:.3f}</p>"
         )
     vmax = stats.max_activation[layer, feature].item()
-    contexts = (
-        "".join(
+
+    def rows(found) -> str:
+        return "".join(
             f"<tr><td>{value:.3f}</td><td>{shaded_tokens(texts, acts, vmax, focus=focus)}</td></tr>"
-            for value, texts, acts, focus in pages.contexts(layer, feature)
+            for value, texts, acts, focus in found
         )
-        or "<tr><td colspan=2><i>No contexts: this feature never fired.</i></td></tr>"
+
+    contexts = (
+        rows(pages.contexts(layer, feature)) or "<tr><td colspan=2><i>This feature never fired.</i></td></tr>"
     )
+    if stats.band_rows is not None:
+        for band in reversed(range(stats.band_rows.shape[2])):
+            lo, hi = band / stats.band_rows.shape[2], (band + 1) / stats.band_rows.shape[2]
+            sampled = rows(pages.contexts(layer, feature, band))
+            if sampled:
+                contexts += f"<tr><th colspan=2>sampled from ({lo:.2f}, {hi:.2f}] × max</th></tr>{sampled}"
     logits = pages.logits
     effects = "".join(
         f"<tr><td><code>{html.escape(pages.text(int(logits.top_ids[layer, feature, i])))}</code></td>"
@@ -241,14 +250,26 @@ def _feature_page(pages: Pages, layer: int, feature: int, chosen: dict[int, list
         f"<td>{logits.bottom_values[layer, feature, i]:+.3g}</td></tr>"
         for i in range(logits.top_ids.shape[-1])
     )
-    near = pages.neighbours
-    links = []
-    for i in range(near.features.shape[-1]):
-        other_layer, other = int(near.layers[layer, feature, i]), int(near.features[layer, feature, i])
+
+    def link(other_layer: int, other: int, css: str, score: str) -> str:
         name = f"layer {other_layer + offset} · feature {other}"
         if other in chosen.get(other_layer, []):
-            name = f'<a class="neighbour" href="../L{other_layer}/{other}.html">{name}</a>'
-        links.append(f"<li>{name} (cosine {near.cosine[layer, feature, i]:.3f})</li>")
+            name = f'<a class="{css}" href="../L{other_layer}/{other}.html">{name}</a>'
+        return f"<li>{name} ({score})</li>"
+
+    near = pages.neighbours
+    links = "".join(
+        link(int(near.layers[layer, feature, i]), int(near.features[layer, feature, i]), "neighbour",
+             f"cosine {near.cosine[layer, feature, i]:.3f}")
+        for i in range(near.features.shape[-1])
+    )  # fmt: skip
+    correlated = ""
+    if stats.correlated is not None and frequency > 0:
+        items = "".join(
+            link(layer, int(other), "correlated", f"correlation {value:.3f}")
+            for other, value in zip(stats.correlated[layer, feature], stats.correlation[layer, feature].tolist(), strict=True)
+        )  # fmt: skip
+        correlated = f"<h2>Most correlated in activation (layer {layer + offset})</h2><ol>{items}</ol>"
     body = (
         f'<p><a href="../../index.html">all layers</a> · <a href="../../layer_{layer}.html">layer {layer + offset}'
         f"</a></p><h1>{title}</h1>{summary}"
@@ -256,7 +277,7 @@ def _feature_page(pages: Pages, layer: int, feature: int, chosen: dict[int, list
         f'<div class="columns"><div><h2>Top activations</h2><table class="contexts">{contexts}</table></div>'
         "<div><h2>Direct logit effects</h2><table><thead><tr><th>promotes</th><th></th><th>suppresses</th><th></th>"
         f"</tr></thead><tbody>{effects}</tbody></table>"
-        f"<h2>Nearest by decoder direction (at layer {layer + offset})</h2><ol>{''.join(links)}</ol></div></div>"
+        f"<h2>Nearest by decoder direction (at layer {layer + offset})</h2><ol>{links}</ol>{correlated}</div></div>"
         f"<script>{_plots_js(pages, layer, feature)}</script>"
     )
     return _document(title, body, root="../../")

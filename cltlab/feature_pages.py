@@ -129,3 +129,84 @@ def logit_tables(
     shape = (clt.n_layers, clt.d_features, n)
     ids_up, up, ids_down, down = (torch.cat(part).reshape(shape) for part in parts)
     return LogitTables(ids_up.int(), up, ids_down.int(), down)
+
+
+BANDS = 4
+"""Activation bands a feature's sampled contexts come from: (0, ¼], (¼, ½], (½, ¾], (¾, 1] of its maximum."""
+
+
+class Samples(NamedTuple):
+    """Contexts sampled from each activation band, and the features most correlated in activation."""
+
+    band_rows: torch.Tensor
+    """``(n_layers, d_features, BANDS, per_band)`` buffer rows, lowest band first (-1 where the band has fewer)."""
+    band_values: torch.Tensor
+    """Same shape: the feature's activation on them."""
+    correlated: torch.Tensor | None
+    """``(n_layers, d_features, n)`` the features of the same layer most correlated in activation (Pearson, over
+    the tokens read), or None where ``d_features`` is too large for the ``F × F`` sums."""
+    correlation: torch.Tensor | None
+    """Same shape: their correlation, largest first."""
+
+
+def row_order(n: int, seed: int = 0) -> torch.Tensor:
+    """``(n,)`` each buffer row's place in one seeded random order: a band keeps its rows that come first."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def band_samples(
+    clt: CrossLayerTranscoder,
+    buffer: DiscBuffer,
+    max_activation: torch.Tensor,
+    *,
+    n: int,
+    per_band: int = 4,
+    n_correlated: int = 8,
+    max_correlated_features: int = 1024,
+    block_size: int = 4096,
+    seed: int = 0,
+) -> Samples:
+    """A pass over rows ``[0, n)``: per feature and band, the ``per_band`` rows in the band that come first in
+    ``row_order`` (a uniform sample without replacement), and the within-layer activation correlations."""
+    L, F, device = clt.n_layers, clt.d_features, clt.W_enc.device
+    order = row_order(n, seed).to(device)
+    keys = torch.full((L, F, BANDS, per_band), n, dtype=torch.long, device=device)  # n: empty
+    rows = torch.full_like(keys, -1)
+    values = torch.zeros(L, F, BANDS, per_band, device=device)
+    correlate = F <= max_correlated_features
+    sums = torch.zeros(L, F, dtype=torch.float64, device=device)
+    products = torch.zeros(L, F, F, dtype=torch.float64, device=device) if correlate else None
+    peak = max_activation.to(device).clamp_min(1e-12)
+    for start in range(0, n, block_size):
+        stop = min(start + block_size, n)
+        resid = buffer.read(start, stop).resid_mid
+        block_keys = order[start:stop].unsqueeze(1)  # (block, 1)
+        for layer in range(L):
+            f = clt.encode_layer(resid[:, layer].to(device).float(), layer)  # (block, F)
+            if correlate:
+                sums[layer] += f.sum(0)
+                products[layer] += (f.T @ f).double()
+            band = (f / peak[layer] * BANDS).ceil().long().clamp_(1, BANDS) - 1
+            for b in range(BANDS):
+                key = torch.where((f > 0) & (band == b), block_keys, n)  # (block, F)
+                best = key.topk(min(per_band, stop - start), dim=0, largest=False)  # (m, F)
+                merged_keys = torch.cat([keys[layer, :, b], best.values.T], 1)
+                merged_rows = torch.cat([rows[layer, :, b], best.indices.T + start], 1)
+                merged_values = torch.cat([values[layer, :, b], f.gather(0, best.indices).T], 1)
+                top = merged_keys.topk(per_band, dim=1, largest=False)
+                keys[layer, :, b] = top.values
+                rows[layer, :, b] = merged_rows.gather(1, top.indices)
+                values[layer, :, b] = merged_values.gather(1, top.indices)
+    empty = keys >= n
+    rows[empty], values[empty] = -1, 0.0
+    correlated = correlation = None
+    if correlate:
+        mean = sums / n
+        covariance = products / n - mean.unsqueeze(2) * mean.unsqueeze(1)  # (L, F, F)
+        std = covariance.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
+        pearson = covariance / (std.unsqueeze(2) * std.unsqueeze(1)).clamp_min(1e-12)
+        pearson.diagonal(dim1=1, dim2=2).fill_(-2.0)  # not itself
+        top = pearson.float().topk(min(n_correlated, F - 1), dim=2)
+        correlated, correlation = top.indices.cpu(), top.values.cpu()
+    return Samples(rows.cpu(), values.cpu(), correlated, correlation)

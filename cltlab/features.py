@@ -6,9 +6,10 @@ of tokens around each, is read back from the buffer by ``FeatureStatistics.conte
 ``n_layers × d_features × (k + n_bins)`` however many tokens are read. Activations are in the CLT's own units
 (pre-activations of the normalized ``resid_mid``), as ``CrossLayerTranscoder.encode_layer`` returns them.
 
-With them, what a feature's page shows (``feature_pages``): every top context's window of tokens with the
-feature's activation on each, and, given the model, the output tokens each feature promotes and suppresses — so
-that the FeatureBrowser and the exported dashboards show a feature without running the model.
+With them, what a feature's page shows (``feature_pages``): contexts sampled from four bands of its activation
+range, the features most correlated with it, every context's window of tokens with the feature's activation on
+each, and, given the model, the output tokens each feature promotes and suppresses — so that the FeatureBrowser
+and the exported dashboards show a feature without running the model.
 
 ``feature_statistics(..., save_dir=...)`` writes safetensors + JSON (conventionally ``<clt_dir>/feature_stats``)
 and loads that instead of recomputing when the CLT's encoder, the buffer and the settings are the same; a folder
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from .buffer import DiscBuffer
 from .clt import CrossLayerTranscoder
 from .feature_effects import unembedding
-from .feature_pages import WINDOW, context_windows, logit_tables
+from .feature_pages import WINDOW, band_samples, context_windows, logit_tables
 from .models import LoadedModel
 
 FORMAT = "cltlab.feature_stats"
@@ -112,8 +113,9 @@ class FeatureStatistics:
     reused: bool = False
     """True when loaded from ``save_dir`` instead of computed."""
     context_ids: torch.Tensor | None = None
-    """``(n_layers, d_features, k, window)`` int32 token ids around each top row, its own token at ``before``
-    (``feature_pages.Windows``; -1 outside the sequence)."""
+    """``(n_layers, d_features, k + BANDS · per_band, window)`` int32 token ids around each top row (the first
+    ``k``) and each band sample (``band_rows``, flattened), its own token at ``before`` (``feature_pages.Windows``;
+    -1 outside the sequence)."""
     context_acts: torch.Tensor | None = None
     """Same shape: the feature's activation on each of those tokens (NaN where unknown)."""
     top_logit_ids: torch.Tensor | None = None
@@ -122,6 +124,13 @@ class FeatureStatistics:
     bottom_logit_ids: torch.Tensor | None = None
     """The tokens it suppresses most, most negative first."""
     bottom_logit_values: torch.Tensor | None = None
+    band_rows: torch.Tensor | None = None
+    """``(n_layers, d_features, BANDS, per_band)`` rows sampled from each quarter of the feature's activation range,
+    lowest first (``feature_pages.Samples``; -1 where a band has fewer)."""
+    band_values: torch.Tensor | None = None
+    correlated: torch.Tensor | None = None
+    """``(n_layers, d_features, n)`` the same layer's features most correlated with it in activation."""
+    correlation: torch.Tensor | None = None
 
     @property
     def before(self) -> int:
@@ -193,6 +202,10 @@ class FeatureStatistics:
         "top_logit_values",
         "bottom_logit_ids",
         "bottom_logit_values",
+        "band_rows",
+        "band_values",
+        "correlated",
+        "correlation",
     )
 
     def save(self, directory: str | Path, key: dict | None = None) -> Path:
@@ -359,11 +372,14 @@ def feature_statistics(
         n=n,
         progress=progress,
     )
-    windows = context_windows(clt, buffer, tensors["top_rows"], n=n, block_size=block_size)
-    pages = dict(context_ids=windows.ids, context_acts=windows.acts)
+    samples = band_samples(clt, buffer, tensors["max_activation"], n=n, block_size=block_size)
+    rows = torch.cat([tensors["top_rows"], samples.band_rows.flatten(2)], -1)
+    windows = context_windows(clt, buffer, rows, n=n, block_size=block_size)
+    pages = dict(context_ids=windows.ids, context_acts=windows.acts, **samples._asdict())
     if model is not None:
         tables = logit_tables(clt, unembedding(model))
-        pages.update(zip(FeatureStatistics.PAGE_TENSORS[2:], tables, strict=True))
+        names = ("top_logit_ids", "top_logit_values", "bottom_logit_ids", "bottom_logit_values")
+        pages.update(zip(names, tables, strict=True))
     stats = FeatureStatistics(**tensors, **pages, n_tokens=n, layer_offset=clt.config.layer_offset)
     if save_dir is not None:
         stats.save(save_dir, key)

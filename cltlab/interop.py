@@ -258,15 +258,23 @@ def export_feature_files(
                 edges[int((cumulative < q).sum().clamp_max(len(counts) - 1)) + 1].item()
                 for q in (0.5, 0.9, 0.99)
             ]
-            examples = [
-                dict(tokens=texts, tokens_acts_list=acts, train_token_ind=focus, is_repeated_datapoint=False)
-                for _, texts, acts, focus in pages.contexts(layer, feature)
-            ]
+            groups = [("Top activations", None)]
+            if stats.band_rows is not None:  # then each activation band, highest first
+                n_bands = stats.band_rows.shape[2]
+                groups += [(f"Interval {n_bands - b}: ({b / n_bands:.2f}, {(b + 1) / n_bands:.2f}] × max", b)
+                           for b in reversed(range(n_bands))]  # fmt: skip
+            quantile_examples = [
+                dict(quantile_name=name, examples=[
+                    dict(tokens=texts, tokens_acts_list=acts, train_token_ind=focus, is_repeated_datapoint=False)
+                    for _, texts, acts, focus in pages.contexts(layer, feature, band)
+                ])
+                for name, band in groups
+            ]  # fmt: skip
             logits = pages.logits
             record = dict(
                 transcoder_id=scan,
                 index=cantor(layer, feature),
-                examples_quantiles=[dict(quantile_name="Top activations", examples=examples)],
+                examples_quantiles=quantile_examples,
                 top_logits=[pages.text(int(t)) for t in logits.top_ids[layer, feature]],
                 bottom_logits=[pages.text(int(t)) for t in logits.bottom_ids[layer, feature]],
                 act_min=edges[int(active.min())].item() if len(active) else 0.0,

@@ -71,8 +71,12 @@ def test_a_layer_page_lists_every_feature_by_frequency_with_its_figures(site, st
 def test_a_feature_page_shows_the_statistics_contexts_and_logit_effects(site, stats, tiny_gpt2):
     text = (site / "features" / "L1" / "7.html").read_text()
     assert f"density {stats.frequency[1, 7].item():.3%}" in text
-    focus = re.findall(r'cltlab-focus" title="[^"]+" data-activation="([^"]+)"', text)
-    assert [float(v) for v in focus] == pytest.approx(stats.top_values[1, 7].tolist(), rel=1e-3)
+    focus = [float(v) for v in re.findall(r'cltlab-focus" title="[^"]+" data-activation="([^"]+)"', text)]
+    bands = [v for band in reversed(range(4)) for v in stats.band_values[1, 7, band].tolist() if v > 0]
+    assert focus == pytest.approx(stats.top_values[1, 7].tolist() + bands, rel=1e-3)  # top, then each band
+    assert text.count("sampled from (") == sum(int((stats.band_rows[1, 7, b] >= 0).any()) for b in range(4))
+    correlated = re.findall(r'class="correlated" href="\.\./L1/(\d+)\.html"', text)
+    assert [int(f) for f in correlated] == stats.correlated[1, 7].tolist()
     assert text.count("Plotly.newPlot(") == 3
     promoted = tiny_gpt2.tokenizer.decode([int(stats.top_logit_ids[1, 7, 0])]).replace("\n", "⏎")
     assert f"<code>{promoted}</code>" in text or promoted in text
@@ -143,6 +147,12 @@ def test_circuit_tracers_feature_files_follow_its_schema(stats, clt, tiny_gpt2, 
     )
     examples = record["examples_quantiles"][0]["examples"]
     assert len(examples) == 4
+    names = [q["quantile_name"] for q in record["examples_quantiles"]]
+    assert (
+        names[0] == "Top activations" and len(names) == 5 and names[1].startswith("Interval 1: (0.75, 1.00]")
+    )
+    sampled = [e for q in record["examples_quantiles"][1:] for e in q["examples"]]
+    assert len(sampled) == int((stats.band_rows[1, 7] >= 0).sum())
     for example, top in zip(examples, stats.top_values[1, 7].tolist(), strict=True):
         assert set(example) == {"tokens", "tokens_acts_list", "train_token_ind", "is_repeated_datapoint"}
         assert len(example["tokens"]) == len(example["tokens_acts_list"])

@@ -122,8 +122,9 @@ class CountingBuffer:
 def test_feature_statistics_match_brute_force_on_every_layer(clt, buffer):
     counting = CountingBuffer(buffer)
     stats = feature_statistics(clt, counting, k=K, n_bins=24, block_size=64, progress=False)
-    # One streaming pass in blocks, then the blocks that hold the top contexts' windows.
-    assert max(counting.reads) <= 64 and sum(counting.reads[:8]) == 500 and sum(counting.reads[8:]) <= 500
+    # A streaming pass in blocks, one more for the band samples, then the blocks that hold the contexts' windows.
+    reads = counting.reads
+    assert max(reads) <= 64 and sum(reads[:8]) == sum(reads[8:16]) == 500 and sum(reads[16:]) <= 500
     assert stats.n_layers == 4 and stats.d_features == 12 and stats.n_tokens == 500 and not stats.reused
     for layer in range(4):
         f = brute_force(clt, buffer, layer, 500)
@@ -195,18 +196,20 @@ def test_context_windows_hold_each_tokens_activation_as_a_brute_force_pass_finds
     sequences = buffer.sequences
     row_of = {(int(s), int(p)): r for r, (s, p) in enumerate(zip(sequence, position, strict=True))}
     before, width = stats.before, stats.context_ids.shape[-1]
-    assert stats.context_ids.shape == (4, 12, K, width) and width == before + 1 + 4
+    assert stats.context_ids.shape == (4, 12, K + 4 * 4, width) and width == before + 1 + 4
+    rows = torch.cat([stats.top_rows, stats.band_rows.flatten(2)], -1)  # top contexts, then band samples
+    values = torch.cat([stats.top_values, stats.band_values.flatten(2)], -1)
     checked = 0
     for layer in range(4):
         f = brute_force(clt, buffer, layer, 500)  # (rows, features)
         for feature in range(12):
-            for j in range(K):
-                row = int(stats.top_rows[layer, feature, j])
+            for j in range(rows.shape[-1]):
+                row = int(rows[layer, feature, j])
                 ids, acts = stats.context_ids[layer, feature, j], stats.context_acts[layer, feature, j]
                 if row < 0:
                     assert (ids == -1).all() and acts.isnan().all()
                     continue
-                assert acts[before] == pytest.approx(stats.top_values[layer, feature, j].item(), abs=1e-5)
+                assert acts[before] == pytest.approx(values[layer, feature, j].item(), abs=1e-5)
                 for w in range(width):
                     at = int(position[row]) - before + w
                     if not 1 <= at < sequences.shape[1]:
@@ -257,3 +260,37 @@ def test_contexts_are_the_buffer_windows_of_the_top_rows(clt, buffer):
         assert (c.activation, c.row) == (pytest.approx(value.item()), row.item())
         assert (c.ids, c.index) == tuple(buffer.context(row.item(), before=3, after=2))
     assert stats.contexts(buffer, 2, 0) == []  # a dead feature has none
+
+
+def test_band_samples_and_correlations_equal_a_brute_force_pass(clt, buffer):
+    from cltlab.feature_pages import BANDS, row_order
+
+    stats = feature_statistics(clt, buffer, k=K, progress=False)
+    order = row_order(500)
+    per_band = stats.band_rows.shape[-1]
+    filled = 0
+    for layer in range(4):
+        f = brute_force(clt, buffer, layer, 500)
+        for feature in range(12):
+            peak = stats.max_activation[layer, feature].item()
+            for band in range(BANDS):
+                lo, hi = peak * band / BANDS, peak * (band + 1) / BANDS
+                inside = [
+                    r for r in range(500) if lo < f[r, feature] <= hi * (1 + 1e-6) and f[r, feature] > 0
+                ]
+                expected = sorted(inside, key=lambda r: order[r].item())[:per_band]
+                got = [r for r in stats.band_rows[layer, feature, band].tolist() if r >= 0]
+                assert got == expected, (layer, feature, band)
+                for r, value in zip(got, stats.band_values[layer, feature, band].tolist(), strict=False):
+                    assert value == pytest.approx(f[r, feature].item(), abs=1e-6)
+                filled += len(got)
+        pearson = torch.corrcoef(f.T.double())  # (features, features)
+        pearson.fill_diagonal_(-2.0)
+        pearson = pearson.nan_to_num(0.0)  # a dead feature has no variance
+        live = stats.frequency[layer] > 0
+        for feature in live.nonzero().flatten().tolist():
+            expected = pearson[feature].topk(stats.correlated.shape[-1])
+            assert stats.correlation[layer, feature].tolist() == pytest.approx(
+                expected.values.tolist(), abs=1e-4
+            )
+    assert filled > 100 and (stats.band_rows[2, :3] == -1).all()  # the dead features have no samples
