@@ -71,7 +71,7 @@ def test_a_layer_page_lists_every_feature_by_frequency_with_its_figures(site, st
 def test_a_feature_page_shows_the_statistics_contexts_and_logit_effects(site, stats, tiny_gpt2):
     text = (site / "features" / "L1" / "7.html").read_text()
     assert f"density {stats.frequency[1, 7].item():.3%}" in text
-    focus = [float(v) for v in re.findall(r'cltlab-focus" title="[^"]+" data-activation="([^"]+)"', text)]
+    focus = [float(v) for v in re.findall(r'<i class="f" style="--a:[0-9.]+" title="([^"]+)"', text)]
     bands = [v for band in reversed(range(4)) for v in stats.band_values[1, 7, band].tolist() if v > 0]
     assert focus == pytest.approx(stats.top_values[1, 7].tolist() + bands, rel=1e-3)  # top, then each band
     assert text.count("sampled from (") == sum(int((stats.band_rows[1, 7, b] >= 0).any()) for b in range(4))
@@ -81,7 +81,7 @@ def test_a_feature_page_shows_the_statistics_contexts_and_logit_effects(site, st
     promoted = tiny_gpt2.tokenizer.decode([int(stats.top_logit_ids[1, 7, 0])]).replace("\n", "⏎")
     assert f"<code>{promoted}</code>" in text or promoted in text
     dead = (site / "features" / "L2" / "0.html").read_text()
-    assert "never fired" in dead and "cltlab-focus" not in dead
+    assert "never fired" in dead and '<i class="f"' not in dead
 
 
 def test_neighbours_are_the_nearest_decoder_directions_by_brute_force(clt, site):
