@@ -274,6 +274,9 @@ def _client(source: Path, nb, km, timeout: int):
     return Echoing(
         nb, km=km, timeout=timeout, kernel_name="python3", coalesce_streams=True,
         resources={"metadata": {"path": str(source.parent)}}, on_cell_start=started,
+        # No widget state: the HTML report then shows each widget's static copy (its text/html, e.g. the
+        # FeatureBrowser's snapshot) instead of a view that needs the widget scripts from a CDN.
+        store_widget_state=False,
     )  # fmt: skip
 
 

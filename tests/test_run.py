@@ -121,6 +121,21 @@ def test_run_notebooks_passes_the_device_to_the_kernels(tmp_path):
     assert executed.cells[0].outputs[0]["text"] == "cpu cpu\n"
 
 
+def test_the_report_shows_a_widgets_static_copy(tmp_path):
+    code = (
+        "import ipywidgets\n"
+        "class Shown(ipywidgets.HTML):\n"
+        "    def _repr_mimebundle_(self, **kwargs):\n"
+        "        return {**super()._repr_mimebundle_(**kwargs), 'text/html': '<b>static copy</b>'}\n"
+        "Shown('live')"
+    )
+    write_notebook(tmp_path / "nbs", "w.ipynb", code)
+    paths = run_notebooks("ci", tmp_path / "run", notebooks=("w.ipynb",), notebooks_dir=tmp_path / "nbs")
+    executed = nbformat.read(paths.report / "w.ipynb", as_version=4)
+    assert "widgets" not in executed.metadata  # no state: the exporter falls back to the copy
+    assert "<b>static copy</b>" in (paths.report / "w.html").read_text()
+
+
 def test_failing_notebook_still_lands_in_the_report(tmp_path):
     from nbclient.exceptions import CellExecutionError
 

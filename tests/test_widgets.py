@@ -215,3 +215,20 @@ def test_without_a_browser_the_features_are_plain_text(clt, tiny_gpt2):
     assert labels and all("<code>L" in w.value for w in labels)
     comparison.prompt.value = ""
     assert comparison.position.value is None and "Type a prompt" in comparison.summary.value
+
+
+def test_the_browser_leaves_a_static_copy_where_no_widget_state_is_kept(browser, stats):
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    browser.show(1, 4)
+    bundle = browser._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle  # the live widget, in JupyterLab
+    snapshot = bundle["text/html"]
+    assert "layer 1 · feature 4" in snapshot and browser.contexts.value in snapshot
+    assert browser.tokens.value in snapshot and "Plotly.newPlot" in snapshot
+    # An executed notebook without widget state (as cltlab run saves it): its HTML shows the copy.
+    output = nbformat.v4.new_output("display_data", data={k: v for k, v in bundle.items()})
+    cell = nbformat.v4.new_code_cell("browser", outputs=[output], execution_count=1)
+    html, _ = HTMLExporter().from_notebook_node(nbformat.v4.new_notebook(cells=[cell]))
+    assert "cltlab-feature-browser-snapshot" in html and "layer 1 · feature 4" in html

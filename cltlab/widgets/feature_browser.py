@@ -86,6 +86,22 @@ class FeatureBrowser(widgets.VBox):
         self.feature.observe(lambda change: self._on_pick(change.new), "value")
         self._select(self._order[0])
 
+    def _repr_mimebundle_(self, **kwargs):
+        """The live widget, and beside it (``text/html``) a static copy of what it shows now, for wherever no
+        widget state is kept: the HTML report of ``cltlab run``, a saved notebook opened without its kernel."""
+        data = super()._repr_mimebundle_(**kwargs)
+        data["text/html"] = self.snapshot()
+        return data
+
+    def snapshot(self) -> str:
+        """What the browser shows now as plain HTML: header, figure (plotly, drawn by the page's plotly.js),
+        contexts and token effects."""
+        figure = go.Figure(self.figure).to_html(include_plotlyjs=False, full_html=False)
+        return (
+            f'<div class="cltlab-feature-browser-snapshot"><p>{self.header.value}</p>{figure}'
+            f'<div style="display:flex;gap:20px">{self.contexts.value}{self.tokens.value}</div></div>'
+        )
+
     def show(self, layer: int, feature: int) -> None:
         """Select and display ``feature`` of CLT ``layer`` (what a ReplacementComparison's feature links call)."""
         if not 0 <= layer < self.stats.n_layers or not 0 <= feature < self.stats.d_features:
