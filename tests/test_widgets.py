@@ -208,6 +208,16 @@ def test_a_feature_link_opens_the_feature_in_the_browser(comparison, browser):
     assert comparison.children[-1] is browser  # the browser is shown under the comparison
 
 
+def test_the_comparison_leaves_a_static_copy_too(comparison):
+    snapshot = comparison._repr_mimebundle_()["text/html"]
+    assert "cltlab-snapshot" in snapshot and snapshot.count("Plotly.newPlot") >= 1
+    import ipywidgets
+
+    found = [w for row in comparison.features.children for w in getattr(row, "children", [row])]
+    buttons = [w.description for w in found if isinstance(w, ipywidgets.Button)]
+    assert buttons and all(f"<button disabled>{b}</button>" in snapshot for b in buttons[:3])
+
+
 def test_without_a_browser_the_features_are_plain_text(clt, tiny_gpt2):
     comparison = ReplacementComparison(ReplacementModel(tiny_gpt2, clt), prompt="Hello there")
     assert comparison.browser is None
@@ -226,9 +236,10 @@ def test_the_browser_leaves_a_static_copy_where_no_widget_state_is_kept(browser,
     assert "application/vnd.jupyter.widget-view+json" in bundle  # the live widget, in JupyterLab
     snapshot = bundle["text/html"]
     assert "layer 1 · feature 4" in snapshot and browser.contexts.value in snapshot
-    assert browser.tokens.value in snapshot and "Plotly.newPlot" in snapshot
+    assert browser.tokens.value in snapshot and snapshot.count("Plotly.newPlot") == 1
+    assert "feature: 4" in snapshot and "layer: 1" in snapshot  # the controls, as their values
     # An executed notebook without widget state (as cltlab run saves it): its HTML shows the copy.
     output = nbformat.v4.new_output("display_data", data={k: v for k, v in bundle.items()})
     cell = nbformat.v4.new_code_cell("browser", outputs=[output], execution_count=1)
     html, _ = HTMLExporter().from_notebook_node(nbformat.v4.new_notebook(cells=[cell]))
-    assert "cltlab-feature-browser-snapshot" in html and "layer 1 · feature 4" in html
+    assert "cltlab-snapshot" in html and "layer 1 · feature 4" in html

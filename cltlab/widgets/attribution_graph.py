@@ -24,6 +24,7 @@ from ..features import FeatureStatistics
 from ..html import code, readable, table, token_text
 from ..models import LoadedModel
 from .feature_browser import FeatureBrowser
+from .snapshot import StaticCopy
 
 KINDS = {"feature": "#ff7f0e", "error": "#7f7f7f", "token": "#2ca02c", "logit": "#9467bd"}
 """Node kinds, in the order of their traces, and their colours."""
@@ -45,7 +46,7 @@ TOP_NEXT = 5
 """Next tokens compared before and after zeroing a feature."""
 
 
-class AttributionGraphView(widgets.VBox):
+class AttributionGraphView(StaticCopy, widgets.VBox):
     """An attribution graph (``cltlab.attribute``), pruned and drawn; click a node to inspect it.
 
     Nodes: size by influence on the logits (logits by probability), colour by kind. Edges: blue positive, red

@@ -19,13 +19,14 @@ from ..feature_effects import (
 from ..features import FeatureStatistics
 from ..html import code, shaded_tokens, table, token_text
 from ..models import LoadedModel
+from .snapshot import StaticCopy
 
 SORTS = [("index", "index"), ("frequency", "frequency"), ("max activation", "max_activation")]
 FULL_PREFIX = 1 << 30
 """``before`` that asks the buffer for a token's whole sequence (the model needs it to recompute activations)."""
 
 
-class FeatureBrowser(widgets.VBox):
+class FeatureBrowser(StaticCopy, widgets.VBox):
     """Browse the features of a CLT, one at a time.
 
     Choose a layer and a feature (a rank slider over the features sorted by index, frequency or maximum
@@ -85,22 +86,6 @@ class FeatureBrowser(widgets.VBox):
         self.rank.observe(lambda change: self._on_pick(self._order[change.new]), "value")
         self.feature.observe(lambda change: self._on_pick(change.new), "value")
         self._select(self._order[0])
-
-    def _repr_mimebundle_(self, **kwargs):
-        """The live widget, and beside it (``text/html``) a static copy of what it shows now, for wherever no
-        widget state is kept: the HTML report of ``cltlab run``, a saved notebook opened without its kernel."""
-        data = super()._repr_mimebundle_(**kwargs)
-        data["text/html"] = self.snapshot()
-        return data
-
-    def snapshot(self) -> str:
-        """What the browser shows now as plain HTML: header, figure (plotly, drawn by the page's plotly.js),
-        contexts and token effects."""
-        figure = go.Figure(self.figure).to_html(include_plotlyjs=False, full_html=False)
-        return (
-            f'<div class="cltlab-feature-browser-snapshot"><p>{self.header.value}</p>{figure}'
-            f'<div style="display:flex;gap:20px">{self.contexts.value}{self.tokens.value}</div></div>'
-        )
 
     def show(self, layer: int, feature: int) -> None:
         """Select and display ``feature`` of CLT ``layer`` (what a ReplacementComparison's feature links call)."""

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from ..html import code, table, token_text
 from ..replacement import ReplacementModel
 from .feature_browser import FeatureBrowser
+from .snapshot import StaticCopy
 
 
-class ReplacementComparison(widgets.VBox):
+class ReplacementComparison(StaticCopy, widgets.VBox):
     """Type a prompt; compare what the original and the replacement model predict after each token.
 
     Shows, at the chosen token position (the last by default): both models' top-k next tokens with their
