@@ -18,7 +18,8 @@ from .attribution import AttributionGraph, Intervention, attribute, intervene
 from .buffer import DiscBuffer
 from .clt import CrossLayerTranscoder
 from .dashboard import export_dashboard
-from .features import feature_statistics, top_contexts
+from .feature_pages import top_contexts
+from .features import feature_statistics
 from .harvest import harvest
 from .interop import export_circuit_tracer
 from .models import load_model

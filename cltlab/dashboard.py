@@ -251,6 +251,36 @@ def _feature_page(pages: Pages, layer: int, feature: int, chosen: dict[int, list
         for i in range(logits.top_ids.shape[-1])
     )
 
+    related = _related(pages, layer, feature, chosen)
+    body = (
+        f'<p><a href="../../index.html">all layers</a> · <a href="../../layer_{layer}.html">layer {layer + offset}'
+        f"</a></p><h1>{title}</h1>{summary}"
+        '<div class="plots"><div id="activations"></div><div id="norms"></div><div id="logits"></div></div>'
+        f'<div class="columns"><div><h2>Top activations</h2><table class="contexts">{contexts}</table></div>'
+        "<div><h2>Direct logit effects</h2><table><thead><tr><th>promotes</th><th></th><th>suppresses</th><th></th>"
+        f"</tr></thead><tbody>{effects}</tbody></table>"
+        f"{related}</div></div>"
+        f"<script>{_plots_js(pages, layer, feature)}</script>"
+    )
+    return _document(title, body, root="../../")
+
+
+def _tokens(texts: list[str], values: list[float], vmax: float, focus: int) -> str:
+    """A context's tokens, each shaded by its activation ÷ ``vmax`` (hover: the value), the top one outlined; in
+    as few bytes as the style sheet allows (a dashboard has thousands of pages)."""
+    spans = []
+    for i, (text, value) in enumerate(zip(texts, values, strict=True)):
+        alpha = min(max(value / vmax, 0.0), 1.0) if vmax > 0 else 0.0
+        mark = ' class="f"' if i == focus else ""
+        spans.append(f'<i{mark} style="--a:{alpha:.2f}" title="{value:.3f}">{html.escape(text)}</i>')
+    return f'<div class="ctx">{"".join(spans)}</div>'
+
+
+def _related(pages: Pages, layer: int, feature: int, chosen: dict[int, list[int]]) -> str:
+    """The nearest features by decoder direction and the most correlated ones, as lists of links."""
+    stats, offset = pages.stats, pages.stats.layer_offset
+    frequency = stats.frequency[layer, feature].item()
+
     def link(other_layer: int, other: int, css: str, score: str) -> str:
         name = f"layer {other_layer + offset} · feature {other}"
         if other in chosen.get(other_layer, []):
@@ -270,28 +300,8 @@ def _feature_page(pages: Pages, layer: int, feature: int, chosen: dict[int, list
             for other, value in zip(stats.correlated[layer, feature], stats.correlation[layer, feature].tolist(), strict=True)
         )  # fmt: skip
         correlated = f"<h2>Most correlated in activation (layer {layer + offset})</h2><ol>{items}</ol>"
-    body = (
-        f'<p><a href="../../index.html">all layers</a> · <a href="../../layer_{layer}.html">layer {layer + offset}'
-        f"</a></p><h1>{title}</h1>{summary}"
-        '<div class="plots"><div id="activations"></div><div id="norms"></div><div id="logits"></div></div>'
-        f'<div class="columns"><div><h2>Top activations</h2><table class="contexts">{contexts}</table></div>'
-        "<div><h2>Direct logit effects</h2><table><thead><tr><th>promotes</th><th></th><th>suppresses</th><th></th>"
-        f"</tr></thead><tbody>{effects}</tbody></table>"
-        f"<h2>Nearest by decoder direction (at layer {layer + offset})</h2><ol>{links}</ol>{correlated}</div></div>"
-        f"<script>{_plots_js(pages, layer, feature)}</script>"
-    )
-    return _document(title, body, root="../../")
-
-
-def _tokens(texts: list[str], values: list[float], vmax: float, focus: int) -> str:
-    """A context's tokens, each shaded by its activation ÷ ``vmax`` (hover: the value), the top one outlined; in
-    as few bytes as the style sheet allows (a dashboard has thousands of pages)."""
-    spans = []
-    for i, (text, value) in enumerate(zip(texts, values, strict=True)):
-        alpha = min(max(value / vmax, 0.0), 1.0) if vmax > 0 else 0.0
-        mark = ' class="f"' if i == focus else ""
-        spans.append(f'<i{mark} style="--a:{alpha:.2f}" title="{value:.3f}">{html.escape(text)}</i>')
-    return f'<div class="ctx">{"".join(spans)}</div>'
+    nearest = f"<h2>Nearest by decoder direction (at layer {layer + offset})</h2><ol>{links}</ol>"
+    return nearest + correlated
 
 
 def _plots_js(pages: Pages, layer: int, feature: int) -> str:

@@ -5,12 +5,15 @@ After the statistics pass has found each feature's top rows, ``context_windows``
 each of them, encoded from the stored ``resid_mid`` rows (what the model computed at harvest time; the rows of
 a sequence are found by their ``sequence`` and ``position``, as a forward batch's rows are stored shuffled). It
 reads only the buffer blocks that hold such rows and encodes only those rows. ``logit_tables`` lists, for every
-feature, the output tokens its decoder promotes and suppresses through the unembedding.
+feature, the output tokens its decoder promotes and suppresses through the unembedding. ``band_samples`` samples
+contexts from bands of each feature's activation range and finds the features most correlated with it.
+``top_contexts`` prints a few features' top contexts as text.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import html
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -18,6 +21,9 @@ import torch
 from .buffer import DiscBuffer
 from .clt import CrossLayerTranscoder
 from .feature_effects import feature_directions
+
+if TYPE_CHECKING:
+    from .features import LayerStatistics
 
 WINDOW = (12, 4)
 """Tokens kept before and after each top context's own token."""
@@ -210,3 +216,54 @@ def band_samples(
         top = pearson.float().topk(min(n_correlated, F - 1), dim=2)
         correlated, correlation = top.indices.cpu(), top.values.cpu()
     return Samples(rows.cpu(), values.cpu(), correlated, correlation)
+
+
+class FeatureContexts(NamedTuple):
+    """Top-activating contexts of a few features; renders as an HTML table in a notebook."""
+
+    layer: int
+    rows: list[tuple[int, float, str, str, str]]
+    """``(feature, activation, text before, token, text after)``"""
+
+    def _repr_html_(self) -> str:
+        lines = [
+            "<table><tr><th>layer</th><th>feature</th><th>activation</th><th style='text-align:left'>context</th></tr>"
+        ]
+        for feature, act, before, token, after in self.rows:
+            context = (
+                f"{html.escape(before)}<mark style='background:#fdae61'><b>{html.escape(token)}</b></mark>"
+                f"{html.escape(after)}"
+            )
+            lines.append(
+                f"<tr><td>{self.layer}</td><td>{feature}</td><td>{act:.3f}</td>"
+                f"<td style='text-align:left;font-family:monospace;white-space:pre'>{context}</td></tr>"
+            )
+        return "\n".join(lines + ["</table>"])
+
+    def __str__(self) -> str:
+        return "\n".join(f"L{self.layer} #{f} {a:7.3f}  {b}[[{t}]]{c}" for f, a, b, t, c in self.rows)
+
+
+def top_contexts(
+    stats: LayerStatistics,
+    buffer: DiscBuffer,
+    tokenizer,
+    features: list[int],
+    *,
+    per_feature: int = 5,
+    window: int = 8,
+) -> FeatureContexts:
+    """Text around the top activations of ``features``: ``window`` tokens before and ``window // 2`` after."""
+
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids).replace("\n", "⏎")
+
+    rows = []
+    for feature in features:
+        top = zip(stats.top_values[feature][:per_feature], stats.top_rows[feature][:per_feature], strict=True)
+        for value, row in top:
+            if row < 0:
+                continue
+            ids, i = buffer.context(int(row), before=window, after=window // 2)
+            rows.append((feature, float(value), text(ids[:i]), text(ids[i : i + 1]), text(ids[i + 1 :])))
+    return FeatureContexts(stats.layer, rows)

@@ -19,7 +19,6 @@ written by an older cltlab is recomputed.
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -404,54 +403,3 @@ def layer_statistics(
     t = _stream(clt, buffer, [layer], k=k, n_bins=n_bins, block_size=block_size, n=n, progress=progress)
     stats = FeatureStatistics(**t, n_tokens=n, layer_offset=clt.config.layer_offset)
     return stats.layer(0)._replace(layer=layer)
-
-
-class FeatureContexts(NamedTuple):
-    """Top-activating contexts of a few features; renders as an HTML table in a notebook."""
-
-    layer: int
-    rows: list[tuple[int, float, str, str, str]]
-    """``(feature, activation, text before, token, text after)``"""
-
-    def _repr_html_(self) -> str:
-        lines = [
-            "<table><tr><th>layer</th><th>feature</th><th>activation</th><th style='text-align:left'>context</th></tr>"
-        ]
-        for feature, act, before, token, after in self.rows:
-            context = (
-                f"{html.escape(before)}<mark style='background:#fdae61'><b>{html.escape(token)}</b></mark>"
-                f"{html.escape(after)}"
-            )
-            lines.append(
-                f"<tr><td>{self.layer}</td><td>{feature}</td><td>{act:.3f}</td>"
-                f"<td style='text-align:left;font-family:monospace;white-space:pre'>{context}</td></tr>"
-            )
-        return "\n".join(lines + ["</table>"])
-
-    def __str__(self) -> str:
-        return "\n".join(f"L{self.layer} #{f} {a:7.3f}  {b}[[{t}]]{c}" for f, a, b, t, c in self.rows)
-
-
-def top_contexts(
-    stats: LayerStatistics,
-    buffer: DiscBuffer,
-    tokenizer,
-    features: list[int],
-    *,
-    per_feature: int = 5,
-    window: int = 8,
-) -> FeatureContexts:
-    """Text around the top activations of ``features``: ``window`` tokens before and ``window // 2`` after."""
-
-    def text(ids: list[int]) -> str:
-        return tokenizer.decode(ids).replace("\n", "⏎")
-
-    rows = []
-    for feature in features:
-        top = zip(stats.top_values[feature][:per_feature], stats.top_rows[feature][:per_feature], strict=True)
-        for value, row in top:
-            if row < 0:
-                continue
-            ids, i = buffer.context(int(row), before=window, after=window // 2)
-            rows.append((feature, float(value), text(ids[:i]), text(ids[i : i + 1]), text(ids[i + 1 :])))
-    return FeatureContexts(stats.layer, rows)

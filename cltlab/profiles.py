@@ -1,0 +1,122 @@
+"""The named profiles: data, each a ``Profile`` bundling a harvest, a training and an evaluation config.
+
+``ci`` is CI's tiny run (seeded random tiny-gpt2), ``default`` the embedded SmolLM2-135M on a CPU, ``gpu`` the same
+model at scale on one GPU, ``gpt2`` GPT-2 small from the hub. ``get_profile`` returns a copy, or a profile saved as
+YAML.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from .config import (
+    DataConfig,
+    EvalConfig,
+    HarvestConfig,
+    LossConfig,
+    OptimizerConfig,
+    Profile,
+    TrainConfig,
+    TrainerConfig,
+    TranscoderConfig,
+)
+
+PROFILES: dict[str, Profile] = {
+    # CI: seeded random tiny GPT-2 (real GPT-2 tokenizer), a few thousand tokens, seconds per stage.
+    "ci": Profile(
+        name="ci",
+        harvest=HarvestConfig(model="tiny-gpt2", n_tokens=4096, seq_len=64, batch_size=16),
+        train=TrainConfig(
+            transcoder=TranscoderConfig(d_features=128),
+            loss=LossConfig(sparsity_coef=1e-3),
+            optimizer=OptimizerConfig(lr=1e-3),
+            trainer=TrainerConfig(
+                max_steps=60, log_every=5, checkpoint_every=30, wandb=False, val_every=30, val_sequences=4
+            ),
+            data=DataConfig(batch_size=256),
+        ),
+        eval=EvalConfig(n_sequences=8, batch_size=4),
+    ),
+    # The embedded real model, sized for a CPU run of a few minutes per stage.
+    "default": Profile(
+        name="default",
+        harvest=HarvestConfig(
+            model="smollm2-135m",
+            n_tokens=60_000,
+            seq_len=128,
+            batch_size=16,
+            model_dtype="bfloat16",
+            dtype="bfloat16",
+        ),
+        train=TrainConfig(
+            transcoder=TranscoderConfig(d_features=256),
+            loss=LossConfig(sparsity_coef=3e-4),
+            optimizer=OptimizerConfig(lr=6e-4),
+            trainer=TrainerConfig(
+                max_steps=600,
+                precision="bf16-mixed",
+                log_every=10,
+                checkpoint_every=200,
+                val_every=300,
+                val_sequences=8,
+            ),
+            # one worker process reads and prefetches batches while the CLT trains
+            data=DataConfig(batch_size=512, num_workers=1),
+        ),
+        eval=EvalConfig(n_sequences=32, batch_size=8),
+    ),
+    # One modern GPU (tens of GiB): every layer of smollm2-135m, 4096 features per layer, 20M training tokens
+    # harvested live (~1.4 TB in bf16: more than a disc holds) from the offline corpus, which repeats (use an
+    # ``hf:`` corpus online); the folder keeps 262,144 tokens (18 GiB) for feature statistics and dashboards.
+    "gpu": Profile(
+        name="gpu",
+        harvest=HarvestConfig(
+            model="smollm2-135m",
+            n_tokens=262_144,
+            seq_len=128,
+            batch_size=64,
+            model_dtype="bfloat16",
+            dtype="bfloat16",
+        ),
+        train=TrainConfig(
+            transcoder=TranscoderConfig(d_features=4096),
+            loss=LossConfig(sparsity_coef=2e-4),
+            optimizer=OptimizerConfig(lr=4e-4, lr_warmup_steps=100),
+            trainer=TrainerConfig(
+                max_steps=4883,  # × 4096 tokens = 20M
+                precision="bf16-mixed",
+                compile=True,
+                log_every=50,
+                checkpoint_every=1000,
+                val_every=500,
+                val_sequences=32,
+            ),
+            data=DataConfig(batch_size=4096, live=True, shuffle_rows=262_144),
+        ),
+        eval=EvalConfig(n_sequences=256, batch_size=32),
+    ),
+    # GPT-2 small from the hub (needs the network once).
+    "gpt2": Profile(
+        name="gpt2",
+        harvest=HarvestConfig(model="gpt2", n_tokens=200_000, seq_len=128, batch_size=16),
+        train=TrainConfig(
+            transcoder=TranscoderConfig(d_features=2048),
+            loss=LossConfig(sparsity_coef=2e-4),
+            optimizer=OptimizerConfig(lr=2e-4),
+            trainer=TrainerConfig(max_steps=3000, val_every=500),
+            data=DataConfig(batch_size=1024),
+        ),
+        eval=EvalConfig(n_sequences=64, batch_size=8),
+    ),
+}
+
+
+def get_profile(name: str | Path) -> Profile:
+    """A copy of the profile called ``name`` (so a notebook may edit it freely), or the one saved in the YAML file
+    ``name`` (``Profile.save``)."""
+    if str(name) in PROFILES:
+        return copy.deepcopy(PROFILES[str(name)])
+    if Path(name).suffix in (".yaml", ".yml"):
+        return Profile.load(name)
+    raise KeyError(f"Unknown profile {str(name)!r}; choose one of {sorted(PROFILES)} or give a YAML file.")
