@@ -101,3 +101,13 @@ def wait_until(condition, timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def feature_clt(stats) -> CrossLayerTranscoder:
+    """The seeded 4-layer × 12-feature CLT of the feature tests (statistics, widgets, dashboard): normalized with
+    ``stats`` (a buffer's), thresholds at 0.5, and features 0–2 of layer 2 that never fire."""
+    clt = make_clt(4, 64, 12, normalization=False, threshold_init=0.5, seed=5)
+    clt.set_normalization(*stats)
+    with torch.no_grad():
+        clt.activation.log_threshold[2, :3] = 10.0
+    return clt

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_clt
+from helpers import feature_clt
 
 from cltlab import DiscBuffer, export_dashboard, feature_statistics
 from cltlab.attribution.export import cantor
@@ -22,12 +22,7 @@ EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:[a-z][a-z0-9+.-]*:|//)""
 
 @pytest.fixture(scope="module")
 def clt(buffer_path):
-    buffer = DiscBuffer(buffer_path, batch_size=100)
-    clt = make_clt(4, 64, 12, normalization=False, threshold_init=0.5, seed=5)
-    clt.set_normalization(*buffer.stats)
-    with torch.no_grad():
-        clt.activation.log_threshold[2, :3] = 10.0  # three dead features in layer 2
-    return clt
+    return feature_clt(DiscBuffer(buffer_path, batch_size=100).stats)  # three features of layer 2 never fire
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import make_clt
+from helpers import feature_clt, make_clt
 from safetensors.torch import save_file
 
 from cltlab import DiscBuffer, feature_statistics, top_contexts
@@ -24,11 +24,7 @@ def buffer(buffer_path):
 
 @pytest.fixture(scope="module")
 def clt(buffer):
-    clt = make_clt(4, 64, 12, normalization=False, threshold_init=0.5, seed=5)
-    clt.set_normalization(*buffer.stats)
-    with torch.no_grad():
-        clt.activation.log_threshold[2, :3] = 10.0  # three features of layer 2 that never fire
-    return clt
+    return feature_clt(buffer.stats)  # three features of layer 2 never fire
 
 
 def brute_force(clt, buffer, layer: int, n: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_clt
+from helpers import feature_clt, make_clt
 
 from cltlab import DiscBuffer, FeatureBrowser, ReplacementComparison, ReplacementModel, feature_statistics
 from cltlab.feature_effects import decoder_norms_by_target
@@ -21,11 +21,7 @@ def buffer(buffer_path):
 
 @pytest.fixture(scope="module")
 def clt(buffer):
-    clt = make_clt(4, 64, 12, normalization=False, threshold_init=0.5, seed=5)
-    clt.set_normalization(*buffer.stats)
-    with torch.no_grad():
-        clt.activation.log_threshold[2, :3] = 10.0  # three dead features in layer 2
-    return clt
+    return feature_clt(buffer.stats)  # three features of layer 2 never fire
 
 
 @pytest.fixture(scope="module")
