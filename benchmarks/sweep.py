@@ -24,7 +24,8 @@ import cltlab
 
 # name → TrainConfig.replace(**changes) from the default profile, each at about the same wall time: ``STEPS``
 # steps of 512 tokens (~3 s each on this 2-core AVX2 CPU: ~5 minutes), or as many steps of another shape as take
-# as long (half the batch or half the features: twice the steps; a per-layer transcoder's step takes ~1.2 s here).
+# as long (half the batch or half the features: twice the steps, a quarter of the features: three times; a
+# per-layer transcoder's step takes ~1.2 s here).
 STEPS = 100
 POINTS: dict[str, dict] = {
     "default": {},
@@ -33,6 +34,7 @@ POINTS: dict[str, dict] = {
     "lr4e-3_lam1e-4": dict(lr=4e-3, sparsity_coef=1e-4),
     "B256_lr2e-3_lam1e-4": dict(batch_size=256, max_steps=2 * STEPS, lr=2e-3, sparsity_coef=1e-4),
     "F128_lr2e-3_lam1e-4": dict(d_features=128, max_steps=2 * STEPS, lr=2e-3, sparsity_coef=1e-4),
+    "F64_lr2e-3_lam1e-4": dict(d_features=64, max_steps=3 * STEPS, lr=2e-3, sparsity_coef=1e-4),
     "lr2e-3_lam1e-4_c1": dict(lr=2e-3, sparsity_coef=1e-4, sparsity_c=1.0),
     "lr2e-3_lam1e-4_theta0.03": dict(lr=2e-3, sparsity_coef=1e-4, threshold_init=0.03),
     "batchtopk32_lr2e-3": dict(activation_kind="batchtopk", k=32, lr=2e-3),
