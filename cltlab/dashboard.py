@@ -13,6 +13,7 @@ statistics (``feature_statistics(..., model=model)``) and the CLT's weights: no 
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import shutil
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .clt import CrossLayerTranscoder
 from .feature_effects import decoder_norms_by_target, feature_directions, unembedding
-from .feature_pages import LogitTables, logit_tables
+from .feature_pages import LogitTables, logit_tables, stored_contexts
 from .features import FeatureStatistics
 from .html import readable
 from .models import LoadedModel
@@ -96,17 +97,25 @@ class Pages:
                 "These feature statistics keep no context windows (an older cltlab computed them): compute them "
                 "again with cltlab.feature_statistics(clt, buffer, model=model, save_dir=...)."
             )
-        self.stats, self.clt, self.tokenizer = stats, clt, model.tokenizer
-        U = unembedding(model)
+        self.stats, self.clt, self.tokenizer, self.n_neighbours = stats, clt, model.tokenizer, neighbours
+        self.unembedding = unembedding(model)
         if stats.top_logit_ids is not None:
             self.logits = LogitTables(
                 stats.top_logit_ids, stats.top_logit_values, stats.bottom_logit_ids, stats.bottom_logit_values
             )
         else:
-            self.logits = logit_tables(clt, U)
-        self.logit_hist = logit_histograms(clt, U)
-        self.neighbours = decoder_neighbours(clt, neighbours)
+            self.logits = logit_tables(clt, self.unembedding)
         self._text: dict[int, str] = {}
+
+    @functools.cached_property
+    def logit_hist(self) -> torch.Tensor:
+        """``logit_histograms`` of every feature (computed on first use: the feature files need none)."""
+        return logit_histograms(self.clt, self.unembedding)
+
+    @functools.cached_property
+    def neighbours(self) -> Neighbours:
+        """``decoder_neighbours`` of every feature (computed on first use)."""
+        return decoder_neighbours(self.clt, self.n_neighbours)
 
     def text(self, token: int) -> str:
         if token not in self._text:
@@ -118,21 +127,10 @@ class Pages:
     ) -> list[tuple[float, list[str], list[float], int]]:
         """The top contexts (or those sampled from activation ``band``), each as its activation, the window's
         token texts, their activations and the index of its own token."""
-        stats = self.stats
-        k = stats.top_rows.shape[-1]
-        if band is None:
-            rows, values, first = stats.top_rows[layer, feature], stats.top_values[layer, feature], 0
-        else:
-            rows, values = stats.band_rows[layer, feature, band], stats.band_values[layer, feature, band]
-            first = k + band * len(rows)
-        out = []
-        for j in (rows >= 0).nonzero().flatten().tolist():
-            ids = stats.context_ids[layer, feature, first + j].tolist()
-            acts = (stats.context_acts[layer, feature, first + j].nan_to_num(0.0) + 0.0).tolist()  # no -0.0
-            keep = [i for i, t in enumerate(ids) if t >= 0]
-            texts = [self.text(ids[i]) for i in keep]
-            out.append((values[j].item(), texts, [acts[i] for i in keep], keep.index(stats.before)))
-        return out
+        return [
+            (c.activation, [self.text(t) for t in c.ids], c.acts, c.index)
+            for c in stored_contexts(self.stats, layer, feature, band)
+        ]
 
     def label(self, layer: int, feature: int) -> str:
         """The token the feature fires on most often among its top contexts ("" for a dead feature)."""

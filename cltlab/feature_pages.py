@@ -105,6 +105,41 @@ def _encode_entries(
             acts[layer].view(-1)[flat[lo:hi]] = f[inverse, feature[lo:hi]]
 
 
+class StoredContext(NamedTuple):
+    """One context kept in the statistics, as a page shows it."""
+
+    activation: float
+    """The feature's activation on the context's own token."""
+    ids: list[int]
+    """Token ids of the window (only those inside the sequence)."""
+    acts: list[float]
+    """The feature's activation on each of them (0 where no stored row held the token)."""
+    index: int
+    """Position of the context's own token in ``ids``."""
+
+
+def stored_contexts(stats, layer: int, feature: int, band: int | None = None) -> list[StoredContext]:
+    """The top contexts of a feature kept in ``stats`` (a ``FeatureStatistics`` with windows), or those sampled
+    from activation ``band``."""
+    k = stats.top_rows.shape[-1]
+    if band is None:
+        rows, values, first = stats.top_rows[layer, feature], stats.top_values[layer, feature], 0
+    else:
+        rows, values = stats.band_rows[layer, feature, band], stats.band_values[layer, feature, band]
+        first = k + band * len(rows)
+    out = []
+    for j in (rows >= 0).nonzero().flatten().tolist():
+        ids = stats.context_ids[layer, feature, first + j].tolist()
+        acts = (stats.context_acts[layer, feature, first + j].nan_to_num(0.0) + 0.0).tolist()  # no -0.0
+        keep = [i for i, t in enumerate(ids) if t >= 0]
+        out.append(
+            StoredContext(
+                values[j].item(), [ids[i] for i in keep], [acts[i] for i in keep], keep.index(stats.before)
+            )
+        )
+    return out
+
+
 class LogitTables(NamedTuple):
     """Per feature, the output tokens its decoder pushes up and down most (direct logit effect per unit)."""
 

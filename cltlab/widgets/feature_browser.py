@@ -16,6 +16,7 @@ from ..feature_effects import (
     logit_effects,
     unembedding,
 )
+from ..feature_pages import stored_contexts
 from ..features import FeatureStatistics
 from ..html import code, shaded_tokens, table, token_text
 from ..models import LoadedModel
@@ -210,19 +211,13 @@ class FeatureBrowser(StaticCopy, widgets.VBox):
             return self._recomputed_contexts_html(layer, feature)
         vmax = stats.max_activation[layer, feature].item()
         rows = []
-        lo, hi = stats.before - self.before, stats.before + self.after + 1  # the part of each window shown
-        for j in range(min(self.n_contexts, stats.top_rows.shape[-1])):
-            if stats.top_rows[layer, feature, j] < 0:
-                break
-            ids = stats.context_ids[layer, feature, j, lo:hi].tolist()
-            acts = stats.context_acts[layer, feature, j, lo:hi].nan_to_num(0.0).tolist()
-            keep = [i for i, t in enumerate(ids) if t >= 0]
-            texts = [token_text(self.model.tokenizer, ids[i]) for i in keep]
-            values = [acts[i] for i in keep]
-            focus = keep.index(self.before)
+        for c in stored_contexts(stats, layer, feature)[: self.n_contexts]:
+            start = max(0, c.index - self.before)  # the part of each window shown
+            shown = slice(start, c.index + self.after + 1)
+            texts = [token_text(self.model.tokenizer, t) for t in c.ids[shown]]
             rows.append(
-                f"<tr><td>{stats.top_values[layer, feature, j]:.3f}</td><td>"
-                f"{shaded_tokens(texts, values, vmax, focus=focus)}</td></tr>"
+                f"<tr><td>{c.activation:.3f}</td><td>"
+                f"{shaded_tokens(texts, c.acts[shown], vmax, focus=c.index - start)}</td></tr>"
             )
         if not rows:
             return '<p class="cltlab-no-contexts"><i>No contexts: this feature never fired.</i></p>'
