@@ -39,6 +39,18 @@ POINTS: dict[str, dict] = {
     "lr2e-3_lam1e-4_theta0.03": dict(lr=2e-3, sparsity_coef=1e-4, threshold_init=0.03),
     "batchtopk32_lr2e-3": dict(activation_kind="batchtopk", k=32, lr=2e-3),
     "plt_S250_lr2e-3_lam1e-4": dict(cross_layer=False, max_steps=5 * STEPS // 2, lr=2e-3, sparsity_coef=1e-4),
+    # ~4 minutes of training (what a ~10-minute ``make run`` leaves): ~2 s per step at 128 features, ~1.2 s at 64
+    "F128_S120": dict(d_features=128, max_steps=120, lr=2e-3, sparsity_coef=1e-4),
+    "F64_S200": dict(d_features=64, max_steps=200, lr=2e-3, sparsity_coef=1e-4),
+    "F32_S300": dict(d_features=32, max_steps=300, lr=2e-3, sparsity_coef=1e-4),
+    "F64_S200_lr4e-3": dict(d_features=64, max_steps=200, lr=4e-3, sparsity_coef=1e-4),
+    "F64_B256_S400_lr1e-3": dict(d_features=64, batch_size=256, max_steps=400, lr=1e-3, sparsity_coef=1e-4),
+    "F64_S200_residual": dict(
+        d_features=64, max_steps=200, lr=2e-3, sparsity_coef=1e-4, layer_weighting="residual"
+    ),
+    "F64_S200_residual_lam3e-5": dict(
+        d_features=64, max_steps=200, lr=2e-3, sparsity_coef=3e-5, layer_weighting="residual"
+    ),
 }
 FIGURES = ("kl", "top1_agreement", "ce_recovered", "nmse", "mean_l0")
 

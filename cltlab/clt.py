@@ -233,6 +233,14 @@ class CrossLayerTranscoder(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- loss
 
+    def layer_weights(self, weighting: str) -> torch.Tensor | None:
+        """``(n_layers,)`` weights of the layers' squared errors for ``LossConfig.layer_weighting``, from the
+        installed normalization; ``None`` for ``uniform``."""
+        if weighting == "uniform":
+            return None
+        ratio = (self.output_scale / self.input_scale.clamp_min(1e-12)).flatten()
+        return ratio / ratio.mean()
+
     def decoder_norms(self) -> torch.Tensor:
         """``(n_layers, d_features)``: norm of each feature's decoder vectors, all targets concatenated."""
         return decoding.decoder_norms(self.W_dec)
@@ -246,13 +254,15 @@ class CrossLayerTranscoder(nn.Module):
         sparsity_c: float = 4.0,
         preact_coef: float = 3e-6,
         decoding: str = "dense",
+        layer_weights: torch.Tensor | None = None,
     ) -> CLTLoss:
         """The training loss on raw ``resid_mid`` x and raw ``mlp_out`` y, both ``(batch, n_layers, d_model)``.
 
         ``decoding``: ``dense``, ``sparse`` or ``auto`` (sparse for the source layers where few features fire);
         all three give the same loss and gradients. A TopK / BatchTopK transcoder decoded sparsely never forms its
         dense features (``cltlab.selected``); it has no pre-activation loss. With ``sparsity_coef=0`` the sparsity
-        term is measured but not differentiated.
+        term is measured but not differentiated. ``layer_weights`` ``(n_layers,)`` weight each layer's squared
+        error in the MSE (``layer_weights``; none: all 1).
         """
         self._check(y, "mlp_out")
         if use_selected(self.activation, self.d_features, x.device, decoding):
@@ -264,7 +274,7 @@ class CrossLayerTranscoder(nn.Module):
         sparsity = torch.tanh(sparsity_c * weighted).sum() / x.shape[0]
         target = (y.to(recon.dtype) - self.output_mean) / self.output_scale
         err = (recon - target).pow(2)
-        mse = err.mean()
+        mse = err.mean() if layer_weights is None else (err.mean((0, 2)) * layer_weights).mean()
         with torch.no_grad():
             variance = (target - target.mean(0)).pow(2).sum((0, 2)).clamp_min(1e-12)
             nmse = err.sum((0, 2)) / variance

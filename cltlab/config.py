@@ -131,10 +131,17 @@ class LossConfig:
     decoding: str = "auto"
     """How the decoder products are computed: ``dense``, ``sparse`` (gather the active features' decoder rows) or
     ``auto`` (sparse when few fire). The loss is the same either way."""
+    layer_weighting: str = "uniform"
+    """How the layers' normalized squared errors are weighted in the MSE: ``uniform``, or ``residual``: in
+    proportion to how large the layer's ``mlp_out`` is beside the ``resid_mid`` it is added to (``output_scale ÷
+    input_scale``, weights averaging 1), so that a layer whose MLP writes most of the residual stream (the first
+    one, in most models) counts for as much as its errors cost downstream."""
 
     def __post_init__(self) -> None:
         if self.decoding not in ("auto", "dense", "sparse"):
             raise ValueError(f"decoding must be auto, dense or sparse, not {self.decoding!r}.")
+        if self.layer_weighting not in ("uniform", "residual"):
+            raise ValueError(f"layer_weighting must be uniform or residual, not {self.layer_weighting!r}.")
         if (
             min(self.sparsity_coef, self.sparsity_c, self.preact_coef) < 0
             or not 0 <= self.sparsity_warmup <= 1

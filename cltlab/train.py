@@ -62,6 +62,7 @@ class CLTModule(L.LightningModule):
             sparsity_c=loss.sparsity_c,
             preact_coef=loss.preact_coef,
             decoding=loss.decoding,
+            layer_weights=self.clt.layer_weights(loss.layer_weighting),
         )
         losses = self.from_every_rank(out.total.detach().float())  # (world_size,)
         if not losses.isfinite().all():

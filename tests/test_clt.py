@@ -171,6 +171,35 @@ def test_loss_terms_follow_their_formulas():
     assert torch.equal(out.active, (f > 0).any(0))
 
 
+def test_residual_layer_weighting_scales_each_layers_squared_error():
+    clt = make_clt(L, D, F)
+    clt.set_normalization(
+        clt.input_mean,
+        torch.tensor([0.1, 2.0, 4.0, 4.0]),
+        clt.output_mean,
+        torch.tensor([1.6, 1.0, 1.0, 8.0]),
+    )
+    assert clt.layer_weights("uniform") is None
+    weights = clt.layer_weights("residual")
+    ratio = torch.tensor([16.0, 0.5, 0.25, 2.0])
+    assert torch.allclose(weights, ratio / ratio.mean())  # mlp_out scale ÷ resid_mid scale, mean 1
+    x, y = raw_inputs(clt, seed=1), raw_inputs(clt, seed=2)
+    plain = clt.loss(x, y, sparsity_coef=0.0)
+    weighted = clt.loss(x, y, sparsity_coef=0.0, layer_weights=weights)
+    target = (y - clt.output_mean) / clt.output_scale
+    per_layer = (clt.decode_normalized(clt.encode(x)) - target).pow(2).mean((0, 2))  # (L,)
+    assert torch.allclose(weighted.mse, (per_layer * weights).mean(), rtol=1e-5)
+    assert torch.allclose(plain.mse, per_layer.mean(), rtol=1e-5)
+    assert torch.equal(weighted.nmse, plain.nmse)  # the reported NMSE is unweighted
+
+
+def test_layer_weighting_is_checked():
+    from cltlab.config import LossConfig
+
+    with pytest.raises(ValueError, match="layer_weighting must be uniform or residual, not 'squared'"):
+        LossConfig(layer_weighting="squared")
+
+
 def test_perfect_reconstruction_has_zero_nmse():
     clt = make_clt(L, D, F)
     x = raw_inputs(clt, batch=16)
