@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from cltlab import CrossLayerTranscoder, DiscBuffer, plots, train
-from cltlab.config import DataConfig, OptimizerConfig, TrainConfig, TrainerConfig, TranscoderConfig
+from cltlab.config import (
+    DataConfig,
+    LossConfig,
+    OptimizerConfig,
+    TrainConfig,
+    TrainerConfig,
+    TranscoderConfig,
+)
 from cltlab.data import EpochSampler, ThreadedBatches
 from cltlab.train import CLTModule, lr_factor
 
@@ -106,6 +113,29 @@ def test_per_layer_transcoder_training(tmp_path, buffer_path):
     assert not result.clt.config.cross_layer
     assert [tuple(W.shape) for W in result.clt.W_dec] == [(16, 1, 64)] * 4
     assert len([r for r in read_metrics(result.log_dir) if r["loss"]]) == 3
+
+
+def test_residual_layer_weighting_reaches_the_loss(tmp_path, buffer_path, monkeypatch):
+    seen = []
+    loss = CrossLayerTranscoder.loss
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs["layer_weights"])
+        return loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(CrossLayerTranscoder, "loss", recording)
+    config = TrainConfig(
+        transcoder=TranscoderConfig(d_features=16),
+        loss=LossConfig(layer_weighting="residual"),
+        trainer=TrainerConfig(max_steps=2, wandb=False, log_every=1, checkpoint_every=100),
+        data=DataConfig(batch_size=128),
+    )
+    result = train(config, buffer_path, tmp_path / "weighted", enable_progress_bar=False)
+    expected = result.clt.output_scale.flatten() / result.clt.input_scale.flatten()
+    assert len(seen) == 2
+    for weights in seen:  # from the harvest's normalization, mean 1
+        assert torch.allclose(weights, expected / expected.mean())
+        assert not torch.allclose(weights, torch.ones_like(weights))
 
 
 def test_train_refuses_a_buffer_smaller_than_a_batch(tmp_path, buffer_path):
