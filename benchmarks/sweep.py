@@ -1,10 +1,12 @@
 """Quality per CPU-minute of the ``default`` profile: train variants of it on one harvest and compare them.
 
-Each point changes a few fields of the default profile's ``TrainConfig`` (``TrainConfig.replace`` names); all
-train on the same harvest (``--buffer``, the default run's) and are evaluated as notebook 04 does
-(``cltlab.evaluate``: the profile's eval config, held-out text, float32 model). A point's wall time is its
-training time, each point sized to about the same (``STEPS``). Finished points are kept under
-``--out`` (keyed by their config, harvest and eval), so running again reuses them.
+Each point changes a few fields (``TrainConfig.replace`` names) of ``BASE``: the default profile's ``TrainConfig`` as
+it was when the sweep began (256 features, λ 3e-4, lr 6e-4, every layer's error weighted alike; 600 steps, ~50
+minutes of ``make run``). All train on the same harvest (``--buffer``, a default run's) and are evaluated as notebook
+04 does (``cltlab.evaluate``: the profile's eval config, held-out text, float32 model). A point's wall time is its
+training time; the points come in two budgets, ~6 and ~4–5 minutes (``F64_S200_residual`` is today's default
+profile). Finished points are kept under ``--out`` (keyed by their config, harvest and eval), so running again
+reuses them.
 
 The table printed at the end has one row per point; the last lines are ``name = value`` for the best point
 (lowest KL among those within ``--budget`` seconds of training).
@@ -22,7 +24,8 @@ from pathlib import Path
 
 import cltlab
 
-# name → TrainConfig.replace(**changes) from the default profile, each at about the same wall time: ``STEPS``
+BASE = dict(d_features=256, sparsity_coef=3e-4, lr=6e-4, layer_weighting="uniform")
+# name → TrainConfig.replace(**BASE, **changes) from the default profile, each at about the same wall time: ``STEPS``
 # steps of 512 tokens (~3 s each on this 2-core AVX2 CPU: ~5 minutes), or as many steps of another shape as take
 # as long (half the batch or half the features: twice the steps, a quarter of the features: three times; a
 # per-layer transcoder's step takes ~1.2 s here).
@@ -48,6 +51,31 @@ POINTS: dict[str, dict] = {
     "F64_S200_residual": dict(
         d_features=64, max_steps=200, lr=2e-3, sparsity_coef=1e-4, layer_weighting="residual"
     ),
+    "F128_S200_residual": dict(
+        d_features=128, max_steps=200, lr=2e-3, sparsity_coef=1e-4, layer_weighting="residual"
+    ),
+    "F64_S200_residual_c1": dict(
+        d_features=64, max_steps=200, lr=2e-3, sparsity_coef=1e-4, layer_weighting="residual", sparsity_c=1.0
+    ),
+    "F64_S200_residual_theta0.03": dict(
+        d_features=64,
+        max_steps=200,
+        lr=2e-3,
+        sparsity_coef=1e-4,
+        layer_weighting="residual",
+        threshold_init=0.03,
+    ),
+    "F64_S200_residual_warmup0.3": dict(
+        d_features=64,
+        max_steps=200,
+        lr=2e-3,
+        sparsity_coef=1e-4,
+        layer_weighting="residual",
+        sparsity_warmup=0.3,
+    ),
+    "F64_S200_residual_batchtopk16": dict(
+        d_features=64, max_steps=200, lr=2e-3, layer_weighting="residual", activation_kind="batchtopk", k=16
+    ),
     "F64_S200_residual_lam3e-5": dict(
         d_features=64, max_steps=200, lr=2e-3, sparsity_coef=3e-5, layer_weighting="residual"
     ),
@@ -57,7 +85,7 @@ FIGURES = ("kl", "top1_agreement", "ce_recovered", "nmse", "mean_l0")
 
 def run_point(name: str, buffer: Path, out: Path, model, profile) -> dict:
     """Train and evaluate one point, or read it back when it has been run with the same config."""
-    changes = POINTS[name]
+    changes = {**BASE, **POINTS[name]}
     steps = changes.get("max_steps", STEPS)
     config = profile.train.replace(
         **{"max_steps": steps, "wandb": False, "checkpoint_every": steps, "val_every": 0, **changes}

@@ -20,7 +20,7 @@ from .clt import CrossLayerTranscoder
 from .dashboard import export_dashboard
 from .feature_pages import top_contexts
 from .features import feature_statistics
-from .harvest import harvest
+from .harvest import harvest, load_harvest_model
 from .interop import export_circuit_tracer
 from .models import load_model
 from .replacement import ReplacementModel, evaluate
@@ -32,6 +32,7 @@ __version__ = importlib.metadata.version("cltlab")  # one version, pyproject.tom
 __all__ = [  # in data-flow order: the names the notebooks use; the rest live in their modules
     "notebook",
     "load_model",
+    "load_harvest_model",
     "harvest",
     "DiscBuffer",
     "train",

@@ -231,6 +231,13 @@ def _peaks(stored: tuple[list[torch.Tensor], ...]) -> torch.Tensor:
     return torch.stack([torch.stack([torch.stack(torch.aminmax(x)) for x in site]) for site in stored])
 
 
+def load_harvest_model(config: HarvestConfig, device: str | torch.device = "auto") -> LoadedModel:
+    """``config.model`` as ``harvest`` runs it: in ``config.model_dtype`` on ``device`` (``auto``: the GPU when there
+    is one), or in float32 on a CPU without fast bfloat16 (bf16 matmuls are several times slower there)."""
+    device = resolve_device(device)
+    return load_model(config.model, dtype=model_dtype(config.model_dtype, device), device=device)
+
+
 def harvest(
     config: HarvestConfig,
     path: str | Path,
@@ -252,8 +259,7 @@ def harvest(
     job_index, n_jobs = job
     if not 0 <= job_index < n_jobs:
         raise ValueError(f"job must be (i, n) with 0 <= i < n, not {job}.")
-    device = resolve_device(device)
-    model = model or load_model(config.model, dtype=model_dtype(config.model_dtype, device), device=device)
+    model = model or load_harvest_model(config, device)
     layer_start, layer_stop = config.layers or (0, model.n_layers)
     if layer_stop > model.n_layers:
         raise ValueError(f"layers {config.layers} exceed the {model.n_layers} layers of {config.model!r}.")

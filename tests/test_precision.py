@@ -75,3 +75,15 @@ def test_cltlab_device_decides_what_auto_means(monkeypatch):
         precision.resolve_device("auto")
     monkeypatch.delenv("CLTLAB_DEVICE")
     assert precision.lightning_accelerator("auto") == "auto"
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_harvest_model_is_loaded_as_harvest_runs_it(monkeypatch, fast):
+    # Notebook 01 loads its model with this; a bf16 model on a CPU without fast bf16 ran the harvest ~5x slower.
+    from cltlab import load_harvest_model
+    from cltlab.config import HarvestConfig
+
+    monkeypatch.setattr(precision, "fast_bfloat16_cpu", lambda: fast)
+    model = load_harvest_model(HarvestConfig(model="tiny-gpt2", model_dtype="bfloat16"), "cpu")
+    assert model.model.dtype == (torch.bfloat16 if fast else torch.float32)
+    assert load_harvest_model(HarvestConfig(model="tiny-gpt2"), "cpu").model.dtype == torch.float32
