@@ -6,6 +6,7 @@ with a message (each documented in the OpenAPI document), and the server keeps s
 answered 500 with an id that the ``cltlab`` logger prints beside the traceback.
 """
 
+import contextlib
 import importlib
 import logging
 import secrets
@@ -224,13 +225,13 @@ def stream(
         raise HTTPException(400, f"max_batches must be at most {limit}, not {max_batches}.")
     count = max_batches or limit
     nbytes = state.check_reply(batch_size, index)
-    # A disc source's batches after the first go out by sendfile, unread; other sources fill two buffers: a
-    # reader thread reads batch k + 1 into one while batch k is sent from the other.
     ranges = getattr(state.source, "ranges", None)
-    n_buffers = 1 if ranges is not None else 2
-    reservation = state.reserve(n_buffers * nbytes, stream=True)
+    if ranges is not None:
+        return _ranged_stream(state, ranges, batch_size, count, index, nbytes)
+    # Two buffers: a reader thread reads batch k + 1 into one while batch k is sent from the other.
+    reservation = state.reserve(2 * nbytes, stream=True)
     try:
-        buffers = [np.empty(nbytes, np.uint8) for _ in range(n_buffers)]
+        buffers = [np.empty(nbytes, np.uint8) for _ in range(2)]
         first = state.source.take(batch_size, index, buffers[0])  # a bad request fails here, before the 200
     except BaseException:
         reservation.release()
@@ -244,13 +245,6 @@ def stream(
     def frames():
         state.count(first.data.nbytes)
         batch = first
-        if ranges is not None:
-            yield [FRAME.pack(batch.rows, batch.index), batch.data]
-            for k in range(1, count):
-                with ranges(batch_size, None if index is None else index + k) as ranged:
-                    state.count(ranged.nbytes)
-                    yield [FRAME.pack(ranged.rows, ranged.index), *ranged.parts]
-            return
         with ThreadPoolExecutor(1, thread_name_prefix="cltlab-stream-reader") as reader:
             for k in range(count):
                 ahead = reader.submit(take, k + 1) if k + 1 < count else None
@@ -263,6 +257,37 @@ def stream(
         release=reservation.release,
         media_type="application/octet-stream",
         headers=_headers(state, batch_size),
+    )
+
+
+def _ranged_stream(
+    state, ranges, batch_size: int, count: int, index: int | None, nbytes: int
+) -> SocketStream:
+    """A disc source's stream: every batch goes out by ``sendfile`` as byte ranges of its shard files, never read
+    into this process. The first batch's ranges are found before the 200, so a bad request fails first."""
+    reservation = state.reserve(nbytes, stream=True)
+    opened = contextlib.ExitStack()
+    try:
+        first = opened.enter_context(ranges(batch_size, index))
+    except BaseException:
+        reservation.release()
+        raise
+
+    def frames():
+        with opened:  # the first batch's files stay open until it is sent
+            state.count(first.nbytes)
+            yield [FRAME.pack(first.rows, first.index), *first.parts]
+        for k in range(1, count):
+            with ranges(batch_size, None if index is None else index + k) as ranged:
+                state.count(ranged.nbytes)
+                yield [FRAME.pack(ranged.rows, ranged.index), *ranged.parts]
+
+    def release() -> None:
+        opened.close()  # a stream that never started still lets go of the first batch's files
+        reservation.release()
+
+    return SocketStream(
+        frames(), release=release, media_type="application/octet-stream", headers=_headers(state, batch_size)
     )
 
 
