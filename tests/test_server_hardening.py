@@ -458,6 +458,27 @@ def test_batches_go_out_as_the_byte_ranges_of_their_shards(buffer_path, referenc
     buffer.close()
 
 
+def test_streams_dropped_before_or_after_their_first_batch_let_go_of_its_files(buffer_path, reference):
+    # A disc source's first batch is held open as byte ranges from before the 200 until it is sent.
+    with serve(buffer_path) as handle:
+        host, port = handle.url.removeprefix("http://").split(":")
+        for read in (0, 100, 16 + 2 * B * ROW_BYTES + 100):  # nothing, the headers, past the first frame
+            for _ in range(5):
+                with socket.create_connection((host, int(port))) as sock:
+                    sock.sendall(f"GET /activations/stream?batch_size={B}&index=0 HTTP/1.1\r\n"
+                                 f"Host: {host}\r\n\r\n".encode())  # fmt: skip
+                    got = 0
+                    while got < read:
+                        got += len(sock.recv(read - got)) or read
+        assert wait_until(lambda: handle.source._users[B] == 0)  # no request holds the buffer now
+        client = ActivationClient(handle.url)
+        batches = list(client.stream(B, 3, index=1, transport="http"))
+        assert [b.index for b in batches] == [1, 2, 3]
+        for batch in batches:
+            assert_exact(batch, reference)
+        client.close()
+
+
 def test_a_shard_truncated_while_served_cuts_the_stream_and_the_error_is_reported(buffer_path, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(buffer_path, folder)
@@ -478,7 +499,7 @@ def test_a_shard_truncated_while_served_cuts_the_stream_and_the_error_is_reporte
     def intact(index: int) -> bool:
         return all(path != shard or offset + size <= cut for path, offset, size in ranges(index))
 
-    first = next(i for i in range(n) if intact(i) and not intact((i + 1) % n))  # read whole, then sendfile'd
+    first = next(i for i in range(n) if intact(i) and not intact((i + 1) % n))  # whole; the next one is cut
     buffer.close()
     with pytest.raises(RuntimeError, match="the shard is truncated"):
         with serve(folder) as server:

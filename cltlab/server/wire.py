@@ -111,9 +111,7 @@ class SocketStream(StreamingResponse):
                 if time.monotonic() > deadline:
                     raise ClientGone("the client read nothing")
                 await asyncio.sleep(0.001)
-            sock = socket.socket(
-                fileno=os.dup(transport.get_extra_info("socket").fileno())
-            )  # closed by _write
+            sock = _duplicate(transport)  # closed by _write
             sock.settimeout(SEND_TIMEOUT_S)
             # Its own limiter: a long stream must not hold one of the tokens that the sync endpoints share.
             await anyio.to_thread.run_sync(
@@ -131,6 +129,17 @@ class SocketStream(StreamingResponse):
             raise
         transport.resume_reading()
         await send({"type": "http.response.body", "body": b"", "more_body": False})  # h11 ends the chunks
+
+
+def _duplicate(transport: asyncio.Transport) -> socket.socket:
+    """A socket of the transport's connection that a worker thread may write to, or ``ClientGone`` when the client
+    has already closed it (the server then has no descriptor left to duplicate)."""
+    if transport.is_closing():
+        raise ClientGone("the client closed the connection")
+    try:
+        return socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+    except OSError as err:
+        raise ClientGone(err) from err
 
 
 def _write(sock: socket.socket, frames: Generator[list, None, None]) -> None:
