@@ -54,6 +54,9 @@ POINTS: dict[str, dict] = {
     "F128_S200_residual": dict(
         d_features=128, max_steps=200, lr=2e-3, sparsity_coef=1e-4, layer_weighting="residual"
     ),
+    "F64_S150_residual": dict(
+        d_features=64, max_steps=150, lr=2e-3, sparsity_coef=1e-4, layer_weighting="residual"
+    ),
     "F64_S200_residual_c1": dict(
         d_features=64, max_steps=200, lr=2e-3, sparsity_coef=1e-4, layer_weighting="residual", sparsity_c=1.0
     ),
