@@ -185,3 +185,18 @@ def test_the_gpu_profile_is_sized_for_one_gpu_and_trains_live():
     assert gpu.train.trainer.max_steps * gpu.train.data.batch_size >= 20_000_000
     assert gpu.train.data.live and gpu.train.trainer.precision == "bf16-mixed" and gpu.train.trainer.compile
     assert gpu.train.trainer.val_every > 0 and str(gpu.train.trainer.devices) == "1"
+
+
+def test_the_default_profile_is_the_sweeps_chosen_point():
+    # The README's sweep table names the point the default profile is; benchmarks/sweep.py defines it.
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep.py"
+    spec = importlib.util.spec_from_file_location("sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    default = get_profile("default").train
+    assert sweep.POINTS["F64_S200_residual"] is sweep.NOW
+    assert default.replace(**{**sweep.BASE, **sweep.NOW}) == default
+    assert default.replace(**sweep.BASE) != default  # the sweep's base is the old default
