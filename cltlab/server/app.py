@@ -6,7 +6,6 @@ with a message (each documented in the OpenAPI document), and the server keeps s
 answered 500 with an id that the ``cltlab`` logger prints beside the traceback.
 """
 
-import contextlib
 import importlib
 import logging
 import secrets
@@ -68,7 +67,7 @@ from .protocol import (  # noqa: E402
 )
 from .shm import RingBusy, ShmFull  # noqa: E402
 from .state import ServerState, TooBusy, TooLarge  # noqa: E402
-from .wire import SocketStream  # noqa: E402
+from .wire import SocketStream, ranged_stream  # noqa: E402
 
 log = logging.getLogger("cltlab")
 
@@ -227,7 +226,7 @@ def stream(
     nbytes = state.check_reply(batch_size, index)
     ranges = getattr(state.source, "ranges", None)
     if ranges is not None:
-        return _ranged_stream(state, ranges, batch_size, count, index, nbytes)
+        return ranged_stream(state, ranges, batch_size, count, index, headers=_headers(state, batch_size))
     # Two buffers: a reader thread reads batch k + 1 into one while batch k is sent from the other.
     reservation = state.reserve(2 * nbytes, stream=True)
     try:
@@ -257,37 +256,6 @@ def stream(
         release=reservation.release,
         media_type="application/octet-stream",
         headers=_headers(state, batch_size),
-    )
-
-
-def _ranged_stream(
-    state, ranges, batch_size: int, count: int, index: int | None, nbytes: int
-) -> SocketStream:
-    """A disc source's stream: every batch goes out by ``sendfile`` as byte ranges of its shard files, never read
-    into this process. The first batch's ranges are found before the 200, so a bad request fails first."""
-    reservation = state.reserve(nbytes, stream=True)
-    opened = contextlib.ExitStack()
-    try:
-        first = opened.enter_context(ranges(batch_size, index))
-    except BaseException:
-        reservation.release()
-        raise
-
-    def frames():
-        with opened:  # the first batch's files stay open until it is sent
-            state.count(first.nbytes)
-            yield [FRAME.pack(first.rows, first.index), *first.parts]
-        for k in range(1, count):
-            with ranges(batch_size, None if index is None else index + k) as ranged:
-                state.count(ranged.nbytes)
-                yield [FRAME.pack(ranged.rows, ranged.index), *ranged.parts]
-
-    def release() -> None:
-        opened.close()  # a stream that never started still lets go of the first batch's files
-        reservation.release()
-
-    return SocketStream(
-        frames(), release=release, media_type="application/octet-stream", headers=_headers(state, batch_size)
     )
 
 

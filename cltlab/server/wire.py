@@ -28,7 +28,7 @@ import anyio.to_thread
 from starlette.responses import StreamingResponse
 
 from ..buffer import read_into
-from .protocol import FileRange
+from .protocol import FRAME, FileRange
 
 EXTENSION = "cltlab.socket"
 PIECE = 2**20  # bytes per socket write (and per message without the extension)
@@ -129,6 +129,35 @@ class SocketStream(StreamingResponse):
             raise
         transport.resume_reading()
         await send({"type": "http.response.body", "body": b"", "more_body": False})  # h11 ends the chunks
+
+
+def ranged_stream(
+    state, ranges, batch_size: int, count: int, index: int | None, *, headers: dict[str, str]
+) -> SocketStream:
+    """A disc source's stream: every batch goes out by ``sendfile`` as byte ranges of its shard files, never read
+    into this process. The first batch's ranges are found before the 200, so a bad request fails first."""
+    reservation = state.reserve(state.source.info.batch_bytes(batch_size), stream=True)
+    opened = contextlib.ExitStack()
+    try:
+        first = opened.enter_context(ranges(batch_size, index))
+    except BaseException:
+        reservation.release()
+        raise
+
+    def frames():
+        with opened:  # the first batch's files stay open until it is sent
+            state.count(first.nbytes)
+            yield [FRAME.pack(first.rows, first.index), *first.parts]
+        for k in range(1, count):
+            with ranges(batch_size, None if index is None else index + k) as ranged:
+                state.count(ranged.nbytes)
+                yield [FRAME.pack(ranged.rows, ranged.index), *ranged.parts]
+
+    def release() -> None:
+        opened.close()  # a stream that never started still lets go of the first batch's files
+        reservation.release()
+
+    return SocketStream(frames(), release=release, media_type="application/octet-stream", headers=headers)
 
 
 def _duplicate(transport: asyncio.Transport) -> socket.socket:
