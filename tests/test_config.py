@@ -79,9 +79,8 @@ def test_profile_to_dict_nests_every_section():
     d = get_profile("default").to_dict()
     assert d["name"] == "default"
     assert d["harvest"]["model"] == "smollm2-135m"
-    assert (
-        d["train"]["trainer"]["precision"] == "bf16-mixed" and d["train"]["transcoder"]["d_features"] == 256
-    )
+    assert d["train"]["trainer"]["precision"] == "bf16-mixed" and d["train"]["transcoder"]["d_features"] == 64
+    assert d["train"]["loss"]["layer_weighting"] == "residual"
     assert d["eval"]["batch_size"] == 8
 
 
