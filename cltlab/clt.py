@@ -262,7 +262,7 @@ class CrossLayerTranscoder(nn.Module):
         all three give the same loss and gradients. A TopK / BatchTopK transcoder decoded sparsely never forms its
         dense features (``cltlab.selected``); it has no pre-activation loss. With ``sparsity_coef=0`` the sparsity
         term is measured but not differentiated. ``layer_weights`` ``(n_layers,)`` weight each layer's squared
-        error in the MSE (``layer_weights``; none: all 1).
+        error in the MSE (``CrossLayerTranscoder.layer_weights`` makes them; None: all 1).
         """
         self._check(y, "mlp_out")
         if use_selected(self.activation, self.d_features, x.device, decoding):

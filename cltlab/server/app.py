@@ -226,7 +226,9 @@ def stream(
     nbytes = state.check_reply(batch_size, index)
     ranges = getattr(state.source, "ranges", None)
     if ranges is not None:
-        return ranged_stream(state, ranges, batch_size, count, index, headers=_headers(state, batch_size))
+        return ranged_stream(
+            state, ranges, batch_size, count, index, nbytes, headers=_headers(state, batch_size)
+        )
     # Two buffers: a reader thread reads batch k + 1 into one while batch k is sent from the other.
     reservation = state.reserve(2 * nbytes, stream=True)
     try:

@@ -132,11 +132,12 @@ class SocketStream(StreamingResponse):
 
 
 def ranged_stream(
-    state, ranges, batch_size: int, count: int, index: int | None, *, headers: dict[str, str]
+    state, ranges, batch_size: int, count: int, index: int | None, nbytes: int, *, headers: dict[str, str]
 ) -> SocketStream:
-    """A disc source's stream: every batch goes out by ``sendfile`` as byte ranges of its shard files, never read
-    into this process. The first batch's ranges are found before the 200, so a bad request fails first."""
-    reservation = state.reserve(state.source.info.batch_bytes(batch_size), stream=True)
+    """A disc source's stream of ``nbytes``-byte batches: every batch goes out by ``sendfile`` as byte ranges of its
+    shard files, never read into this process. The first batch's ranges are found before the 200, so a bad request
+    fails first."""
+    reservation = state.reserve(nbytes, stream=True)
     opened = contextlib.ExitStack()
     try:
         first = opened.enter_context(ranges(batch_size, index))
@@ -144,14 +145,16 @@ def ranged_stream(
         reservation.release()
         raise
 
+    def frame(ranged) -> list:
+        state.count(ranged.nbytes)
+        return [FRAME.pack(ranged.rows, ranged.index), *ranged.parts]
+
     def frames():
         with opened:  # the first batch's files stay open until it is sent
-            state.count(first.nbytes)
-            yield [FRAME.pack(first.rows, first.index), *first.parts]
+            yield frame(first)
         for k in range(1, count):
             with ranges(batch_size, None if index is None else index + k) as ranged:
-                state.count(ranged.nbytes)
-                yield [FRAME.pack(ranged.rows, ranged.index), *ranged.parts]
+                yield frame(ranged)
 
     def release() -> None:
         opened.close()  # a stream that never started still lets go of the first batch's files
