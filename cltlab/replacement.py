@@ -124,26 +124,37 @@ class ReplacementModel:
     def _trace(
         self, ids: torch.Tensor, *, zero: bool, errors: torch.Tensor | None, record: bool
     ) -> ReplacementRun:
+        """One replacement (or zero-ablated) run. Unless ``record`` asks for what the MLPs compute, the covered
+        MLPs are skipped, not run and overwritten (three quarters of a small model's layer FLOPs): their BOS
+        outputs, which every variant keeps, come from a run of position 0 alone, which sees only itself."""
         blocks, sites, clt = self.model.envoy_blocks(), self.model.sites, self.clt
         batch, seq = ids.shape
         features = torch.zeros(batch, seq, clt.n_layers, clt.d_features, device=ids.device)
+        bos = (
+            None
+            if record
+            else trace_sites(self.model, ids[:, :1], self.layers.start, self.layers.stop).mlp_out
+        )
         mlp_out, reconstruction, out = [], [], {}
         with self.model.envoy.trace(ids):
             for i, layer in enumerate(self.layers):
                 block = blocks[layer]
                 mlp = getattr(block, sites.mlp)
+                x = getattr(block, sites.pre_mlp_norm).input  # (batch, seq, d_model)
                 if zero:
-                    new = torch.zeros_like(mlp.output)
+                    new = torch.zeros(x.shape, device=x.device)
                 else:
-                    x = getattr(block, sites.pre_mlp_norm).input  # (batch, seq, d_model)
                     features[:, :, i] = clt.encode_layer(x.float(), i)
                     new = clt.decode_layer(features, i)  # (batch, seq, d_model)
                     if errors is not None:
                         new = new + errors[:, :, i].to(new.device)
+                if bos is not None:
+                    new[:, 0] = bos[:, 0, i]  # BOS passes through
+                    mlp.skip(new.to(x.dtype))
+                    continue
                 original = mlp.output
-                if record:
-                    mlp_out.append(original.float().clone())
-                    reconstruction.append(new.float().clone())
+                mlp_out.append(original.float().clone())
+                reconstruction.append(new.float().clone())
                 new[:, 0] = original[:, 0]  # BOS passes through
                 mlp.output = new.to(original.dtype)
             out["logits"] = self.model.envoy.output.logits.save()

@@ -130,6 +130,32 @@ def test_replacement_and_ablation_equal_a_plain_hook_implementation(model, cross
     )
 
 
+def test_logits_run_the_replaced_mlps_on_bos_alone(model):
+    """The replacement and zero-ablated logits skip the covered MLPs (their outputs are overwritten); only a
+    position-0 run computes the BOS outputs they keep. ``run`` records what the MLPs compute, so it runs them."""
+    clt = clt_for(model, seed=5)
+    rm = ReplacementModel(model, clt)
+    ids = random_ids(model, 2, 12, seed=6)
+    shapes = []  # of the input of each MLP's first projection (a skipped MLP's own hook still fires)
+    handles = [
+        next(model.mlp(layer).children()).register_forward_hook(
+            lambda m, a, o: shapes.append(tuple(a[0].shape[:2]))
+        )
+        for layer in range(model.n_layers)
+    ]
+    try:
+        for mode in ("replacement", "zero_ablation"):
+            shapes.clear()
+            rm.logits(ids, mode=mode)
+            assert shapes == [(2, 1)] * model.n_layers
+        shapes.clear()
+        rm.run(ids)
+        assert shapes == [(2, 12)] * model.n_layers
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_clt_covering_a_layer_sub_range(tiny_gpt2):
     clt = clt_for(tiny_gpt2, layer_offset=1, n_layers=2, seed=2)
     rm = ReplacementModel(tiny_gpt2, clt)
