@@ -25,7 +25,6 @@ from .interop import export_circuit_tracer
 from .models import load_model
 from .replacement import ReplacementModel, evaluate
 from .run import notebook
-from .train import train
 
 __version__ = importlib.metadata.version("cltlab")  # one version, pyproject.toml's
 
@@ -57,8 +56,13 @@ __all__ = [  # in data-flow order: the names the notebooks use; the rest live in
 
 
 def __getattr__(name: str):
-    # The widgets import ipywidgets, which registers itself with a running kernel, and the server imports FastAPI
-    # and uvicorn: load them on first use only, so that importing cltlab stays light and free of side effects.
+    # The widgets import ipywidgets, which registers itself with a running kernel, the server FastAPI and uvicorn,
+    # and training Lightning (~6 s on a small CPU, with torch._dynamo): load them on first use only, so that
+    # importing cltlab stays light and free of side effects, and notebooks that do not train start quickly.
+    if name == "train":
+        from .training import train
+
+        return train
     if name in ("AttributionGraphView", "FeatureBrowser", "ReplacementComparison"):
         from . import widgets
 

@@ -130,7 +130,7 @@ def train_options(parser: ArgumentParser, profile: Profile) -> None:
 
 
 def run_train(args: Parsed, paths: RunPaths) -> int | None:
-    from .train import train
+    from .training import train
 
     # Under torchrun or SLURM every process runs this; each trains on its own part of the buffer.
     options = args.options

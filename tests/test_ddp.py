@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from cltlab import CrossLayerTranscoder, DiscBuffer, train
 from cltlab.cli import main, parse
 from cltlab.config import DataConfig, OptimizerConfig, TrainConfig, TrainerConfig, TranscoderConfig
-from cltlab.train import TrainResult, make_trainer, strategy_for
+from cltlab.training import TrainResult, make_trainer, strategy_for
 
 STEPS = 5
 # 500 rows in batches of 50 give each of the two ranks 5 batches: one epoch of both covers the buffer once.
@@ -207,7 +207,7 @@ def test_cli_train_prints_on_rank_zero_only(monkeypatch, capsys, tmp_path):
         return TrainResult(None, run_dir / "clt", run_dir / "logs", run_dir / "checkpoints", rank=1)
 
     monkeypatch.setattr(
-        importlib.import_module("cltlab.train"), "train", fake_train
+        importlib.import_module("cltlab.training"), "train", fake_train
     )  # the module, not cltlab.train()
     assert main(["train", "--profile", "ci", "--run-dir", str(tmp_path), "--trainer.devices", "2"]) == 0
     assert capsys.readouterr().out == ""

@@ -20,7 +20,7 @@ from cltlab.config import (
     TranscoderConfig,
 )
 from cltlab.data import EpochSampler, ThreadedBatches
-from cltlab.train import CLTModule, lr_factor
+from cltlab.training import CLTModule, lr_factor
 
 STEPS = 10
 
@@ -377,7 +377,7 @@ def test_a_checkpoint_from_before_the_nested_config_still_loads(trained, tmp_pat
 def test_the_trainer_has_a_text_bar_under_cltlab_run_and_no_cloud_logger_tip(tmp_path, monkeypatch, caplog):
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from cltlab.train import make_trainer
+    from cltlab.training import make_trainer
 
     config = TrainerConfig(max_steps=3, wandb=False)
     with caplog.at_level("INFO"):
@@ -428,7 +428,7 @@ def test_validation_logs_the_held_out_metrics_that_evaluate_gives(tmp_path, buff
 
 
 def test_validation_needs_a_harvest_folder_and_no_fsdp(buffer_path):
-    from cltlab.train import validation_for
+    from cltlab.training import validation_for
 
     with pytest.raises(ValueError, match="val_every needs to know the model and corpus"):
         validation_for(object(), TrainerConfig(val_every=5))
