@@ -276,6 +276,11 @@ class DiscBuffer(torch.utils.data.Dataset):
         """Rows ``[start, stop)`` in file order, in the storage dtype."""
         return ActivationBatch(*(to_torch(self._gather(site, start, stop), self.dtype) for site in SITES))
 
+    def read_inputs(self, start: int, stop: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``resid_mid`` of rows ``[start, stop)`` in float32 on ``device``, ``(rows, n_layers, d_model)``: what
+        encoding a block of rows needs, without reading ``mlp_out``, converted once for all layers."""
+        return to_torch(self._gather("resid_mid", start, stop), self.dtype).to(device).float()
+
     def token_info(
         self, start: int = 0, stop: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -95,13 +95,13 @@ def _encode_entries(
     needed = torch.cat([e[0] for e in entries]).unique()
     for start in (needed // block_size * block_size).unique().tolist():
         stop = min(start + block_size, buffer.n_tokens)
-        resid = buffer.read(start, stop).resid_mid  # (block, n_layers, d_model)
+        resid = buffer.read_inputs(start, stop, device)  # (block, n_layers, d_model)
         for layer, (row, feature, flat) in enumerate(entries):
             lo, hi = torch.searchsorted(row, torch.tensor([start, stop])).tolist()
             if lo == hi:
                 continue
             unique, inverse = row[lo:hi].unique(return_inverse=True)
-            f = clt.encode_layer(resid[unique - start, layer].to(device).float(), layer).cpu()
+            f = clt.encode_layer(resid[unique - start, layer], layer).cpu()
             acts[layer].view(-1)[flat[lo:hi]] = f[inverse, feature[lo:hi]]
 
 
@@ -221,10 +221,10 @@ def band_samples(
     peak = max_activation.to(device).clamp_min(1e-12)
     for start in range(0, n, block_size):
         stop = min(start + block_size, n)
-        resid = buffer.read(start, stop).resid_mid
+        resid = buffer.read_inputs(start, stop, device)
         block_keys = order[start:stop].unsqueeze(1)  # (block, 1)
         for layer in range(L):
-            f = clt.encode_layer(resid[:, layer].to(device).float(), layer)  # (block, F)
+            f = clt.encode_layer(resid[:, layer], layer)  # (block, F)
             if correlate:
                 sums[layer] += f.sum(0)
                 products[layer] += (f.T @ f).double()

@@ -289,9 +289,9 @@ def _stream(
     top_rows = torch.full((L, F, k), -1, dtype=torch.long, device=device)
     for start in tqdm(range(0, n, block_size), desc="feature statistics", disable=not progress):
         stop = min(start + block_size, n)
-        resid = buffer.read(start, stop).resid_mid  # (block, n_layers, d_model), storage dtype
+        resid = buffer.read_inputs(start, stop, device)  # (block, n_layers, d_model)
         for i, layer in enumerate(layers):
-            f = clt.encode_layer(resid[:, layer].to(device).float(), layer)  # (block, d_features)
+            f = clt.encode_layer(resid[:, layer], layer)  # (block, d_features)
             total[i] += f.sum(0)
             block_max = f.amax(0)  # (d_features,)
             torch.maximum(peak[i], block_max, out=peak[i])

@@ -232,6 +232,8 @@ def test_read_crosses_shard_boundaries(buffer_path):
         rows = buffer.read(start, stop)
         assert rows.resid_mid.shape == (stop - start, 4, 64)
         assert np.array_equal(rows.mlp_out.numpy(), whole[start:stop])
+        inputs = buffer.read_inputs(start, stop)  # resid_mid alone, float32
+        assert inputs.dtype == torch.float32 and torch.equal(inputs, rows.resid_mid.float())
 
 
 def test_stats_equal_mean_and_scale_of_the_rows(buffer_path):

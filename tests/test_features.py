@@ -110,9 +110,9 @@ class CountingBuffer:
     def __getattr__(self, name):
         return getattr(self.buffer, name)
 
-    def read(self, start, stop):
+    def read_inputs(self, start, stop, device="cpu"):
         self.reads.append(stop - start)
-        return self.buffer.read(start, stop)
+        return self.buffer.read_inputs(start, stop, device)
 
 
 def test_feature_statistics_match_brute_force_on_every_layer(clt, buffer):
