@@ -272,12 +272,18 @@ class CrossLayerTranscoder(nn.Module):
         if not (sparsity_coef or preact_coef):
             weighted = weighted.detach()  # measured, not differentiated
         sparsity = torch.tanh(sparsity_c * weighted).sum() / x.shape[0]
-        target = (y.to(recon.dtype) - self.output_mean) / self.output_scale
-        err = (recon - target).pow(2)
-        mse = err.mean() if layer_weights is None else (err.mean((0, 2)) * layer_weights).mean()
+        # Few passes over the (batch, n_layers, d_model) tensors: one for the target, mse_loss's fused kernels
+        # forward and backward, one sum per layer for both the MSE and the NMSE, one for the target's variance.
         with torch.no_grad():
-            variance = (target - target.mean(0)).pow(2).sum((0, 2)).clamp_min(1e-12)
-            nmse = err.sum((0, 2)) / variance
+            target = torch.addcmul(
+                -self.output_mean / self.output_scale, y.to(recon.dtype), 1 / self.output_scale
+            )
+        err = nn.functional.mse_loss(recon, target, reduction="none")
+        per_layer = err.sum((0, 2))  # (n_layers,)
+        mse = (per_layer if layer_weights is None else per_layer * layer_weights).sum() / err.numel()
+        with torch.no_grad():
+            variance = target.var(0, correction=0).sum(-1).mul_(x.shape[0]).clamp_min(1e-12)
+            nmse = per_layer / variance
         total = mse + sparsity_coef * sparsity + preact_coef * preact
         return CLTLoss(total, mse, sparsity, preact, nmse, l0, active)
 

@@ -63,8 +63,8 @@ PROFILES: dict[str, Profile] = {
                 val_every=100,
                 val_sequences=8,
             ),
-            # one worker process reads and prefetches batches while the CLT trains
-            data=DataConfig(batch_size=512, num_workers=1),
+            # batches read in the training process: on 2 cores a worker process only competes with the step
+            data=DataConfig(batch_size=512),
         ),
         eval=EvalConfig(n_sequences=32, batch_size=8),
     ),

@@ -192,17 +192,19 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path
 
 
 class InfGradientAt(L.Callback):
-    """Makes one entry of ``W_enc``'s gradient infinite at ``step``, after a finite loss's backward pass."""
+    """Makes one entry of ``W_enc``'s gradient infinite (or ``value``) at ``step``, after a finite loss's backward
+    pass."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, value: float = float("inf")):
+        self.step, self.value = step, value
 
     def on_after_backward(self, trainer, module) -> None:
         if trainer.global_step == self.step:
-            module.clt.W_enc.grad[0, 0, 0] = float("inf")
+            module.clt.W_enc.grad[0, 0, 0] = self.value
 
 
-def test_a_non_finite_gradient_stops_training_before_a_checkpoint_holds_it(tmp_path, buffer_path):
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_gradient_stops_training_before_a_checkpoint_holds_it(tmp_path, buffer_path, value):
     # Adam turns an inf gradient into NaN weights; unchecked, step 9's update was saved as the step=10 checkpoint
     # (and as last.ckpt) before the next step's loss came out NaN.
     config = TrainConfig(
@@ -215,7 +217,13 @@ def test_a_non_finite_gradient_stops_training_before_a_checkpoint_holds_it(tmp_p
         "(no step was taken; the last checkpoint is kept)."
     )
     with pytest.raises(FloatingPointError) as error:
-        train(config, buffer_path, tmp_path / "run", callbacks=[InfGradientAt(9)], enable_progress_bar=False)
+        train(
+            config,
+            buffer_path,
+            tmp_path / "run",
+            callbacks=[InfGradientAt(9, value)],
+            enable_progress_bar=False,
+        )
     assert str(error.value) == expected
     saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert saved == ["epoch=0-step=5.ckpt", "last.ckpt"]
