@@ -242,6 +242,8 @@ def _execute(source: Path, target: Path, timeout: int, env: dict[str, str]) -> N
         try:
             client.execute(env=env)  # the kernel's environment
         finally:  # keep the executed copy, error included
+            if client.kc is not None:  # nbclient leaves a client of a kernel manager it was given running
+                client.kc.stop_channels()  # (else jupyter_client warns at exit: "Could not destroy zmq context")
             if km.has_kernel:
                 km.shutdown_kernel(now=True)
             nbformat.write(nb, target)
