@@ -27,6 +27,9 @@ import torch.nn.functional as F
 
 SPARSE_MAX_DENSITY = 0.08
 """Largest fraction of ``(token, feature)`` entries needing a gradient at which sparse decoding is chosen."""
+TRANSPOSED_GRADIENT_MAX_FEATURES = 96
+"""Up to this many features per source the CPU computes the decoder's weight gradient transposed
+(``weight_gradient``; on a 2-core AVX2 EPYC that is faster at 64 and 96 features, slower at 128, 192, 256, 3072)."""
 
 
 def bag_offsets(ids: torch.Tensor, n_bags: int) -> torch.Tensor:
@@ -161,9 +164,11 @@ class Decode(torch.autograd.Function):
 
 def weight_gradient(features: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``features.T @ g`` — ``(d_features, n_targets · d_model)``, contiguous — from ``features (batch, d_features)``
-    and ``g (batch, n_targets · d_model)``. Computed as ``(g.T @ features).T``: with a wide ``g`` that orientation
-    runs ~1.4× faster on the CPU (MKL), transposing copy included."""
-    return (g.T @ features).T.contiguous()
+    and ``g (batch, n_targets · d_model)``. For a few features on the CPU computed as ``(g.T @ features).T``:
+    MKL runs that orientation faster, ~1.4× at 64 features (transposing copy included), but slower from ~128."""
+    if features.device.type == "cpu" and features.shape[1] <= TRANSPOSED_GRADIENT_MAX_FEATURES:
+        return (g.T @ features).T.contiguous()
+    return features.T @ g
 
 
 def decoder_norms(weights) -> torch.Tensor:

@@ -226,3 +226,15 @@ def test_jumprelu_entries_and_fallback_give_the_input_gradient(fraction):
         clt.loss(x_, y, sparsity_coef=1e-2, preact_coef=1e-2, decoding=mode).total.backward()
         grads[mode] = x_.grad
     torch.testing.assert_close(grads["auto"], grads["dense"], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("n_features", [8, decoding.TRANSPOSED_GRADIENT_MAX_FEATURES + 1])
+def test_the_weight_gradient_is_features_transposed_times_g_in_either_orientation(n_features):
+    generator = torch.Generator().manual_seed(n_features)
+    features = torch.randn(40, 3, n_features, generator=generator)[
+        :, 1
+    ]  # a strided source slice, as in Decode
+    g = torch.randn(40, 5 * D, generator=generator)
+    out = decoding.weight_gradient(features, g)
+    assert out.shape == (n_features, 5 * D) and out.is_contiguous()
+    torch.testing.assert_close(out, features.T @ g, rtol=1e-5, atol=1e-5)
