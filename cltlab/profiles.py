@@ -38,7 +38,7 @@ PROFILES: dict[str, Profile] = {
         ),
         eval=EvalConfig(n_sequences=8, batch_size=4),
     ),
-    # The embedded real model on a CPU, ~13 minutes on a 2-core AVX2 machine (float32): the best setting of
+    # The embedded real model on a CPU, ~10 minutes on a 2-core AVX2 machine (float32): the best setting of
     # benchmarks/sweep.py at that budget (64 features × 200 steps, each layer's error weighted by how much of the
     # residual stream its MLP writes); see the README's "Quality per CPU-minute".
     "default": Profile(
