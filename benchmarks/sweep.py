@@ -58,6 +58,9 @@ POINTS: dict[str, dict] = {
     "F64_S200_residual_warmup0.3": {**NOW, "sparsity_warmup": 0.3},
     "F64_S200_residual_batchtopk16": {**NOW, "activation_kind": "batchtopk", "k": 16, "sparsity_coef": 3e-4},
     "F64_S200_residual_lam3e-5": {**NOW, "sparsity_coef": 3e-5},
+    "F64_S200_residual_decay0.5": {**NOW, "lr_decay": 0.5},
+    "F64_S200_residual_decay1": {**NOW, "lr_decay": 1.0},
+    "F64_S200_residual_lr3e-3_decay1": {**NOW, "lr": 3e-3, "lr_decay": 1.0},
 }
 FIGURES = ("kl", "top1_agreement", "ce_recovered", "nmse", "mean_l0")
 
