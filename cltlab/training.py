@@ -88,9 +88,8 @@ class CLTModule(L.LightningModule):
         # A parameter without a gradient (frozen, or without a shard on this rank) counts as finite.
         finite = torch.ones(len(grads), device=self.device)  # (n_params,)
         for i, grad in enumerate(grads):
-            if (
-                grad is not None
-            ):  # max |g| is finite iff every entry is (NaN propagates): one pass, no bool copy
+            # max |g| is finite iff every entry is (NaN propagates): one pass over the gradient, no bool copy
+            if grad is not None:
                 finite[i] = torch.linalg.vector_norm(grad, ord=float("inf")).isfinite()
         finite = self.from_every_rank(finite).bool()  # (world_size, n_params)
         if finite.all():

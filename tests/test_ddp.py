@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import cltlab.training
 from cltlab import CrossLayerTranscoder, DiscBuffer, train
 from cltlab.cli import main, parse
 from cltlab.config import DataConfig, OptimizerConfig, TrainConfig, TrainerConfig, TranscoderConfig
@@ -201,14 +202,10 @@ def test_the_trainer_follows_the_config(tmp_path):
 
 
 def test_cli_train_prints_on_rank_zero_only(monkeypatch, capsys, tmp_path):
-    import importlib
-
     def fake_train(config, buffer, run_dir, *, resume):
         return TrainResult(None, run_dir / "clt", run_dir / "logs", run_dir / "checkpoints", rank=1)
 
-    monkeypatch.setattr(
-        importlib.import_module("cltlab.training"), "train", fake_train
-    )  # the module, not cltlab.train()
+    monkeypatch.setattr(cltlab.training, "train", fake_train)
     assert main(["train", "--profile", "ci", "--run-dir", str(tmp_path), "--trainer.devices", "2"]) == 0
     assert capsys.readouterr().out == ""
 
