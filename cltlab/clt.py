@@ -26,6 +26,7 @@ from . import decoding
 from .activations import activation_for
 from .config import CLTConfig
 from .decoding import SPARSE_MAX_DENSITY
+from .jumprelu import dense_penalties, row_chunks
 from .precision import resolve_device
 from .selected import (
     AttachPreactivations,
@@ -39,6 +40,17 @@ from .selected import (
 
 FORMAT = "cltlab.clt"
 FORMAT_VERSION = 1
+
+
+class Penalties(NamedTuple):
+    """How a step's sparsity term is taken: ``Σ tanh(c · ‖W_dec,i‖ · f_i)``, differentiated or only measured."""
+
+    c: float
+    differentiated: bool
+
+    def sparsity(self, weighted: torch.Tensor) -> torch.Tensor:
+        """``Σ tanh(c · weighted)`` of ``weighted = ‖W_dec,i‖ · f_i`` (detached when only measured)."""
+        return torch.tanh(self.c * (weighted if self.differentiated else weighted.detach())).sum()
 
 
 class CLTOutput(NamedTuple):
@@ -265,13 +277,11 @@ class CrossLayerTranscoder(nn.Module):
         error in the MSE (``CrossLayerTranscoder.layer_weights`` makes them; None: all 1).
         """
         self._check(y, "mlp_out")
+        penalties = Penalties(sparsity_c, differentiated=bool(sparsity_coef or preact_coef))
         if use_selected(self.activation, self.d_features, x.device, decoding):
-            recon, weighted, preact, l0, active = self._selected_terms(x)
+            recon, sparsity, preact, l0, active = self._selected_terms(x, penalties)
         else:
-            recon, weighted, preact, l0, active = self._thresholded_terms(x, decoding)
-        if not (sparsity_coef or preact_coef):
-            weighted = weighted.detach()  # measured, not differentiated
-        sparsity = torch.tanh(sparsity_c * weighted).sum() / x.shape[0]
+            recon, sparsity, preact, l0, active = self._thresholded_terms(x, decoding, penalties)
         # Few passes over the (batch, n_layers, d_model) tensors: one for the target, mse_loss's fused kernels
         # forward and backward, one sum per layer for both the MSE and the NMSE, one for the target's variance.
         with torch.no_grad():
@@ -287,57 +297,69 @@ class CrossLayerTranscoder(nn.Module):
         total = mse + sparsity_coef * sparsity + preact_coef * preact
         return CLTLoss(total, mse, sparsity, preact, nmse, l0, active)
 
-    def _selected_terms(self, x: torch.Tensor):
-        """A TopK / BatchTopK step from the kept entries (``cltlab.selected``): the normalized reconstruction,
-        ``‖W_dec,i‖ · f_i`` of each entry, the pre-activation loss (none), L0 per layer and the features that fired."""
+    def _selected_terms(self, x: torch.Tensor, penalties: Penalties):
+        """A TopK / BatchTopK step from the kept entries (``cltlab.selected``): the normalized reconstruction, the
+        sparsity and pre-activation (none) terms, L0 per layer and the features that fired."""
         chosen = select_encode(self.normalized_input(x), self.W_enc, self.b_enc, self.activation.select)
         recon, norms = decode_selected(chosen, list(self.W_dec), x.shape[0])
-        return self._entry_terms(chosen, recon, norms, recon.new_zeros(()), x.shape[0])
+        return self._entry_terms(chosen, recon, norms, recon.new_zeros(()), x.shape[0], penalties)
 
-    def _thresholded_terms(self, x: torch.Tensor, mode: str):
+    def _thresholded_terms(self, x: torch.Tensor, mode: str, penalties: Penalties):
         """``_selected_terms`` for every other step: a JumpReLU one from the entries it needs
         (``selected.ThresholdEncode``) when decoding is ``sparse``, or ``auto`` on the CPU with under
         ``SPARSE_MAX_DENSITY`` of the entries needed; else dense features, decoded by ``decoding.decode``."""
         jumprelu = self.config.activation_kind == "jumprelu"
         if mode == "dense" or not jumprelu or (mode == "auto" and x.device.type != "cpu"):
-            return self._dense_terms(self.preactivations(x), mode)
+            return self._dense_terms(self.preactivations(x), mode, penalties)
         xn = self.normalized_input(x)
         theta, bandwidth = self.activation.threshold, self.activation.bandwidth
         with torch.no_grad():
             pre = self._encoded(xn)
             entries = threshold_entries(pre, theta, bandwidth)
         if mode == "auto" and entries[0].numel() >= SPARSE_MAX_DENSITY * pre.numel():
-            return self._dense_terms(AttachPreactivations.apply(xn, self.W_enc, self.b_enc, pre), mode)
+            return self._dense_terms(
+                AttachPreactivations.apply(xn, self.W_enc, self.b_enc, pre), mode, penalties
+            )
         values, rows, cols, counts, relu_sum = ThresholdEncode.apply(
             xn, self.W_enc, self.b_enc, theta, pre, entries, bandwidth
         )
         chosen = Selected(values, rows, cols, counts)
         recon, norms = decode_selected(chosen, list(self.W_dec), x.shape[0])
         preact = (relu_sum * norms).sum() / x.shape[0]
-        return self._entry_terms(chosen, recon, norms, preact, x.shape[0])
+        return self._entry_terms(chosen, recon, norms, preact, x.shape[0], penalties)
 
-    def _entry_terms(self, chosen: Selected, recon, norms, preact, batch: int):
+    def _entry_terms(self, chosen: Selected, recon, norms, preact, batch: int, penalties: Penalties):
         layers = chosen.layers()  # (nnz,)
-        weighted = norms[layers, chosen.cols] * chosen.values  # ‖W_dec,i‖ · f_i of each entry
+        sparsity = penalties.sparsity(norms[layers, chosen.cols] * chosen.values) / batch
         with torch.no_grad():
             fired = chosen.values > 0
             layers, cols = layers[fired], chosen.cols[fired]
             l0 = torch.bincount(layers, minlength=self.n_layers).float() / batch
             active = torch.zeros_like(norms, dtype=torch.bool).index_put_((layers, cols), torch.tensor(True))
-        return recon + self.b_dec, weighted, preact, l0, active
+        return recon + self.b_dec, sparsity, preact, l0, active
 
-    def _dense_terms(self, pre: torch.Tensor, mode: str):
-        """``_selected_terms`` from the dense pre-activations ``(batch, n_layers, d_features)``."""
+    def _dense_terms(self, pre: torch.Tensor, mode: str, penalties: Penalties):
+        """``_selected_terms`` from the dense pre-activations ``(batch, n_layers, d_features)``; a JumpReLU's two
+        penalties in one pass (``jumprelu.dense_penalties``)."""
         features = self.activation(pre)
         needed = self.activation.gradient_support(pre, features) if mode != "dense" else None
         recon, norms = self._decode(features, needed, mode, with_norms=True)  # (batch, L, d), (L, F)
-        weighted = norms * features
-        preact = self.activation.preact_loss(pre, norms)
+        if self.config.activation_kind == "jumprelu":
+            inputs = (pre, features, self.activation.threshold, norms)
+            if not penalties.differentiated:
+                inputs = tuple(t.detach() for t in inputs)
+            sparsity, preact = dense_penalties(*inputs, penalties.c)
+            sparsity, preact = sparsity / pre.shape[0], preact / pre.shape[0]
+        else:
+            sparsity = penalties.sparsity(norms * features) / pre.shape[0]
+            preact = self.activation.preact_loss(pre, norms)
         with torch.no_grad():
-            active_mask = features > 0
-            l0 = active_mask.sum(-1).float().mean(0)
-            active = active_mask.any(0)
-        return recon, weighted, preact, l0, active
+            fired = sum(
+                (features[rows] > 0).sum(0) for rows in row_chunks(features)
+            )  # (n_layers, d_features)
+            l0 = fired.sum(-1).float() / pre.shape[0]
+            active = fired > 0
+        return recon, sparsity, preact, l0, active
 
     # ----------------------------------------------------------------------------------------- save / load
 

@@ -100,19 +100,19 @@ class Decode(torch.autograd.Function):
         norms = decoder_norms(weights) if with_norms else features.new_empty(0)
         ctx.active = [None] * L  # (rows, cols, values) of the nonzero features of each sparse source
         ctx.needed = [None] * L  # (rows, cols) where the gradient is needed, per sparse source
-        casts = []  # the dense sources' weights in the compute dtype
+        # the dense sources' weights in the compute dtype, kept for the backward pass: one cast per step
+        casts = [W.to(features.dtype) for W, s in zip(weights, sparse, strict=True) if not s]
         with torch.autocast(features.device.type, enabled=False):
+            decode_dense_by_target(features, weights, sparse, casts, out.view(batch, L, d))
             for source, W in enumerate(weights):
-                W = W.reshape(n_features, -1)
-                target = out[:, source * d : source * d + W.shape[1]]
                 if not sparse[source]:
-                    cast = W.to(features.dtype)  # kept for the backward pass: one cast per step
-                    target.addmm_(features[:, source], cast)
-                    casts.append(cast)
                     continue
+                W = W.reshape(n_features, -1)
                 rows, cols = features[:, source].nonzero(as_tuple=True)  # sorted by row
                 values = features[:, source][rows, cols]
-                target.add_(bag_sum(rows, cols, values, W.to(features.dtype), batch))
+                out[:, source * d : source * d + W.shape[1]].add_(
+                    bag_sum(rows, cols, values, W.to(features.dtype), batch)
+                )
                 ctx.active[source] = (rows, cols, values)
                 ctx.needed[source] = needed[:, source].nonzero(as_tuple=True)
         ctx.save_for_backward(features, norms, *weights, *casts)
@@ -160,6 +160,27 @@ class Decode(torch.autograd.Function):
             )
             grad_weights.append(add_norm_gradient(grad_W, W, norm_scale) if needs_weight else None)
         return grad_features, None, None, None, *grad_weights
+
+
+def decode_dense_by_target(features, weights, sparse, casts, out) -> None:
+    """Add the dense sources' products into ``out`` ``(batch, n_layers, d_model)``, one target layer at a time:
+    ``out[:, t] += features[:, s] @ W_s[:, t − s]`` over the dense sources ``s ≤ t``. Each target's
+    ``(batch, d_model)`` sum stays in cache while its sources add to it; one product per source, written across
+    all of its targets, streams the whole ``(batch, n_layers · d_model)`` output through memory once per source
+    (30 layers × 256 features, batch 512: 617 against 803 ms on this project's 2-core CPU; equal at 3072)."""
+    dense = iter(casts)
+    blocks = [
+        [] for _ in range(out.shape[1])
+    ]  # per target: (source's features, its (d_features, d_model) block)
+    for source, is_sparse in enumerate(sparse):
+        if is_sparse:
+            continue
+        cast = next(dense)
+        for i in range(cast.shape[1]):
+            blocks[source + i].append((features[:, source], cast[:, i]))
+    for target, products in enumerate(blocks):
+        for f, W in products:
+            out[:, target].addmm_(f, W)
 
 
 def weight_gradient(features: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

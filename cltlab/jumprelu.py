@@ -28,26 +28,84 @@ def rectangle(u: torch.Tensor) -> torch.Tensor:
     return (u.abs() < 0.5).to(u.dtype)
 
 
+CHUNK_BYTES = 8 << 20
+"""Size of the row blocks in which the reductions below make their temporaries: glibc gives every block over
+32 MiB fresh pages from the kernel, whose first writes page-fault (a (1024, 12, 3072) float32 temporary costs
+~90 ms to allocate and fill, ~12 ms to refill), while smaller freed blocks are reused."""
+
+
+def row_chunks(x: torch.Tensor) -> list[slice]:
+    """Slices of ``x``'s first dimension of about ``CHUNK_BYTES`` each (at least one row)."""
+    rows = max(1, CHUNK_BYTES // max(1, x[0].numel() * x.element_size()))
+    return [slice(i, i + rows) for i in range(0, max(len(x), 1), rows)]
+
+
 class _JumpReLUFunction(torch.autograd.Function):
+    """Few passes over ``x``: the forward keeps its ``x > θ`` mask for the backward, which selects with it; θ's
+    gradient sums the kernel's window (``θ − ε/2 < x < θ + ε/2``, i.e. ``|x − θ| / ε < ½``) block by block."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
-        ctx.save_for_backward(x, threshold)
+        above = x > threshold
+        ctx.save_for_backward(x, threshold, above)
         ctx.bandwidth = bandwidth
-        return x * (x > threshold).to(x.dtype)
+        return torch.where(above, x, 0.0)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, threshold = ctx.saved_tensors
+        x, threshold, above = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_x = grad_out * (x > threshold).to(grad_out.dtype)
-        grad_threshold = grad_out * (-(threshold / eps) * rectangle((x - threshold) / eps))
-        # Reduce over the broadcast dimensions back to θ's shape.
-        while grad_threshold.dim() > threshold.dim():
-            grad_threshold = grad_threshold.sum(0)
-        for dim, size in enumerate(threshold.shape):
-            if size == 1 and grad_threshold.shape[dim] != 1:
-                grad_threshold = grad_threshold.sum(dim, keepdim=True)
+        grad_x = torch.where(above, grad_out, 0.0) if ctx.needs_input_grad[0] else None
+        grad_threshold = None
+        if ctx.needs_input_grad[1]:
+            low, high = threshold - eps / 2, threshold + eps / 2
+            # θ broadcasts over x's first dimension (else one block)
+            blocks = row_chunks(x) if threshold.dim() < x.dim() else [slice(None)]
+            grad_threshold = sum(
+                torch.where((x[rows] > low).logical_and_(x[rows] < high), grad_out[rows], 0.0).sum_to_size(
+                    threshold.shape
+                )
+                for rows in blocks
+            )
+            grad_threshold = grad_threshold * (-(threshold / eps))
         return grad_x, grad_threshold, None
+
+
+class _PenaltiesFunction(torch.autograd.Function):
+    """``(Σ tanh(c · ‖W_dec‖ · f), Σ relu(θ − h) · ‖W_dec‖)`` over every entry of a dense JumpReLU step, in a
+    few passes over the ``(batch, n_layers, d_features)`` tensors instead of autograd's two dozen: the sums over
+    the batch are taken (in row blocks, see ``CHUNK_BYTES``) before the ``(n_layers, d_features)`` norms multiply
+    in, the backward turns the saved tanh into its slope in place, and each gradient is one expression. The
+    pre-activation term's gradient at ``h == θ`` is the one below θ (autograd's relu takes 0 there)."""
+
+    @staticmethod
+    def forward(ctx, pre, features, threshold, norms, c: float):
+        squashed = torch.mul(features, c * norms).tanh_()
+        below = sum((threshold - pre[rows]).clamp_min_(0).sum(0) for rows in row_chunks(pre))  # (L, F)
+        ctx.save_for_backward(pre, features, threshold, norms, squashed, below)
+        ctx.c, ctx.slope = c, False
+        return squashed.sum(), (below * norms).sum()
+
+    @staticmethod
+    def backward(ctx, grad_sparsity, grad_preact):
+        pre, features, threshold, norms, slope, below = ctx.saved_tensors
+        if not ctx.slope:  # d tanh(u) = (1 − tanh²(u)) du, once even if the graph is retained
+            slope.mul_(slope).neg_().add_(1)
+            ctx.slope = True
+        scale = grad_sparsity * ctx.c  # d tanh(c·n·f) = slope · c · (n df + f dn)
+        grad_features = slope * (scale * norms)
+        grad_norms = below * grad_preact
+        for rows in row_chunks(features):
+            grad_norms = grad_norms + (features[rows] * slope[rows]).sum(0) * scale
+        # d relu(θ − h) · n = −n dh + n dθ below θ
+        grad_pre = torch.where(pre < threshold, -grad_preact * norms, 0.0)
+        return grad_pre, grad_features, -grad_pre.sum(0), grad_norms, None
+
+
+def dense_penalties(pre, features, threshold, norms, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparsity and pre-activation sums of a dense JumpReLU step (see ``_PenaltiesFunction``): ``pre`` and
+    ``features`` ``(batch, n_layers, d_features)``, ``threshold`` and ``norms`` ``(n_layers, d_features)``."""
+    return _PenaltiesFunction.apply(pre, features, threshold, norms, c)
 
 
 def jumprelu(x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:

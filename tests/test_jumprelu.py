@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cltlab.jumprelu import JumpReLU, jumprelu, rectangle
+from cltlab import jumprelu as jumprelu_module
+from cltlab.jumprelu import JumpReLU, dense_penalties, jumprelu, rectangle
 
 EPS = 0.1
 
@@ -123,3 +124,45 @@ def test_gradient_support_and_preactivation_loss():
     expected = 0.2 * 1.0 + 0.05 * 2.0 + 0.11 + 0.09 + 1.3  # Σ relu(θ − h) · ‖W_dec‖
     assert act.preact_loss(pre, norms).item() == pytest.approx(expected)
     assert torch.equal(act.forward_layer(pre[0, 1], 1), torch.zeros(3))
+
+
+def plain_penalties(pre, features, theta, norms, c):
+    """The two penalties written with autograd's ops: Σ tanh(c · n · f) and Σ relu(θ − h) · n."""
+    return torch.tanh(c * norms * features).sum(), (torch.relu(theta - pre) * norms).sum()
+
+
+@pytest.mark.parametrize("chunk_bytes", [8 << 20, 200])  # one block; blocks of a few rows
+def test_dense_penalties_and_their_gradients_equal_autograds(chunk_bytes, monkeypatch):
+    monkeypatch.setattr(jumprelu_module, "CHUNK_BYTES", chunk_bytes)
+    generator = torch.Generator().manual_seed(6)
+    theta = (torch.rand(3, 5, generator=generator, dtype=torch.float64) * 0.5 + 0.2).requires_grad_(True)
+    norms = (torch.rand(3, 5, generator=generator, dtype=torch.float64) + 0.5).requires_grad_(True)
+    pre = (theta.detach() + torch.randn(16, 3, 5, generator=generator, dtype=torch.float64)).requires_grad_(
+        True
+    )
+    weights = torch.randn(2, generator=generator, dtype=torch.float64)  # the loss's coefficients
+
+    def grads(penalties):
+        for t in (pre, theta, norms):
+            t.grad = None
+        sparsity, preact = penalties(pre, jumprelu(pre, theta, EPS), theta, norms, 4.0)
+        (weights[0] * sparsity + weights[1] * preact).backward(retain_graph=True)
+        return [sparsity.item(), preact.item()] + [t.grad.clone() for t in (pre, theta, norms)]
+
+    expected = grads(plain_penalties)
+    for got in (grads(dense_penalties), grads(dense_penalties)):  # a second backward of a retained graph too
+        assert got[:2] == pytest.approx(expected[:2], rel=1e-12)
+        for name, g, e in zip(["pre", "θ", "norms"], got[2:], expected[2:], strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=f"∂{name}")
+    assert (expected[3] != 0).all() and ((pre < theta) & (pre > 0)).any()  # both terms reach every θ
+
+
+def test_threshold_gradient_summed_in_row_blocks_matches_formula(monkeypatch):
+    monkeypatch.setattr(jumprelu_module, "CHUNK_BYTES", 64)  # 4 rows of (2, 2) float32 per block
+    generator = torch.Generator().manual_seed(7)
+    theta = (torch.rand(2, 2, generator=generator) * 0.5 + 0.2).requires_grad_(True)
+    x = theta.detach() + (torch.rand(9, 2, 2, generator=generator) - 0.5) * 4 * EPS
+    grad_out = torch.randn(9, 2, 2, generator=generator)
+    assert len(jumprelu_module.row_chunks(x)) == 3
+    jumprelu(x, theta, EPS).backward(grad_out)
+    torch.testing.assert_close(theta.grad, expected_threshold_grad(x, theta.detach(), grad_out, EPS))
