@@ -4,7 +4,8 @@ For source layer s the decoder is ``W_s`` of shape ``(d_features, n_targets · d
 the reconstruction is ``features[:, s] @ W_s``. With JumpReLU at a healthy sparsity almost every entry of
 ``features[:, s]`` is zero, so each source layer is decoded one of two ways, chosen per source and per batch:
 
-- **dense**: ``addmm`` into the source's slice of the output; the backward pass is two more matmuls.
+- **dense**: ``addmm`` into the output (on the CPU block by block, one target layer at a time: ``decode_dense``);
+  the backward pass is two more matmuls per source (``weight_gradient``).
 - **sparse**: ``embedding_bag`` sums the decoder rows of the active features weighted by their activations
   (forward), and the same kernel with the roles swapped gives ``∂W_s`` (backward). The gradient with respect to
   the features is needed only where the activation function passes it on (active features, and for JumpReLU
@@ -27,9 +28,12 @@ import torch.nn.functional as F
 
 SPARSE_MAX_DENSITY = 0.08
 """Largest fraction of ``(token, feature)`` entries needing a gradient at which sparse decoding is chosen."""
-TRANSPOSED_GRADIENT_MAX_FEATURES = 96
-"""Up to this many features per source the CPU computes the decoder's weight gradient transposed
-(``weight_gradient``; on a 2-core AVX2 EPYC that is faster at 64 and 96 features, slower at 128, 192, 256, 3072)."""
+BATCHED_GRADIENT_MAX_FEATURES = 512
+"""Up to this many features per source the CPU computes a dense source's decoder gradient as one batch of
+``(d_features, batch) @ (batch, d_model)`` blocks, one per target (``weight_gradient``): MKL gives each core whole
+blocks, which beats splitting one wide product across the cores when the blocks are small (2-core AVX2 EPYC,
+30 sources, batch 512, norms' share included: 64 features 235-315 against 318-426 ms, 256 features 847-930
+against 964-1098 ms, 512 features 550-791 against 877-888 ms; equal or slower at 3072)."""
 
 
 def bag_offsets(ids: torch.Tensor, n_bags: int) -> torch.Tensor:
@@ -96,14 +100,14 @@ class Decode(torch.autograd.Function):
     def forward(ctx, features, needed, sparse, with_norms, *weights):
         batch, L, n_features = features.shape
         d = weights[0].shape[-1]
-        out = torch.zeros(batch, L * d, dtype=features.dtype, device=features.device)
+        out = torch.empty(batch, L * d, dtype=features.dtype, device=features.device)
         norms = decoder_norms(weights) if with_norms else features.new_empty(0)
         ctx.active = [None] * L  # (rows, cols, values) of the nonzero features of each sparse source
         ctx.needed = [None] * L  # (rows, cols) where the gradient is needed, per sparse source
         # the dense sources' weights in the compute dtype, kept for the backward pass: one cast per step
         casts = [W.to(features.dtype) for W, s in zip(weights, sparse, strict=True) if not s]
         with torch.autocast(features.device.type, enabled=False):
-            decode_dense_by_target(features, weights, sparse, casts, out.view(batch, L, d))
+            decode_dense(features, sparse, casts, out.view(batch, L, d))
             for source, W in enumerate(weights):
                 if not sparse[source]:
                     continue
@@ -143,8 +147,9 @@ class Decode(torch.autograd.Function):
                 flat = next(casts).reshape(n_features, -1)
                 if grad_features is not None:
                     grad_features[:, source] = g @ flat.T
-                grad_W = weight_gradient(features[:, source], g).to(W.dtype) if needs_weight else None
-                grad_weights.append(add_norm_gradient(grad_W, W, norm_scale) if needs_weight else None)
+                grad_weights.append(
+                    weight_gradient(features[:, source], g, W, norm_scale) if needs_weight else None
+                )
                 continue
             rows, cols, values = ctx.active[source]
             # One contiguous float32 copy of this source's gradient slice: both sparse kernels need contiguous
@@ -162,34 +167,53 @@ class Decode(torch.autograd.Function):
         return grad_features, None, None, None, *grad_weights
 
 
-def decode_dense_by_target(features, weights, sparse, casts, out) -> None:
-    """Add the dense sources' products into ``out`` ``(batch, n_layers, d_model)``, one target layer at a time:
-    ``out[:, t] += features[:, s] @ W_s[:, t − s]`` over the dense sources ``s ≤ t``. Each target's
-    ``(batch, d_model)`` sum stays in cache while its sources add to it; one product per source, written across
-    all of its targets, streams the whole ``(batch, n_layers · d_model)`` output through memory once per source
-    (30 layers × 256 features, batch 512: 617 against 803 ms on this project's 2-core CPU; equal at 3072)."""
-    dense = iter(casts)
+def decode_dense(features, sparse, casts, out, *, by_target: bool | None = None) -> None:
+    """Write the dense sources' products into ``out`` ``(batch, n_layers, d_model)``, uninitialized, zero where no
+    dense source writes (the sparse sources add to it afterwards); ``casts``: the dense sources' weights.
+
+    On the CPU one target at a time, ``out[:, t] = Σ features[:, s] @ W_s[:, t − s]`` over the dense sources
+    ``s ≤ t``: each target's ``(batch, d_model)`` sum stays in cache while its sources add to it, where one product
+    per source, written across all its targets, streams the whole output through memory once per source (30 layers
+    × 256 features, batch 512: 617 against 803 ms on this project's 2-core CPU; equal at 3072 features). On a GPU,
+    where every product is a kernel launch, one product per source (``by_target``: which; None: by device)."""
+    if not (features.device.type == "cpu" if by_target is None else by_target):
+        out.zero_()
+        flat = out.view(len(out), -1)
+        sources = [source for source, is_sparse in enumerate(sparse) if not is_sparse]
+        for source, W in zip(sources, casts, strict=True):
+            d = W.shape[-1]
+            flat[:, source * d : (source + W.shape[1]) * d].addmm_(features[:, source], W.flatten(1))
+        return
     blocks = [
         [] for _ in range(out.shape[1])
-    ]  # per target: (source's features, its (d_features, d_model) block)
-    for source, is_sparse in enumerate(sparse):
-        if is_sparse:
-            continue
-        cast = next(dense)
-        for i in range(cast.shape[1]):
-            blocks[source + i].append((features[:, source], cast[:, i]))
+    ]  # per target: (a source's features, its (d_features, d_model) block)
+    sources = [source for source, is_sparse in enumerate(sparse) if not is_sparse]
+    for source, W in zip(sources, casts, strict=True):
+        for i in range(W.shape[1]):
+            blocks[source + i].append((features[:, source], W[:, i]))
     for target, products in enumerate(blocks):
-        for f, W in products:
-            out[:, target].addmm_(f, W)
+        if not products:
+            out[:, target].zero_()
+        for i, (f, W) in enumerate(products):
+            out[:, target].addmm_(f, W, beta=0 if i == 0 else 1)  # beta 0: the old contents are not read
 
 
-def weight_gradient(features: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``features.T @ g`` — ``(d_features, n_targets · d_model)``, contiguous — from ``features (batch, d_features)``
-    and ``g (batch, n_targets · d_model)``. For a few features on the CPU computed as ``(g.T @ features).T``:
-    MKL runs that orientation faster, ~1.4× at 64 features (transposing copy included), but slower from ~128."""
-    if features.device.type == "cpu" and features.shape[1] <= TRANSPOSED_GRADIENT_MAX_FEATURES:
-        return (g.T @ features).T.contiguous()
-    return features.T @ g
+def weight_gradient(
+    features: torch.Tensor, g: torch.Tensor, W: torch.Tensor, scale: torch.Tensor | None
+) -> torch.Tensor:
+    """∂loss/∂W of one dense source, shaped like ``W`` ``(d_features, n_targets, d_model)``: ``features.T @ g``
+    from ``features (batch, d_features)`` and ``g (batch, n_targets · d_model)``, plus the decoder norms' share
+    ``scale_f · W_f`` where ``scale`` is given (``add_norm_gradient``). With few features on the CPU the product is
+    a batch of per-target blocks (``BATCHED_GRADIENT_MAX_FEATURES``), laid out as W by the pass that adds the
+    norms' share."""
+    batch, n_targets = len(g), W.shape[1]
+    if features.device.type != "cpu" or features.shape[1] > BATCHED_GRADIENT_MAX_FEATURES:
+        return add_norm_gradient((features.T @ g).to(W.dtype), W, scale)
+    blocks = torch.bmm(features.T.expand(n_targets, -1, -1), g.view(batch, n_targets, -1).transpose(0, 1))
+    by_feature = blocks.transpose(0, 1)  # (d_features, n_targets, d_model), strided
+    if scale is None:
+        return torch.empty_like(W).copy_(by_feature)
+    return torch.addcmul(by_feature, W, scale[:, None, None].to(W.dtype), out=torch.empty_like(W))
 
 
 def decoder_norms(weights) -> torch.Tensor:

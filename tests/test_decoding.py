@@ -78,6 +78,27 @@ def test_auto_decoding_picks_sparse_for_the_sources_where_few_entries_need_a_gra
     assert decoding.choose_sparse(needed, "sparse") == (True, True, True)
 
 
+@pytest.mark.parametrize("sparse", [(False,) * L, (True, False, True, False), (True,) * L])
+@pytest.mark.parametrize("cross_layer", [True, False])
+@pytest.mark.parametrize("by_target", [True, False])  # the CPU's order; a GPU's
+def test_decoding_never_reads_the_memory_it_starts_from(sparse, cross_layer, by_target, monkeypatch):
+    clt = make_clt(L, D, F, cross_layer=cross_layer, threshold_init=0.3)
+    features = clt.encode(inputs(clt)[0]).detach()
+    weights = [W.detach() for W in clt.W_dec]
+    expected = torch.zeros(len(features), L, D)
+    for source, W in enumerate(weights):
+        for i in range(W.shape[1]):
+            expected[:, source + i] += features[:, source] @ W[:, i]
+    needed = features > 0
+    monkeypatch.setattr(decoding, "choose_sparse", lambda needed, mode: sparse)
+    real_decode_dense = decoding.decode_dense
+    monkeypatch.setattr(decoding, "decode_dense", lambda *a: real_decode_dense(*a, by_target=by_target))
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *shape, **kw: real_empty(*shape, **kw).fill_(torch.nan))
+    out = decoding.decode(features, weights, needed=needed, mode="auto")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_decoding_mode_errors():
     clt = make_clt(L, D, F)
     features = torch.zeros(2, L, F)
@@ -228,13 +249,20 @@ def test_jumprelu_entries_and_fallback_give_the_input_gradient(fraction):
     torch.testing.assert_close(grads["auto"], grads["dense"], rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("n_features", [8, decoding.TRANSPOSED_GRADIENT_MAX_FEATURES + 1])
-def test_the_weight_gradient_is_features_transposed_times_g_in_either_orientation(n_features):
+@pytest.mark.parametrize("n_features", [8, decoding.BATCHED_GRADIENT_MAX_FEATURES + 1])
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_the_weight_gradient_is_features_transposed_times_g_plus_the_norms_share(n_features, with_scale):
     generator = torch.Generator().manual_seed(n_features)
     features = torch.randn(40, 3, n_features, generator=generator)[
         :, 1
     ]  # a strided source slice, as in Decode
-    g = torch.randn(40, 5 * D, generator=generator)
-    out = decoding.weight_gradient(features, g)
-    assert out.shape == (n_features, 5 * D) and out.is_contiguous()
-    torch.testing.assert_close(out, features.T @ g, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(40, 7 * D, generator=generator)
+    g = grad[:, 2 * D :]  # this source's 5 targets, strided
+    W = torch.randn(n_features, 5, D, generator=generator)
+    scale = torch.randn(n_features, generator=generator) if with_scale else None
+    out = decoding.weight_gradient(features, g, W, scale)
+    assert out.shape == W.shape and out.is_contiguous()
+    expected = (features.T @ g).view(W.shape)
+    if with_scale:
+        expected = expected + scale[:, None, None] * W
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
