@@ -17,7 +17,8 @@ identity), its weights are copied into the peer's layout (encoder, encoder bias,
 thresholds), and both take the same random batch. Before any timing the reconstructions, the FVU (squared
 error ÷ target variance) and the losses must agree (relative 1e-4, in float32 whatever ``--dtype``), else the
 script exits naming the shape and both values. A step is forward + loss + backward + Adam (fused, lr 1e-4, an
-optimizer per side); the sides' steps alternate, after warm-ups, and the median is kept.
+optimizer per side); the sides' steps alternate, after warm-ups, and the median is kept. Each shape runs in a
+process of its own (``run_alone``), so that none starts from the memory another left.
 
 Loss terms (λ = 2e-4, c = 4, pre-activation coefficient 3e-6, as in our default profile):
 - sparsify: FVU = Σ(y − ŷ)² ÷ Σ(y − ȳ)² (its trainer's loss with auxk_alpha 0 and no multi-TopK; the trainer's
@@ -419,6 +420,13 @@ def main() -> None:
         sys.exit(subprocess.run([str(python), str(Path(__file__).resolve()), *sys.argv[1:]]).returncode)
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder is for GPUs
     start = time.perf_counter()
+    if len(args.shapes) > 1:
+        results = {}
+        for name in args.shapes:
+            for label, ratio in run_alone(args, name).items():
+                results.setdefault(label, []).append(ratio)
+        report(results, start)
+        return
     dtype = getattr(torch, args.dtype)
     results: dict[str, list[float]] = {
         "ours/sparsify": [],
@@ -439,6 +447,32 @@ def main() -> None:
             results["ours/llamascopium_sparse"].append(
                 compare_llamascopium(shape, dtype, DENSITY, args.profile)
             )
+    report(results, start)
+
+
+def run_alone(args: argparse.Namespace, shape: str) -> dict[str, float]:
+    """Run one shape in a process of its own, echo its output, and return its ``label = ratio`` lines. A fresh
+    process per shape: glibc raises its mmap threshold after large frees, so a step timed after a bigger shape
+    allocates from warm memory (sparsify's TopK step ran 435 instead of 670 ms after the CLT shapes)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--shapes", shape, "--dtype", args.dtype]
+    command += ["--steps", str(args.steps)] if args.steps else []
+    command += ["--warmup", str(args.warmup)] if args.warmup is not None else []
+    command += ["--quick"] * args.quick + ["--profile"] * args.profile
+    child = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    lines = child.stdout.splitlines()
+    print(
+        "\n".join(line for line in lines if not line.startswith(("ours/", "("))), flush=True
+    )  # not its summary
+    if child.returncode:
+        sys.exit(f"{shape}: exit status {child.returncode}")
+    return {
+        label: float(value)
+        for label, _, value in (line.partition(" = ") for line in lines)
+        if label.startswith("ours/")
+    }
+
+
+def report(results: dict[str, list[float]], start: float) -> None:
     print(f"({time.perf_counter() - start:.0f} s in all; the smaller ratio over the shapes run)")
     for label, ratios in results.items():
         if ratios:
