@@ -61,10 +61,10 @@ class _JumpReLUFunction(torch.autograd.Function):
             low, high = threshold - eps / 2, threshold + eps / 2
             # θ broadcasts over x's first dimension (else one block)
             blocks = row_chunks(x) if threshold.dim() < x.dim() else [slice(None)]
-            grad_threshold = sum(
-                torch.where((x[rows] > low).logical_and_(x[rows] < high), grad_out[rows], 0.0).sum_to_size(
-                    threshold.shape
-                )
+            grad_threshold = sum(  # summed in θ's dtype (float32 under bf16 autocast)
+                torch.where(
+                    (x[rows] > low).logical_and_(x[rows] < high), grad_out[rows].to(threshold.dtype), 0.0
+                ).sum_to_size(threshold.shape)
                 for rows in blocks
             )
             grad_threshold = grad_threshold * (-(threshold / eps))
@@ -82,16 +82,18 @@ class _PenaltiesFunction(torch.autograd.Function):
     def forward(ctx, pre, features, threshold, norms, c: float):
         squashed = torch.mul(features, c * norms).tanh_()
         below = sum((threshold - pre[rows]).clamp_min_(0).sum(0) for rows in row_chunks(pre))  # (L, F)
-        ctx.save_for_backward(pre, features, threshold, norms, squashed, below)
-        ctx.c, ctx.slope = c, False
+        ctx.save_for_backward(pre, features, threshold, norms, below)
+        # an intermediate, kept on ctx (not saved) so that the backward may turn it into the slope in place
+        ctx.c, ctx.slope, ctx.is_slope = c, squashed, False
         return squashed.sum(), (below * norms).sum()
 
     @staticmethod
     def backward(ctx, grad_sparsity, grad_preact):
-        pre, features, threshold, norms, slope, below = ctx.saved_tensors
-        if not ctx.slope:  # d tanh(u) = (1 − tanh²(u)) du, once even if the graph is retained
+        pre, features, threshold, norms, below = ctx.saved_tensors
+        slope = ctx.slope
+        if not ctx.is_slope:  # d tanh(u) = (1 − tanh²(u)) du, once even if the graph is retained
             slope.mul_(slope).neg_().add_(1)
-            ctx.slope = True
+            ctx.is_slope = True
         scale = grad_sparsity * ctx.c  # d tanh(c·n·f) = slope · c · (n df + f dn)
         grad_features = slope * (scale * norms)
         grad_norms = below * grad_preact
