@@ -460,9 +460,9 @@ def run_alone(args: argparse.Namespace, shape: str) -> dict[str, float]:
     command += ["--quick"] * args.quick + ["--profile"] * args.profile
     child = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     lines = child.stdout.splitlines()
-    print(
-        "\n".join(line for line in lines if not line.startswith(("ours/", "("))), flush=True
-    )  # not its summary
+    # its summary lines are reported once, by the parent
+    shown = [line for line in lines if not line.startswith(("ours/", "("))]
+    print("\n".join(shown), flush=True)
     if child.returncode:
         sys.exit(f"{shape}: exit status {child.returncode}")
     return {

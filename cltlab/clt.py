@@ -50,7 +50,14 @@ class Penalties(NamedTuple):
 
     def sparsity(self, weighted: torch.Tensor) -> torch.Tensor:
         """``Σ tanh(c · weighted)`` of ``weighted = ‖W_dec,i‖ · f_i`` (detached when only measured)."""
-        return torch.tanh(self.c * (weighted if self.differentiated else weighted.detach())).sum()
+        return torch.tanh(self.c * self._taken(weighted)[0]).sum()
+
+    def jumprelu(self, pre, features, threshold, norms) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sparsity and pre-activation sums of a dense JumpReLU step (``jumprelu.dense_penalties``)."""
+        return dense_penalties(*self._taken(pre, features, threshold, norms), self.c)
+
+    def _taken(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tensors if self.differentiated else tuple(t.detach() for t in tensors)
 
 
 class CLTOutput(NamedTuple):
@@ -345,11 +352,8 @@ class CrossLayerTranscoder(nn.Module):
         needed = self.activation.gradient_support(pre, features) if mode != "dense" else None
         recon, norms = self._decode(features, needed, mode, with_norms=True)  # (batch, L, d), (L, F)
         if self.config.activation_kind == "jumprelu":
-            inputs = (pre, features, self.activation.threshold, norms)
-            if not penalties.differentiated:
-                inputs = tuple(t.detach() for t in inputs)
-            sparsity, preact = dense_penalties(*inputs, penalties.c)
-            sparsity, preact = sparsity / pre.shape[0], preact / pre.shape[0]
+            sums = penalties.jumprelu(pre, features, self.activation.threshold, norms)
+            sparsity, preact = (total / pre.shape[0] for total in sums)
         else:
             sparsity = penalties.sparsity(norms * features) / pre.shape[0]
             preact = self.activation.preact_loss(pre, norms)
