@@ -209,6 +209,33 @@ def test_perfect_reconstruction_has_zero_nmse():
     assert out.mse < 1e-10
 
 
+# one block; blocks of 3 rows (the last one short)
+@pytest.mark.parametrize("chunk_bytes", [8 << 20, 3 * L * D * 4])
+def test_summed_variance_is_as_precise_as_torch_var(monkeypatch, chunk_bytes):
+    from cltlab import jumprelu
+    from cltlab.clt import summed_variance
+
+    monkeypatch.setattr(jumprelu, "CHUNK_BYTES", chunk_bytes)
+    generator = torch.Generator().manual_seed(3)
+    # a mean 1000× the spread: the sum of squares minus the squared sum would lose every digit here
+    target = torch.randn(64, L, D, generator=generator) * torch.rand(L, 1, generator=generator) + 1000.0
+    exact = target.double().var(0, correction=0).sum(-1) * len(target)
+    got = summed_variance(target)
+    assert got.shape == (L,) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=0)
+
+
+def test_nmse_divides_by_the_targets_variance():
+    clt = make_clt(L, D, F)
+    x, y = raw_inputs(clt, batch=16), raw_inputs(clt, batch=16, seed=1)
+    out = clt.loss(x, y, sparsity_coef=0.0)
+    recon = clt(x).reconstruction.detach()
+    target = (y - clt.output_mean) / clt.output_scale
+    normalized = (recon - clt.output_mean) / clt.output_scale
+    expected = (normalized - target).pow(2).sum((0, 2)) / target.var(0, correction=0).sum(-1) / 16
+    torch.testing.assert_close(out.nmse, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_adam_reduces_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     clt = make_clt(L, D, 32, normalization=False, threshold_init=0.05)
