@@ -42,28 +42,23 @@ Usage: python benchmarks/peers.py [--shapes topk clt30 clt12] [--steps N --warmu
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from interleaved import interleaved, profile, training_step
+from peer_env import in_peer_venv, peer_python
 from train_speed import set_density
 
 from cltlab.clt import CrossLayerTranscoder
 from cltlab.config import CLTConfig
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV = ROOT / ".venv-peers"
-PEER_REQUIREMENTS = ["eai-sparsify==1.3.3", "llamascopium==2.0.0b34", "transformer-lens<4"]
-LR = 1e-4
 SPARSITY_COEF, SPARSITY_C, PREACT_COEF = 2e-4, 4.0, 3e-6
 DENSITY = 0.02
 TOLERANCE = 1e-4
@@ -93,89 +88,6 @@ SHAPES = {
     ]
 }
 TOPK_K = 32
-
-# ------------------------------------------------------------------------------------------- side environment
-
-
-def install_stamp() -> str:
-    """What ``.venv-peers`` was built from: the peers and a hash of our dependency files."""
-    digest = hashlib.sha256()
-    for name in ("pyproject.toml", "constraints.txt"):
-        digest.update((ROOT / name).read_bytes())
-    return " ".join(PEER_REQUIREMENTS) + " " + digest.hexdigest()
-
-
-def peer_python() -> Path:
-    """``.venv-peers``'s python, building the environment first if it is missing or out of date."""
-    python, marker = VENV / "bin" / "python", VENV / ".installed"
-    if python.exists() and marker.exists() and marker.read_text() == install_stamp():
-        return python
-    print(f"Building {VENV.name} (the peer libraries; once, a few minutes) ...", file=sys.stderr, flush=True)
-    marker.unlink(missing_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    pip = [str(python), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt")]
-    subprocess.run([*pip, "torch==2.13.0"], check=True)
-    subprocess.run([*pip, "-e", str(ROOT), *PEER_REQUIREMENTS], check=True)
-    marker.write_text(install_stamp())
-    return python
-
-
-def in_peer_venv() -> bool:
-    return Path(sys.prefix).resolve() == VENV.resolve()
-
-
-# ------------------------------------------------------------------------------------------------- timing
-
-
-def training_step(params, loss_fn: Callable[[], torch.Tensor], dtype: torch.dtype) -> Callable[[], None]:
-    """One step: ``loss_fn()`` (under autocast unless float32), backward, and a fused Adam step of its own."""
-    optimizer = torch.optim.Adam([p for p in params if p.requires_grad], lr=LR, fused=True)
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            loss = loss_fn()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-class Timing(NamedTuple):
-    """Seconds per step over the timed steps."""
-
-    median: float
-    low: float
-    high: float
-
-    def __str__(self) -> str:
-        return f"{self.median * 1e3:.0f} ms/step ({self.low * 1e3:.0f}–{self.high * 1e3:.0f})"
-
-
-def interleaved(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, Timing]:
-    """Each step's timing, taking them in turn (order reversed every other round) so that any other load on
-    the machine falls on all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for round_ in range(warmup + repeats):
-        order = list(steps) if round_ % 2 == 0 else list(reversed(steps))
-        for name in order:
-            start = time.perf_counter()
-            steps[name]()
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: Timing(statistics.median(t), min(t), max(t)) for name, t in times.items()}
-
-
-def profile(label: str, step: Callable[[], None], rows: int = 10) -> None:
-    """Print the top operators of one step by self CPU time."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    print(f"\n{label}: top operators of one step")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
-
 
 # ----------------------------------------------------------------------------------------------- agreement
 

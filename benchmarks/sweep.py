@@ -61,6 +61,7 @@ POINTS: dict[str, dict] = {
     "F64_S200_residual_decay0.5": {**NOW, "lr_decay": 0.5},
     "F64_S200_residual_decay1": {**NOW, "lr_decay": 1.0},
     "F64_S200_residual_lr3e-3_decay1": {**NOW, "lr": 3e-3, "lr_decay": 1.0},
+    "F64_S300_residual": {**NOW, "max_steps": 300},
 }
 FIGURES = ("kl", "top1_agreement", "ce_recovered", "nmse", "mean_l0")
 
