@@ -62,6 +62,9 @@ POINTS: dict[str, dict] = {
     "F64_S200_residual_decay1": {**NOW, "lr_decay": 1.0},
     "F64_S200_residual_lr3e-3_decay1": {**NOW, "lr": 3e-3, "lr_decay": 1.0},
     "F64_S300_residual": {**NOW, "max_steps": 300},
+    # the default point from other seeds (initialization and batch order): how far the KL moves by chance alone
+    "F64_S200_residual_seed1": {**NOW, "seed": 1},
+    "F64_S200_residual_seed2": {**NOW, "seed": 2},
 }
 FIGURES = ("kl", "top1_agreement", "ce_recovered", "nmse", "mean_l0")
 
