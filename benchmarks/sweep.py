@@ -65,6 +65,9 @@ POINTS: dict[str, dict] = {
     # the default point from other seeds (initialization and batch order): how far the KL moves by chance alone
     "F64_S200_residual_seed1": {**NOW, "seed": 1},
     "F64_S200_residual_seed2": {**NOW, "seed": 2},
+    # and uniform layer weighting from the same seeds: is the residual weighting's gain more than chance?
+    "F64_S200_seed1": {**NOW, "layer_weighting": "uniform", "seed": 1},
+    "F64_S200_seed2": {**NOW, "layer_weighting": "uniform", "seed": 2},
 }
 FIGURES = ("kl", "top1_agreement", "ce_recovered", "nmse", "mean_l0")
 
