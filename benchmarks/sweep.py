@@ -70,9 +70,10 @@ POINTS: dict[str, dict] = {
 FIGURES = ("kl", "top1_agreement", "ce_recovered", "nmse", "mean_l0")
 
 
-def run_point(name: str, seed: int, buffer: Path, out: Path, model, profile) -> dict:
+def run_point(name: str, seed: int, buffer: Path, summary: str, out: Path, model, profile) -> dict:
     """Train and evaluate one point from one seed (``trainer.seed``: initialization and batch order), or read it
-    back when it has been run with the same config (seed 0 in ``<out>/<name>``, seed n in ``<out>/<name>_seed<n>``)."""
+    back when it has been run with the same config (seed 0 in ``<out>/<name>``, seed n in ``<out>/<name>_seed<n>``);
+    ``summary``: the harvest's ``DiscBuffer.summary()``, part of that key."""
     changes = {**BASE, **POINTS[name], "seed": seed}
     steps = changes.get("max_steps", STEPS)
     config = profile.train.replace(
@@ -81,7 +82,7 @@ def run_point(name: str, seed: int, buffer: Path, out: Path, model, profile) -> 
     run_dir = out / (name if seed == 0 else f"{name}_seed{seed}")
     key = dict(
         train=dataclasses.asdict(config),
-        buffer=cltlab.DiscBuffer(buffer).summary(),
+        buffer=summary,
         eval=dataclasses.asdict(profile.eval),
     )
     saved = run_dir / "sweep.json"
@@ -151,11 +152,12 @@ def main() -> None:
     profile = cltlab.config.get_profile("default")
     model = cltlab.load_model(profile.harvest.model)  # float32 for evaluation, as notebook 04 does
     seeds = [int(seed) for seed in args.seeds.split(",")]
+    summary = cltlab.DiscBuffer(args.buffer).summary()  # read once, for every point's cache key
     results = {}
     for name in names:
         runs = []
         for seed in seeds:
-            r = run_point(name, seed, Path(args.buffer), Path(args.out), model, profile)
+            r = run_point(name, seed, Path(args.buffer), summary, Path(args.out), model, profile)
             runs.append(r)
             print(f"{name:<22} seed {seed} {r['train_s']:.0f} s  KL {r['kl']:.3f}  top-1 {r['top1_agreement']:.3f}  "
                   f"CE rec. {r['ce_recovered']:.3f}  NMSE {r['nmse']:.3f}  L0 {r['mean_l0']:.1f}", flush=True)  # fmt: skip
