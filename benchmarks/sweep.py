@@ -4,8 +4,8 @@ Each point changes a few fields (``TrainConfig.replace`` names) of ``BASE``: the
 it was when the sweep began (256 features, λ 3e-4, lr 6e-4, every layer's error weighted alike; 600 steps, ~50
 minutes of ``make run``). All train on the same harvest (``--buffer``, a default run's) and are evaluated as notebook
 04 does (``cltlab.evaluate``: the profile's eval config, held-out text, float32 model). A point's wall time is its
-training time; the points come in two budgets, ~6 and ~4–5 minutes (``F64_S200_residual`` is today's default
-profile). Finished points are kept under ``--out`` (keyed by their config, harvest and eval), so running again
+training time (an end-to-end stage included); the points come in two budgets, ~6 and ~4–5 minutes, and the
+default point's end-to-end stage adds ~3 (``F64_S200_residual_e2e60`` is today's default profile). Finished points are kept under ``--out`` (keyed by their config, harvest and eval), so running again
 reuses them.
 
 With ``--seeds`` every point also runs from other seeds (``trainer.seed``: initialization and batch order) and the
@@ -28,14 +28,19 @@ from pathlib import Path
 
 import cltlab
 
-BASE = dict(d_features=256, sparsity_coef=3e-4, lr=6e-4, layer_weighting="uniform")
+# (BASE has no end-to-end stage: kl_steps=0.)
+BASE = dict(d_features=256, sparsity_coef=3e-4, lr=6e-4, layer_weighting="uniform", kl_steps=0)
 # name → TrainConfig.replace(**BASE, **changes) from the default profile, each at about the same wall time: ``STEPS``
 # steps of 512 tokens (~3 s each on this 2-core AVX2 CPU: ~5 minutes), or as many steps of another shape as take
 # as long (half the batch or half the features: twice the steps, a quarter of the features: three times; a
 # per-layer transcoder's step takes ~1.2 s here).
 STEPS = 100
-# The point the ``default`` profile is now (tests/test_config.py checks it); the ~4–5-minute points vary it.
-NOW = dict(d_features=64, max_steps=200, lr=2e-3, sparsity_coef=1e-4, layer_weighting="residual")
+# The MSE stage of the point the ``default`` profile is now; the ~4–5-minute points vary it.
+RESIDUAL = dict(d_features=64, max_steps=200, lr=2e-3, sparsity_coef=1e-4, layer_weighting="residual")
+# The end-to-end stage after it (``FinetuneConfig``: ~3 minutes here); together the ``default`` profile now
+# (tests/test_config.py checks it).
+E2E = dict(kl_steps=60, kl_sequences=4, kl_lr=3e-4, kl_mse_coef=1e-3, kl_max_minutes=4.0)
+NOW = {**RESIDUAL, **E2E}
 POINTS: dict[str, dict] = {
     "default": {},
     "lr2e-3_lam1e-4": dict(lr=2e-3, sparsity_coef=1e-4),
@@ -54,18 +59,24 @@ POINTS: dict[str, dict] = {
     "F32_S300": dict(d_features=32, max_steps=300, lr=2e-3, sparsity_coef=1e-4),
     "F64_S200_lr4e-3": dict(d_features=64, max_steps=200, lr=4e-3, sparsity_coef=1e-4),
     "F64_B256_S400_lr1e-3": dict(d_features=64, batch_size=256, max_steps=400, lr=1e-3, sparsity_coef=1e-4),
-    "F64_S200_residual": NOW,
-    "F128_S200_residual": {**NOW, "d_features": 128},
-    "F64_S150_residual": {**NOW, "max_steps": 150},
-    "F64_S200_residual_c1": {**NOW, "sparsity_c": 1.0},
-    "F64_S200_residual_theta0.03": {**NOW, "threshold_init": 0.03},
-    "F64_S200_residual_warmup0.3": {**NOW, "sparsity_warmup": 0.3},
-    "F64_S200_residual_batchtopk16": {**NOW, "activation_kind": "batchtopk", "k": 16, "sparsity_coef": 3e-4},
-    "F64_S200_residual_lam3e-5": {**NOW, "sparsity_coef": 3e-5},
-    "F64_S200_residual_decay0.5": {**NOW, "lr_decay": 0.5},
-    "F64_S200_residual_decay1": {**NOW, "lr_decay": 1.0},
-    "F64_S200_residual_lr3e-3_decay1": {**NOW, "lr": 3e-3, "lr_decay": 1.0},
-    "F64_S300_residual": {**NOW, "max_steps": 300},
+    "F64_S200_residual": RESIDUAL,
+    "F128_S200_residual": {**RESIDUAL, "d_features": 128},
+    "F64_S150_residual": {**RESIDUAL, "max_steps": 150},
+    "F64_S200_residual_c1": {**RESIDUAL, "sparsity_c": 1.0},
+    "F64_S200_residual_theta0.03": {**RESIDUAL, "threshold_init": 0.03},
+    "F64_S200_residual_warmup0.3": {**RESIDUAL, "sparsity_warmup": 0.3},
+    "F64_S200_residual_batchtopk16": {
+        **RESIDUAL,
+        "activation_kind": "batchtopk",
+        "k": 16,
+        "sparsity_coef": 3e-4,
+    },
+    "F64_S200_residual_lam3e-5": {**RESIDUAL, "sparsity_coef": 3e-5},
+    "F64_S200_residual_decay0.5": {**RESIDUAL, "lr_decay": 0.5},
+    "F64_S200_residual_decay1": {**RESIDUAL, "lr_decay": 1.0},
+    "F64_S200_residual_lr3e-3_decay1": {**RESIDUAL, "lr": 3e-3, "lr_decay": 1.0},
+    "F64_S300_residual": {**RESIDUAL, "max_steps": 300},
+    "F64_S200_residual_e2e60": NOW,
 }
 FIGURES = ("kl", "top1_agreement", "ce_recovered", "nmse", "mean_l0")
 

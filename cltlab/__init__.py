@@ -35,6 +35,7 @@ __all__ = [  # in data-flow order: the names the notebooks use; the rest live in
     "harvest",
     "DiscBuffer",
     "train",
+    "finetune",
     "CrossLayerTranscoder",
     "feature_statistics",
     "top_contexts",
@@ -63,6 +64,10 @@ def __getattr__(name: str):
         from .training import train
 
         return train
+    if name == "finetune":
+        from .end_to_end import finetune
+
+        return finetune
     if name in ("AttributionGraphView", "FeatureBrowser", "ReplacementComparison"):
         from . import widgets
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -234,15 +235,19 @@ class CrossLayerTranscoder(nn.Module):
         """Features ``(batch, n_layers, d_features)`` → raw ``mlp_out`` reconstruction ``(batch, n_layers, d_model)``."""
         return self.decode_normalized(features) * self.output_scale + self.output_mean
 
-    def decode_layer(self, features: torch.Tensor, layer: int) -> torch.Tensor:
-        """Reconstruct raw ``mlp_out[layer]`` ``(..., d_model)`` from features ``(..., n_layers, d_features)``.
+    def decode_layer(self, features: torch.Tensor | Sequence[torch.Tensor], layer: int) -> torch.Tensor:
+        """Reconstruct raw ``mlp_out[layer]`` ``(..., d_model)`` from features ``(..., n_layers, d_features)``, or
+        from a sequence of each source layer's features ``(..., d_features)`` (what a layer-by-layer pass that
+        needs gradients builds: writing into one tensor in place would break autograd).
 
-        Only sources ``<= layer`` are read, so features of later layers may be zeros or garbage.
+        Only sources ``<= layer`` are read, so features of later layers may be zeros, garbage or missing.
         """
-        out = self.b_dec[layer].expand(*features.shape[:-2], -1)
+        stacked = isinstance(features, torch.Tensor)
+        of = (lambda source: features[..., source, :]) if stacked else features.__getitem__
+        out = self.b_dec[layer].expand(*of(layer).shape[:-1], -1)
         first = 0 if self.config.cross_layer else layer
         for source in range(first, layer + 1):
-            out = out + features[..., source, :] @ self.W_dec[source][:, layer - source]
+            out = out + of(source) @ self.W_dec[source][:, layer - source]
         return out * self.output_scale[layer] + self.output_mean[layer]
 
     def forward(self, x: torch.Tensor) -> CLTOutput:

@@ -238,16 +238,48 @@ class DataConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """End-to-end fine-tuning after the MSE stage (``cltlab.finetune``): the CLT replaces the model's MLPs on
+    training text and learns, through the frozen model, to give the original model's next-token distributions."""
+
+    kl_steps: int = 0
+    """Optimizer steps of the fine-tune; 0: none."""
+    kl_sequences: int = 8
+    """Training sequences (of the harvest's ``seq_len``) per step."""
+    kl_lr: float = 3e-4
+    """Peak Adam learning rate: linear warm-up, then constant."""
+    kl_warmup_steps: int = 5
+    """Steps of the learning rate's warm-up (a full first step from the MSE optimum overshoots)."""
+    kl_mse_coef: float = 0.0
+    """Weight beside the KL of each layer's local reconstruction error (squared, in the CLT's normalized units,
+    against what the MLP computes from the replacement's own residual stream): keeps the features reconstructing
+    the MLPs, which attribution graphs read, at some cost in KL. 0: the MLPs are not run."""
+    kl_max_minutes: float | None = None
+    """Stop after this many minutes even if ``kl_steps`` are not done (a budget: a slow machine takes fewer)."""
+
+    def __post_init__(self) -> None:
+        if self.kl_steps < 0 or self.kl_sequences <= 0 or self.kl_warmup_steps < 0:
+            raise ValueError("kl_steps and kl_warmup_steps must be non-negative and kl_sequences positive.")
+        if self.kl_lr <= 0 or self.kl_mse_coef < 0:
+            raise ValueError(
+                f"kl_lr must be positive and kl_mse_coef non-negative, not {self.kl_lr}, {self.kl_mse_coef}."
+            )
+        if self.kl_max_minutes is not None and self.kl_max_minutes <= 0:
+            raise ValueError(f"kl_max_minutes must be positive or None, not {self.kl_max_minutes}.")
+
+
+@dataclass
 class TrainConfig:
-    """Training a transcoder on harvested activations, in five parts (``--transcoder.d_features``,
-    ``--loss.sparsity_coef``, ``--optimizer.lr``, ``--trainer.max_steps``, ``--data.batch_size`` on the command
-    line; the same nesting in a YAML file)."""
+    """Training a transcoder on harvested activations, in six parts (``--transcoder.d_features``,
+    ``--loss.sparsity_coef``, ``--optimizer.lr``, ``--trainer.max_steps``, ``--data.batch_size``,
+    ``--finetune.kl_steps`` on the command line; the same nesting in a YAML file)."""
 
     transcoder: TranscoderConfig = field(default_factory=TranscoderConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @classmethod
     def from_dict(cls, fields: dict) -> TrainConfig:

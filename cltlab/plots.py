@@ -47,12 +47,14 @@ def training_curves(
 ) -> go.Figure:
     """Loss, NMSE, L0 and dead fraction of a run against the step. Where the run validated on held-out text
     (``TrainerConfig.val_every``), the held-out NMSE and L0 are drawn over the training ones, and held-out KL,
-    top-1 agreement and CE recovered get a panel each."""
+    top-1 agreement and CE recovered get a panel each; an end-to-end fine-tune (``FinetuneConfig``) adds its
+    training KL."""
     series = read_metrics(log_dir)
     panels = [*metrics, *(f"val/{name}" for name in held_out if f"val/{name}" in series)]
+    panels += [name for name in ("e2e/kl",) if name in series]
     cols = min(4, len(panels))
     rows = -(-len(panels) // cols)
-    titles = [name.replace("val/", "held-out ") for name in panels]
+    titles = [name.replace("val/", "held-out ").replace("e2e/", "end-to-end ") for name in panels]
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles)
     for i, name in enumerate(panels):
         row, col = divmod(i, cols)

@@ -13,6 +13,7 @@ from pathlib import Path
 from .config import (
     DataConfig,
     EvalConfig,
+    FinetuneConfig,
     HarvestConfig,
     LossConfig,
     OptimizerConfig,
@@ -35,12 +36,13 @@ PROFILES: dict[str, Profile] = {
                 max_steps=60, log_every=5, checkpoint_every=30, wandb=False, val_every=30, val_sequences=4
             ),
             data=DataConfig(batch_size=256),
+            finetune=FinetuneConfig(kl_steps=4, kl_sequences=4, kl_warmup_steps=2),
         ),
         eval=EvalConfig(n_sequences=8, batch_size=4),
     ),
-    # The embedded real model on a CPU, ~10 minutes on a 2-core AVX2 machine (float32): the best setting of
-    # benchmarks/sweep.py at that budget (64 features × 200 steps, each layer's error weighted by how much of the
-    # residual stream its MLP writes); see the README's "Quality per CPU-minute".
+    # The embedded real model on a CPU, ~10 minutes on a 2-core machine: the best setting of benchmarks/sweep.py
+    # at that budget (64 features × 200 steps, each layer's error weighted by how much of the residual stream its
+    # MLP writes, then 60 end-to-end steps on the replacement's KL); see the README's "Quality per CPU-minute".
     "default": Profile(
         name="default",
         harvest=HarvestConfig(
@@ -65,6 +67,10 @@ PROFILES: dict[str, Profile] = {
             ),
             # batches read in the training process: on 2 cores a worker process only competes with the step
             data=DataConfig(batch_size=512),
+            # then ~3 minutes end to end: the replacement model's KL through the frozen model (end_to_end.py)
+            finetune=FinetuneConfig(
+                kl_steps=60, kl_sequences=4, kl_lr=3e-4, kl_mse_coef=1e-3, kl_max_minutes=4.0
+            ),
         ),
         eval=EvalConfig(n_sequences=32, batch_size=8),
     ),

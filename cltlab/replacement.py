@@ -121,15 +121,22 @@ class ReplacementModel:
         beside what the model's own MLP computes from the same (replacement) residual stream."""
         return self._trace(ids.to(self.model.device), zero=False, errors=None, record=True)
 
+    def trace(self, ids: torch.Tensor, *, record: bool = False) -> ReplacementRun:
+        """The replacement model on ``ids`` with autograd on, for training through it (``cltlab.finetune``): the
+        logits' gradients reach every CLT parameter through the frozen model. ``record`` also runs the original
+        MLPs on the replacement's residual stream and returns their outputs beside the reconstructions (else
+        ``features``, ``mlp_out`` and ``reconstruction`` are None and the covered MLPs are not run)."""
+        return self._trace(ids.to(self.model.device), zero=False, errors=None, record=record)
+
     def _trace(
         self, ids: torch.Tensor, *, zero: bool, errors: torch.Tensor | None, record: bool
     ) -> ReplacementRun:
         """One replacement (or zero-ablated) run. Unless ``record`` asks for what the MLPs compute, the covered
         MLPs are skipped, not run and overwritten (three quarters of a small model's layer FLOPs): their BOS
-        outputs, which every variant keeps, come from a run of position 0 alone, which sees only itself."""
+        outputs, which every variant keeps, come from a run of position 0 alone, which sees only itself. Each
+        layer's features are a tensor of their own, so that autograd can follow the pass where it is on."""
         blocks, sites, clt = self.model.envoy_blocks(), self.model.sites, self.clt
-        batch, seq = ids.shape
-        features = torch.zeros(batch, seq, clt.n_layers, clt.d_features, device=ids.device)
+        features: list[torch.Tensor] = []
         bos = (
             None
             if record
@@ -144,7 +151,7 @@ class ReplacementModel:
                 if zero:
                     new = torch.zeros(x.shape, device=x.device)
                 else:
-                    features[:, :, i] = clt.encode_layer(x.float(), i)
+                    features.append(clt.encode_layer(x.float(), i))  # (batch, seq, d_features)
                     new = clt.decode_layer(features, i)  # (batch, seq, d_model)
                     if errors is not None:
                         new = new + errors[:, :, i].to(new.device)
@@ -159,9 +166,7 @@ class ReplacementModel:
                 mlp.output = new.to(original.dtype)
             out["logits"] = self.model.envoy.output.logits.save()
         stack = (lambda parts: torch.stack(parts, 2)) if record else (lambda parts: None)
-        return ReplacementRun(
-            out["logits"].float(), features if record else None, stack(mlp_out), stack(reconstruction)
-        )
+        return ReplacementRun(out["logits"].float(), stack(features), stack(mlp_out), stack(reconstruction))
 
     def attribute(self, prompt: str | list[int] | torch.Tensor, **options) -> AttributionGraph:
         """The attribution graph of ``prompt`` through this CLT (``cltlab.attribute``; same options)."""

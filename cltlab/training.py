@@ -24,6 +24,7 @@ from .buffer import DiscBuffer
 from .clt import CrossLayerTranscoder
 from .config import CLTConfig, TrainConfig, TrainerConfig
 from .data import ActivationData, LiveActivations
+from .end_to_end import finetune
 from .precision import lightning_accelerator, training_precision
 from .sites import ActivationBatch
 from .validation import ReplacementValidation
@@ -195,12 +196,15 @@ class _NoTips(logging.Filter):
         return not str(record.msg).startswith("💡 Tip")
 
 
-def make_trainer(config: TrainerConfig, run_dir: str | Path, **overrides) -> L.Trainer:
+def make_trainer(
+    config: TrainerConfig, run_dir: str | Path, *, checkpoints: bool = True, **overrides
+) -> L.Trainer:
     """A Lightning Trainer for ``config``: device chosen automatically, CSV (+ W&B) logs and checkpoints under ``run_dir``.
 
     ``devices``, ``num_nodes`` and ``strategy`` come from the config (Lightning recognises processes started by
     torchrun or SLURM from their environment); rank 0 writes the checkpoints and logs. ``callbacks`` in
-    ``overrides`` join the checkpoint callback; any other override replaces that Trainer argument.
+    ``overrides`` join the checkpoint callback (none with ``checkpoints=False``); any other override replaces that
+    Trainer argument.
     """
     run_dir = Path(run_dir)
     loggers = [CSVLogger(run_dir, name="logs")]  # one version_N folder per call; see plots.read_metrics
@@ -212,12 +216,14 @@ def make_trainer(config: TrainerConfig, run_dir: str | Path, **overrides) -> L.T
                 project="cltlab", save_dir=str(run_dir), offline=not wandb_logged_in(), name=run_dir.name
             )
         )
-    checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        every_n_train_steps=config.checkpoint_every,
-        save_last=True,
-        save_top_k=-1,
-    )
+    saving = [
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            every_n_train_steps=config.checkpoint_every,
+            save_last=True,
+            save_top_k=-1,
+        )
+    ]
     kwargs = dict(
         max_steps=config.max_steps,
         max_epochs=-1,
@@ -228,7 +234,8 @@ def make_trainer(config: TrainerConfig, run_dir: str | Path, **overrides) -> L.T
         use_distributed_sampler=False,  # ActivationData already gives each rank its own part of the buffer
         precision=training_precision(config.precision, accelerator=config.accelerator),
         logger=loggers,
-        callbacks=[checkpoints, *text_progress_bar(config), *overrides.pop("callbacks", [])],
+        callbacks=[*saving[:checkpoints], *text_progress_bar(config), *overrides.pop("callbacks", [])],
+        enable_checkpointing=checkpoints,
         log_every_n_steps=config.log_every,
         enable_model_summary=False,
         default_root_dir=run_dir,
@@ -305,6 +312,7 @@ def _train(
 ) -> TrainResult:
     datamodule = ActivationData(data, config.data, seed=config.trainer.seed)
     buffer = datamodule.source  # the whole buffer (or stream): the same shape and statistics on every rank
+    check_finetune(config, buffer)
     clt_config = CLTConfig(
         **dataclasses.asdict(config.transcoder),
         n_layers=buffer.n_layers,
@@ -330,15 +338,51 @@ def _train(
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
-        for logger in trainer.loggers:  # close the W&B run so the next train() in this kernel starts its own
-            if type(logger).__name__ == "WandbLogger":
-                logger.experiment.finish()
+        finish_wandb(trainer)
     clt = trained_clt(trainer, module)
     clt_dir = run_dir / "clt"
+    if trainer.is_global_zero and config.finetune.kl_steps:
+        origin = getattr(buffer, "origin", None) or {}
+        clt = finetune(
+            clt,
+            model=origin["model"],
+            corpus=origin["corpus"],
+            seq_len=origin["seq_len"],
+            config=config.finetune,
+            run_dir=run_dir,
+            trainer_config=config.trainer,
+            step_offset=trainer.global_step,
+        )
     if trainer.is_global_zero:
         clt.save(clt_dir)
         log.info("Saved the CLT to %s", clt_dir)
     return TrainResult(clt, clt_dir, run_dir / "logs", run_dir / "checkpoints", trainer.global_rank)
+
+
+def finish_wandb(trainer: L.Trainer) -> None:
+    """Close the trainer's W&B run, so that the next stage or ``train()`` in this kernel starts its own."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()
+
+
+def check_finetune(config: TrainConfig, source) -> None:
+    """Refuse an end-to-end fine-tune that cannot run, before the MSE stage spends its time: it runs on one
+    device, and needs to know the model and corpus the activations came from."""
+    if not config.finetune.kl_steps:
+        return
+    trainer = config.trainer
+    if str(trainer.devices) != "1" or trainer.num_nodes != 1:
+        raise ValueError(
+            "finetune.kl_steps runs on one device: set it to 0 for a multi-device run (and fine-tune the saved "
+            "CLT with cltlab.finetune on one device), or train on trainer.devices=1."
+        )
+    if getattr(source, "origin", None) is None:
+        raise ValueError(
+            "finetune.kl_steps needs the model and corpus the activations came from (a harvest folder's manifest "
+            "or an activation server's info names them; this source does not): set it to 0, or call "
+            "cltlab.finetune on the trained CLT."
+        )
 
 
 def validation_for(buffer, config: TrainerConfig) -> ReplacementValidation:

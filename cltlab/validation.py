@@ -38,11 +38,13 @@ class ReplacementValidation(L.Callback):
         every: int,
         n_sequences: int = 8,
         batch_size: int = 4,
+        step_offset: int = 0,
     ):
         if every <= 0 or n_sequences <= 0:
             raise ValueError(f"every and n_sequences must be positive, not {every} and {n_sequences}.")
         self.model, self.corpus, self.seq_len, self.every = model, corpus, seq_len, every
         self.config = EvalConfig(n_sequences=n_sequences, batch_size=min(batch_size, n_sequences))
+        self.step_offset = step_offset  # added to the trainer's step: a later stage continues the curves
         self.last_step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -80,10 +82,10 @@ class ReplacementValidation(L.Callback):
         figures = logged_figures(metrics)
         figures["val/seconds"] = time.perf_counter() - start
         for logger in trainer.loggers:
-            logger.log_metrics(figures, step=step)
+            logger.log_metrics(figures, step=self.step_offset + step)
         log.info(
             "step %d: held-out KL %.3f, top-1 %.3f, CE recovered %.3f",
-            step,
+            self.step_offset + step,
             metrics.kl,
             metrics.top1_agreement,
             metrics.ce_recovered,

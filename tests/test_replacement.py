@@ -49,12 +49,11 @@ def clt_for(
     return clt
 
 
-@torch.no_grad()
 def hooked_logits(model: LoadedModel, clt, ids: torch.Tensor, *, zero: bool = False) -> torch.Tensor:
     """The replacement model built from plain PyTorch hooks: each covered MLP's output (BOS excepted) becomes
-    the CLT's reconstruction from the current run's ``resid_mid`` (or zero)."""
+    the CLT's reconstruction from the current run's ``resid_mid`` (or zero). Autograd follows it where it is on."""
     layers = range(clt.config.layer_offset, clt.config.layer_offset + clt.n_layers)
-    features = torch.zeros(*ids.shape, clt.n_layers, clt.d_features)
+    features = []
     resid, handles = {}, []
 
     def save_input(module, args, i):
@@ -64,8 +63,8 @@ def hooked_logits(model: LoadedModel, clt, ids: torch.Tensor, *, zero: bool = Fa
         if zero:
             new = torch.zeros_like(output)
         else:
-            features[:, :, i] = clt.encode_layer(resid[i], i)
-            new = clt.decode_layer(features, i)
+            features.append(clt.encode_layer(resid[i], i))
+            new = clt.decode_layer(torch.stack(features, -2), i)
         new[:, 0] = output[:, 0]
         return new
 

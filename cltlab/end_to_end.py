@@ -1,0 +1,177 @@
+"""End-to-end fine-tuning: the CLT learns what the replacement model predicts, not only each MLP's output.
+
+The MSE stage (``training.py``) fits every layer's MLP output on the original model's activations. Errors of the
+same size matter very differently downstream, and in the replacement model they compound through depth: on the
+default profile, seeds with equal per-layer errors gave KL 3.5 and 5.4 nats. This stage runs the replacement model
+(``replacement.ReplacementModel.trace``: each covered MLP replaced by the CLT, which encodes the replacement's own
+``resid_mid``) on training text and minimises KL(original ‖ replacement) of the next-token distributions, with
+gradients through the frozen language model into every CLT parameter (the end-to-end objective of Braun et al.
+2024, "Identifying functionally important features with end-to-end sparse dictionary learning", applied to a CLT
+that the MSE stage already trained). ``kl_mse_coef`` adds each layer's local reconstruction error, which keeps the
+features reconstructing the MLPs that attribution graphs read.
+
+Lightning runs the loop (one device); metrics go to the run's CSV (and W&B) as ``e2e/kl`` and ``e2e/local_mse``,
+at steps after the MSE stage's, so ``plots.training_curves`` continues the curves. It is not resumable: a resumed
+``train`` repeats it from the MSE stage's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from .clt import CrossLayerTranscoder
+from .config import FinetuneConfig, TrainerConfig
+from .corpus import token_sequences
+from .models import LoadedModel, load_model
+from .precision import model_dtype, resolve_device, uses_cpu
+from .replacement import ReplacementModel
+
+
+class TrainingText(torch.utils.data.IterableDataset):
+    """Batches ``(batch_size, seq_len)`` of a corpus's training split, round and round."""
+
+    def __init__(self, corpus: str, tokenizer, *, seq_len: int, bos_token_id: int, batch_size: int):
+        self.corpus, self.tokenizer, self.batch_size = corpus, tokenizer, batch_size
+        self.seq_len, self.bos_token_id = seq_len, bos_token_id
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            batches = token_sequences(
+                self.corpus,
+                self.tokenizer,
+                seq_len=self.seq_len,
+                bos_token_id=self.bos_token_id,
+                split="train",
+                batch_size=self.batch_size,
+            )
+            empty = True
+            for batch in batches:
+                empty = False
+                yield batch
+            if empty:
+                raise ValueError(
+                    f"Corpus {self.corpus!r} has fewer than {self.batch_size} training sequences of "
+                    f"{self.seq_len} tokens: lower finetune.kl_sequences."
+                )
+
+
+class FinetuneModule(L.LightningModule):
+    """One fine-tuning step: KL(original ‖ replacement) (+ ``kl_mse_coef`` × local error) on a batch of ids."""
+
+    def __init__(self, replacement: ReplacementModel, config: FinetuneConfig, step_offset: int = 0):
+        super().__init__()
+        self.clt, self.cfg, self.step_offset = replacement.clt, config, step_offset
+        self.replacement = replacement  # not a Module: the frozen model stays where it was loaded
+        self.clt.train()  # ReplacementModel put it in eval mode
+
+    def training_step(self, ids: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        with torch.no_grad():
+            original = self.replacement.model.model(ids).logits[:, 1:]
+            target = F.log_softmax(original.float(), -1).flatten(0, 1)
+        local = self.cfg.kl_mse_coef > 0
+        run = self.replacement.trace(ids, record=local)
+        logp = F.log_softmax(run.logits[:, 1:], -1).flatten(0, 1)  # position 0 (BOS) is the original's
+        kl = F.kl_div(logp, target, log_target=True, reduction="batchmean")
+        figures = {"e2e/kl": kl.item()}
+        loss = kl
+        if local:
+            error = (run.reconstruction - run.mlp_out.detach())[:, 1:] / self.clt.output_scale
+            local_mse = error.pow(2).sum(-1).mean()
+            loss = loss + self.cfg.kl_mse_coef * local_mse
+            figures["e2e/local_mse"] = local_mse.item()
+        for logger in self.trainer.loggers:
+            logger.log_metrics(figures, step=self.step_offset + self.global_step + 1)
+        self.log("kl", kl, prog_bar=True, logger=False)
+        return loss
+
+    def configure_optimizers(self):
+        # The thresholds stay as the MSE stage left them (this loss has no sparsity term to hold L0 down):
+        # ``encode_layer`` gives them no pseudo-gradient.
+        weights = [p for name, p in self.clt.named_parameters() if not name.startswith("activation.")]
+        optimizer = torch.optim.Adam(weights, lr=self.cfg.kl_lr, fused=True)
+        warmup = functools.partial(_warmup, steps=self.cfg.kl_warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _warmup(step: int, *, steps: int) -> float:
+    return min(1.0, (step + 1) / steps) if steps else 1.0
+
+
+def finetune(
+    clt: CrossLayerTranscoder,
+    *,
+    model: str | LoadedModel,
+    corpus: str,
+    seq_len: int,
+    config: FinetuneConfig,
+    run_dir: str | Path,
+    trainer_config: TrainerConfig | None = None,
+    step_offset: int = 0,
+    **trainer_overrides,
+) -> CrossLayerTranscoder:
+    """Fine-tune ``clt`` (in place) end to end on ``model`` reading ``corpus``'s training split in sequences of
+    ``seq_len``; return it on the CPU in eval mode. ``model`` is a ``LoadedModel`` on the training device, or a
+    registry name or hub id, then loaded there (in bfloat16 where that is fast; validation loads it in float32, as
+    ``evaluate`` is usually run).
+
+    ``trainer_config`` gives the accelerator, logging and validation (every ``val_every`` steps, and after the last
+    one, on ``val_sequences`` held-out sequences); ``step_offset`` is where the logged steps start (the MSE
+    stage's last step). ``trainer_overrides`` go to the Lightning Trainer.
+    """
+    from .training import finish_wandb, make_trainer
+    from .validation import ReplacementValidation
+
+    if config.kl_steps <= 0:
+        raise ValueError(f"finetune needs config.kl_steps > 0, not {config.kl_steps}.")
+    trainer_config = trainer_config or TrainerConfig()
+    device = torch.device("cpu") if uses_cpu(None, trainer_config.accelerator) else resolve_device()
+    if isinstance(model, LoadedModel):
+        lm, model = model, model  # validation reads the same model
+    else:
+        lm = load_model(model, dtype=model_dtype("bfloat16", device), device=device)
+    module = FinetuneModule(ReplacementModel(lm, clt), config, step_offset)
+    text = TrainingText(
+        corpus, lm.tokenizer, seq_len=seq_len, bos_token_id=lm.bos_token_id, batch_size=config.kl_sequences
+    )
+    stage = dataclasses.replace(
+        trainer_config,
+        max_steps=config.kl_steps,
+        precision="32-true",  # the CLT's share of the step is small; the model runs in its own dtype
+        accelerator="cpu" if lm.device.type == "cpu" else "gpu",
+        log_every=1,
+        checkpoint_every=config.kl_steps,
+        devices=1,
+        num_nodes=1,
+        strategy="auto",
+    )
+    callbacks = list(trainer_overrides.pop("callbacks", []))
+    if trainer_config.val_every:
+        validation = ReplacementValidation(
+            model,
+            corpus=corpus,
+            seq_len=seq_len,
+            every=trainer_config.val_every,
+            n_sequences=trainer_config.val_sequences,
+            step_offset=step_offset,
+        )
+        callbacks.append(validation)
+    if config.kl_max_minutes is not None:
+        trainer_overrides.setdefault("max_time", datetime.timedelta(minutes=config.kl_max_minutes))
+    trainer = make_trainer(stage, run_dir, checkpoints=False, callbacks=callbacks, **trainer_overrides)
+    try:
+        with warnings.catch_warnings():  # torch deprecates a pytree API that Lightning's own code calls
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+            trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(text, batch_size=None))
+    finally:
+        finish_wandb(trainer)
+    return clt.float().cpu().eval()

@@ -1,0 +1,175 @@
+"""End-to-end fine-tuning: gradients through the replacement model, its loss, and the stage after train()."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import random_ids
+from test_replacement import clt_for, hooked_logits
+
+from cltlab import CrossLayerTranscoder, ReplacementModel, finetune, plots, train
+from cltlab.config import (
+    DataConfig,
+    FinetuneConfig,
+    OptimizerConfig,
+    TrainConfig,
+    TrainerConfig,
+    TranscoderConfig,
+)
+from cltlab.corpus import token_sequences
+from cltlab.end_to_end import FinetuneModule, TrainingText
+from cltlab.training import CLTModule, check_finetune
+
+
+def kl_to_original(model, clt, ids: torch.Tensor) -> torch.Tensor:
+    """KL(original ‖ replacement) per predicted position, averaged, from the plain-hook replacement model."""
+    with torch.no_grad():
+        target = F.log_softmax(model.model(ids).logits[:, 1:].float(), -1).flatten(0, 1)
+    logp = F.log_softmax(hooked_logits(model, clt, ids)[:, 1:], -1).flatten(0, 1)
+    return F.kl_div(logp, target, log_target=True, reduction="batchmean")
+
+
+@pytest.mark.parametrize("model_name", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("record", [False, True])
+def test_trace_gradients_equal_those_of_a_plain_hook_replacement(request, model_name, record):
+    model = request.getfixturevalue(model_name)
+    clt = clt_for(model)
+    rm = ReplacementModel(model, clt)
+    ids = random_ids(model, 2, 12)
+    weights = torch.randn(len(model.tokenizer), generator=torch.Generator().manual_seed(3))
+
+    def gradients(logits: torch.Tensor) -> list[torch.Tensor]:
+        clt.zero_grad()
+        (logits.log_softmax(-1) @ weights).sum().backward()
+        return [None if p.grad is None else p.grad.clone() for p in clt.parameters()]
+
+    ours = gradients(rm.trace(ids, record=record).logits)
+    reference = gradients(hooked_logits(model, clt, ids))
+    for (name, _), a, b in zip(clt.named_parameters(), ours, reference, strict=True):
+        if (
+            name == "activation.log_threshold"
+        ):  # layer by layer, θ gets no pseudo-gradient: it stays as trained
+            assert a is None and b is None
+            continue
+        assert a.abs().sum() > 0, name
+        scale = b.abs().max()
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale), f"{name}: max diff {(a - b).abs().max()}"
+
+
+def test_the_step_loss_is_kl_plus_the_weighted_local_error(tiny_gpt2):
+    clt = clt_for(tiny_gpt2)
+    ids = random_ids(tiny_gpt2, 2, 12)
+    reference_kl = kl_to_original(tiny_gpt2, clt, ids)
+    run = ReplacementModel(tiny_gpt2, clt).run(ids)
+    error = (run.reconstruction - run.mlp_out)[:, 1:] / clt.output_scale  # (batch, seq - 1, layers, d)
+    local = error.pow(2).sum(-1).mean()
+    for coef in (0.0, 0.5):
+        module = FinetuneModule(
+            ReplacementModel(tiny_gpt2, clt), FinetuneConfig(kl_steps=1, kl_mse_coef=coef)
+        )
+        module.trainer = type(
+            "Stub", (), {"loggers": []}
+        )()  # the step logs to its trainer's loggers: none here
+        module.log = lambda *args, **kwargs: None
+        loss = module.training_step(ids, 0)
+        assert loss.item() == pytest.approx((reference_kl + coef * local).item(), rel=1e-4)
+        assert loss.requires_grad
+
+
+def test_finetune_lowers_the_kl_on_held_out_text(tmp_path, tiny_gpt2):
+    clt = clt_for(tiny_gpt2, seed=5)
+    batches = token_sequences(
+        "shakespeare",
+        tiny_gpt2.tokenizer,
+        seq_len=32,
+        bos_token_id=tiny_gpt2.bos_token_id,
+        split="eval",
+        batch_size=8,
+    )
+    held_out = next(iter(batches))
+    before = kl_to_original(tiny_gpt2, clt, held_out).item()
+    tuned = finetune(
+        clt,
+        model=tiny_gpt2,
+        corpus="shakespeare",
+        seq_len=32,
+        config=FinetuneConfig(kl_steps=20, kl_sequences=8, kl_lr=3e-3, kl_warmup_steps=2),
+        run_dir=tmp_path,
+        trainer_config=TrainerConfig(wandb=False, val_every=0),
+        enable_progress_bar=False,
+    )
+    assert tuned is clt and not tuned.training
+    after = kl_to_original(tiny_gpt2, clt, held_out).item()
+    assert after < 0.7 * before, (before, after)
+
+
+def test_training_text_cycles_and_refuses_a_corpus_too_short(tiny_gpt2, tmp_path):
+    text = TrainingText("shakespeare", tiny_gpt2.tokenizer, seq_len=16, bos_token_id=0, batch_size=2)
+    first = [batch for _, batch in zip(range(3), text, strict=False)]
+    assert all(batch.shape == (2, 16) and (batch[:, 0] == 0).all() for batch in first)
+    (tmp_path / "short.txt").write_text("two words")
+    short = TrainingText(
+        str(tmp_path / "short.txt"), tiny_gpt2.tokenizer, seq_len=16, bos_token_id=0, batch_size=2
+    )
+    with pytest.raises(ValueError, match="fewer than 2 training sequences of 16 tokens"):
+        next(iter(short))
+
+
+def test_train_runs_the_fine_tune_after_the_mse_stage(tmp_path, buffer_path, tiny_gpt2):
+    config = TrainConfig(
+        transcoder=TranscoderConfig(d_features=32),
+        optimizer=OptimizerConfig(lr=1e-3),
+        trainer=TrainerConfig(
+            max_steps=6, wandb=False, log_every=1, checkpoint_every=6, val_every=4, val_sequences=2
+        ),
+        data=DataConfig(batch_size=128),
+        finetune=FinetuneConfig(kl_steps=5, kl_sequences=4, kl_lr=1e-3, kl_mse_coef=0.1),
+    )
+    result = train(config, buffer_path, tmp_path, enable_progress_bar=False)
+    series = plots.read_metrics(result.log_dir)
+    # The fine-tune's steps continue the MSE stage's: 7-11, validated at its 4th step and after its last.
+    assert [step for step, _ in series["e2e/kl"]] == [7, 8, 9, 10, 11]
+    assert [step for step, _ in series["e2e/local_mse"]] == [7, 8, 9, 10, 11]
+    assert [step for step, _ in series["val/kl"]] == [4, 6, 10, 11]
+    assert all(value >= 0 for _, value in series["e2e/kl"])
+    # The saved CLT is the fine-tuned one; the MSE stage's last checkpoint is untouched and differs from it.
+    saved = CrossLayerTranscoder.load(result.clt_dir)
+    for a, b in zip(saved.state_dict().values(), result.clt.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    last = CLTModule.load_from_checkpoint(
+        tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    ).clt
+    assert not torch.equal(last.W_enc, saved.W_enc)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "epoch=0-step=6.ckpt",
+        "last.ckpt",
+    ]
+    with open(sorted(result.log_dir.glob("version_*/metrics.csv"))[-1], newline="") as f:
+        assert "e2e/kl" in next(csv.reader(f))
+    fig = plots.training_curves(result.log_dir)
+    assert "e2e/kl" in {trace.name for trace in fig.data}
+
+
+def test_finetune_refuses_what_it_cannot_run(buffer_path):
+    from cltlab import DiscBuffer
+
+    config = TrainConfig(finetune=FinetuneConfig(kl_steps=3))
+    check_finetune(TrainConfig(), object())  # no fine-tune: nothing to check
+    with pytest.raises(ValueError, match="needs the model and corpus the activations came from"):
+        check_finetune(config, object())
+    multi = config.replace(devices=2, strategy="ddp")
+    with pytest.raises(ValueError, match="runs on one device"):
+        check_finetune(multi, DiscBuffer(buffer_path, batch_size=100))
+    with pytest.raises(ValueError, match="kl_steps and kl_warmup_steps must be non-negative"):
+        FinetuneConfig(kl_steps=-1)
+    with pytest.raises(ValueError, match="kl_lr must be positive"):
+        FinetuneConfig(kl_lr=0)
+    with pytest.raises(ValueError, match="kl_max_minutes must be positive"):
+        FinetuneConfig(kl_max_minutes=0)
+    with pytest.raises(ValueError, match="needs config.kl_steps > 0"):
+        finetune(
+            None, model="tiny-gpt2", corpus="shakespeare", seq_len=8, config=FinetuneConfig(), run_dir="."
+        )
