@@ -14,6 +14,7 @@ from helpers import make_clt
 from cltlab import DiscBuffer
 from cltlab.cli import config_from, main, parse
 from cltlab.config import HarvestConfig, LossConfig, TrainConfig, get_profile
+from cltlab.plots import read_metrics
 
 
 def train_config(*argv: str) -> TrainConfig:
@@ -135,9 +136,11 @@ def test_cli_harvest_train_evaluate(tmp_path, capsys):
     buffer.close()
 
     train = ["--trainer.max_steps", "2", "--data.batch_size", "31", "--transcoder.d_features", "8"]
-    train += ["--trainer.wandb", "false", "--trainer.log_every", "1"]
+    train += ["--trainer.wandb", "false", "--trainer.log_every", "1", "--finetune.kl_steps", "2"]
     assert main(["train", "--profile", "ci", "--run-dir", str(run), *train]) == 0
     assert "saved the CLT to" in capsys.readouterr().out
+    # The end-to-end stage ran after the MSE stage's 2 steps, on the two covered layers 1-2 of the harvest's model.
+    assert [step for step, _ in read_metrics(run / "logs")["e2e/kl"]] == [3, 4]
     meta = json.loads((run / "clt" / "config.json").read_text())["config"]
     assert (meta["n_layers"], meta["d_model"], meta["d_features"], meta["layer_offset"]) == (2, 64, 8, 1)
 
