@@ -136,7 +136,7 @@ def finetune(
     trainer_config = trainer_config or TrainerConfig()
     device = torch.device("cpu") if uses_cpu(None, trainer_config.accelerator) else resolve_device()
     if isinstance(model, LoadedModel):
-        lm, model = model, model  # validation reads the same model
+        lm = model  # validation then runs on it too
     else:
         lm = load_model(model, dtype=model_dtype("bfloat16", device), device=device)
     module = FinetuneModule(ReplacementModel(lm, clt), config, step_offset)
