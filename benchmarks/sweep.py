@@ -5,8 +5,8 @@ it was when the sweep began (256 features, λ 3e-4, lr 6e-4, every layer's error
 minutes of ``make run``). All train on the same harvest (``--buffer``, a default run's) and are evaluated as notebook
 04 does (``cltlab.evaluate``: the profile's eval config, held-out text, float32 model). A point's wall time is its
 training time (an end-to-end stage included); the points come in two budgets, ~6 and ~4–5 minutes, and the
-default point's end-to-end stage adds ~3 (``F64_S200_residual_e2e60`` is today's default profile). Finished points are kept under ``--out`` (keyed by their config, harvest and eval), so running again
-reuses them.
+default point's end-to-end stage adds ~3 (``F64_S200_residual_e2e60`` is today's default profile). Finished points
+are kept under ``--out`` (keyed by their config, harvest and eval), so running again reuses them.
 
 With ``--seeds`` every point also runs from other seeds (``trainer.seed``: initialization and batch order) and the
 table averages over them: between seeds of one point the KL moved by up to 1.9 nats (the default point: 3.49, 4.52,
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import cltlab
 
-# (BASE has no end-to-end stage: kl_steps=0.)
+# The old default, without an end-to-end stage (kl_steps=0).
 BASE = dict(d_features=256, sparsity_coef=3e-4, lr=6e-4, layer_weighting="uniform", kl_steps=0)
 # name → TrainConfig.replace(**BASE, **changes) from the default profile, each at about the same wall time: ``STEPS``
 # steps of 512 tokens (~3 s each on this 2-core AVX2 CPU: ~5 minutes), or as many steps of another shape as take

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,31 +127,17 @@ def finetune(
     one, on ``val_sequences`` held-out sequences); ``step_offset`` is where the logged steps start (the MSE
     stage's last step). ``trainer_overrides`` go to the Lightning Trainer.
     """
-    from .training import finish_wandb, make_trainer
+    from .training import finish_wandb, fit, make_trainer
     from .validation import ReplacementValidation
 
     if config.kl_steps <= 0:
         raise ValueError(f"finetune needs config.kl_steps > 0, not {config.kl_steps}.")
     trainer_config = trainer_config or TrainerConfig()
-    device = torch.device("cpu") if uses_cpu(None, trainer_config.accelerator) else resolve_device()
-    if isinstance(model, LoadedModel):
-        lm = model  # validation then runs on it too
-    else:
-        lm = load_model(model, dtype=model_dtype("bfloat16", device), device=device)
+    # A LoadedModel is used as it is (validation then runs on it too).
+    lm = model if isinstance(model, LoadedModel) else _frozen_model(model, trainer_config.accelerator)
     module = FinetuneModule(ReplacementModel(lm, clt), config, step_offset)
     text = TrainingText(
         corpus, lm.tokenizer, seq_len=seq_len, bos_token_id=lm.bos_token_id, batch_size=config.kl_sequences
-    )
-    stage = dataclasses.replace(
-        trainer_config,
-        max_steps=config.kl_steps,
-        precision="32-true",  # the CLT's share of the step is small; the model runs in its own dtype
-        accelerator="cpu" if lm.device.type == "cpu" else "gpu",
-        log_every=1,
-        checkpoint_every=config.kl_steps,
-        devices=1,
-        num_nodes=1,
-        strategy="auto",
     )
     callbacks = list(trainer_overrides.pop("callbacks", []))
     if trainer_config.val_every:
@@ -167,11 +152,31 @@ def finetune(
         callbacks.append(validation)
     if config.kl_max_minutes is not None:
         trainer_overrides.setdefault("max_time", datetime.timedelta(minutes=config.kl_max_minutes))
+    stage = _stage_config(trainer_config, config, lm)
     trainer = make_trainer(stage, run_dir, checkpoints=False, callbacks=callbacks, **trainer_overrides)
     try:
-        with warnings.catch_warnings():  # torch deprecates a pytree API that Lightning's own code calls
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-            trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(text, batch_size=None))
+        fit(trainer, module, train_dataloaders=torch.utils.data.DataLoader(text, batch_size=None))
     finally:
         finish_wandb(trainer)
     return clt.float().cpu().eval()
+
+
+def _frozen_model(name: str, accelerator: str) -> LoadedModel:
+    """The model ``name`` on the device Lightning's ``accelerator`` trains on, in bfloat16 where that is fast."""
+    device = torch.device("cpu") if uses_cpu(None, accelerator) else resolve_device()
+    return load_model(name, dtype=model_dtype("bfloat16", device), device=device)
+
+
+def _stage_config(trainer_config: TrainerConfig, config: FinetuneConfig, lm: LoadedModel) -> TrainerConfig:
+    """The MSE stage's trainer config for this stage: its steps, every step logged, on the model's one device."""
+    return dataclasses.replace(
+        trainer_config,
+        max_steps=config.kl_steps,
+        precision="32-true",  # the CLT's share of the step is small; the model runs in its own dtype
+        accelerator="cpu" if lm.device.type == "cpu" else "gpu",
+        log_every=1,
+        checkpoint_every=config.kl_steps,
+        devices=1,
+        num_nodes=1,
+        strategy="auto",
+    )

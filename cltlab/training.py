@@ -216,14 +216,18 @@ def make_trainer(
                 project="cltlab", save_dir=str(run_dir), offline=not wandb_logged_in(), name=run_dir.name
             )
         )
-    saving = [
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            every_n_train_steps=config.checkpoint_every,
-            save_last=True,
-            save_top_k=-1,
-        )
-    ]
+    saving = (
+        [
+            ModelCheckpoint(
+                dirpath=run_dir / "checkpoints",
+                every_n_train_steps=config.checkpoint_every,
+                save_last=True,
+                save_top_k=-1,
+            )
+        ]
+        if checkpoints
+        else []
+    )
     kwargs = dict(
         max_steps=config.max_steps,
         max_epochs=-1,
@@ -234,7 +238,7 @@ def make_trainer(
         use_distributed_sampler=False,  # ActivationData already gives each rank its own part of the buffer
         precision=training_precision(config.precision, accelerator=config.accelerator),
         logger=loggers,
-        callbacks=[*saving[:checkpoints], *text_progress_bar(config), *overrides.pop("callbacks", [])],
+        callbacks=[*saving, *text_progress_bar(config), *overrides.pop("callbacks", [])],
         enable_checkpointing=checkpoints,
         log_every_n_steps=config.log_every,
         enable_model_summary=False,
@@ -291,11 +295,23 @@ def train(
             data.close()
 
 
+def one_device(config: TrainerConfig) -> bool:
+    """Whether ``config`` trains on one device of one machine (one process)."""
+    return str(config.devices) == "1" and config.num_nodes == 1
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, **kwargs) -> None:
+    """``trainer.fit``, without the warning torch gives for a pytree API that Lightning's own code calls (it says
+    nothing about ours)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+        trainer.fit(module, **kwargs)
+
+
 def check_live(config: TrainConfig) -> None:
     """Refuse live training where it cannot work: several processes (each would harvest the same rows) or
     DataLoader workers (the harvester thread lives in the training process)."""
-    trainer = config.trainer
-    if str(trainer.devices) != "1" or trainer.num_nodes != 1 or config.data.num_workers:
+    if not one_device(config.trainer) or config.data.num_workers:
         raise ValueError(
             "data.live trains on one device in one process: set trainer.devices=1, trainer.num_nodes=1 and "
             "data.num_workers=0, or serve live rows to every rank with `cltlab serve --live`."
@@ -333,16 +349,13 @@ def _train(
     try:
         # weights_only: a checkpoint holds tensors and plain values; unpickling anything else could run code.
         ckpt_path = str(last) if resume and last.exists() else None
-        # torch deprecates a pytree API that Lightning's own code calls; the warning says nothing about ours
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        fit(trainer, module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         finish_wandb(trainer)
     clt = trained_clt(trainer, module)
     clt_dir = run_dir / "clt"
     if trainer.is_global_zero and config.finetune.kl_steps:
-        origin = getattr(buffer, "origin", None) or {}
+        origin = buffer.origin  # check_finetune made sure there is one
         clt = finetune(
             clt,
             model=origin["model"],
@@ -371,8 +384,7 @@ def check_finetune(config: TrainConfig, source) -> None:
     device, and needs to know the model and corpus the activations came from."""
     if not config.finetune.kl_steps:
         return
-    trainer = config.trainer
-    if str(trainer.devices) != "1" or trainer.num_nodes != 1:
+    if not one_device(config.trainer):
         raise ValueError(
             "finetune.kl_steps runs on one device: set it to 0 for a multi-device run (and fine-tune the saved "
             "CLT with cltlab.finetune on one device), or train on trainer.devices=1."

@@ -49,9 +49,8 @@ def test_trace_gradients_equal_those_of_a_plain_hook_replacement(request, model_
     ours = gradients(rm.trace(ids, record=record).logits)
     reference = gradients(hooked_logits(model, clt, ids))
     for (name, _), a, b in zip(clt.named_parameters(), ours, reference, strict=True):
-        if (
-            name == "activation.log_threshold"
-        ):  # layer by layer, θ gets no pseudo-gradient: it stays as trained
+        # Layer by layer, θ gets no pseudo-gradient: it stays as trained.
+        if name == "activation.log_threshold":
             assert a is None and b is None
             continue
         assert a.abs().sum() > 0, name
@@ -70,9 +69,8 @@ def test_the_step_loss_is_kl_plus_the_weighted_local_error(tiny_gpt2):
         module = FinetuneModule(
             ReplacementModel(tiny_gpt2, clt), FinetuneConfig(kl_steps=1, kl_mse_coef=coef)
         )
-        module.trainer = type(
-            "Stub", (), {"loggers": []}
-        )()  # the step logs to its trainer's loggers: none here
+        # The step logs to its trainer's loggers: none here.
+        module.trainer = type("Stub", (), {"loggers": []})()
         module.log = lambda *args, **kwargs: None
         loss = module.training_step(ids, 0)
         assert loss.item() == pytest.approx((reference_kl + coef * local).item(), rel=1e-4)
