@@ -247,13 +247,15 @@ class FinetuneConfig:
     kl_sequences: int = 8
     """Training sequences (of the harvest's ``seq_len``) per step."""
     kl_lr: float = 3e-4
-    """Peak Adam learning rate: linear warm-up, then constant."""
+    """Peak Adam learning rate: linear warm-up, constant, then linear decay to 0."""
     kl_warmup_steps: int = 5
     """Steps of the learning rate's warm-up (a full first step from the MSE optimum overshoots)."""
+    kl_lr_decay: float = 0.3
+    """Fraction of ``kl_steps`` at the end over which the learning rate decays (as ``OptimizerConfig.lr_decay``)."""
     kl_mse_coef: float = 0.0
     """Weight beside the KL of each layer's local reconstruction error (squared, in the CLT's normalized units,
-    against what the MLP computes from the replacement's own residual stream): keeps the features reconstructing
-    the MLPs, which attribution graphs read, at some cost in KL. 0: the MLPs are not run."""
+    against the MLPs on the original run, every 4th position): keeps the features reconstructing the MLPs,
+    which attribution graphs read, at some cost in KL."""
     kl_max_minutes: float | None = None
     """Stop after this many minutes even if ``kl_steps`` are not done (a budget: a slow machine takes fewer)."""
 
@@ -264,6 +266,8 @@ class FinetuneConfig:
             raise ValueError(
                 f"kl_lr must be positive and kl_mse_coef non-negative, not {self.kl_lr}, {self.kl_mse_coef}."
             )
+        if not 0.0 <= self.kl_lr_decay <= 1.0:
+            raise ValueError(f"kl_lr_decay must be in [0, 1], not {self.kl_lr_decay}.")
         if self.kl_max_minutes is not None and self.kl_max_minutes <= 0:
             raise ValueError(f"kl_max_minutes must be positive or None, not {self.kl_max_minutes}.")
 

@@ -7,8 +7,10 @@ default profile, seeds with equal per-layer errors gave KL 3.5 and 5.4 nats. Thi
 ``resid_mid``) on training text and minimises KL(original ‖ replacement) of the next-token distributions, with
 gradients through the frozen language model into every CLT parameter (the end-to-end objective of Braun et al.
 2024, "Identifying functionally important features with end-to-end sparse dictionary learning", applied to a CLT
-that the MSE stage already trained). ``kl_mse_coef`` adds each layer's local reconstruction error, which keeps the
-features reconstructing the MLPs that attribution graphs read.
+that the MSE stage already trained). ``kl_mse_coef`` adds each layer's local reconstruction error on the original
+run (the MSE stage's objective, on the same text), which keeps the features reconstructing the MLPs that
+attribution graphs read. One original run per step gives the targets of both terms; the replacement run skips the
+covered MLPs.
 
 Lightning runs the loop (one device); metrics go to the run's CSV (and W&B) as ``e2e/kl`` and ``e2e/local_mse``,
 at steps after the MSE stage's, so ``plots.training_curves`` continues the curves. It is not resumable: a resumed
@@ -33,6 +35,12 @@ from .corpus import token_sequences
 from .models import LoadedModel, load_model
 from .precision import model_dtype, resolve_device, uses_cpu
 from .replacement import ReplacementModel
+from .sites import SiteActivations, trace_sites
+
+# The local error term reads every 4th position, a quarter of the CLT's pass on the batch. On the default profile
+# (120 steps) it held the mean NMSE at 0.65, against 0.73 for the same weight on every position of the
+# replacement's own stream, at the same KL.
+LOCAL_STRIDE = 4
 
 
 class TrainingText(torch.utils.data.IterableDataset):
@@ -73,18 +81,19 @@ class FinetuneModule(L.LightningModule):
         self.clt.train()  # ReplacementModel put it in eval mode
 
     def training_step(self, ids: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        with torch.no_grad():
-            original = self.replacement.model.model(ids).logits[:, 1:]
-            target = F.log_softmax(original.float(), -1).flatten(0, 1)
-        local = self.cfg.kl_mse_coef > 0
-        run = self.replacement.trace(ids, record=local)
+        replacement = self.replacement
+        with torch.no_grad():  # one original run gives the targets of both terms
+            original = trace_sites(
+                replacement.model, ids, replacement.layers.start, replacement.layers.stop, with_logits=True
+            )
+            target = F.log_softmax(original.logits[:, 1:].float(), -1).flatten(0, 1)
+        run = replacement.trace(ids)  # the covered MLPs are skipped, not run
         logp = F.log_softmax(run.logits[:, 1:], -1).flatten(0, 1)  # position 0 (BOS) is the original's
         kl = F.kl_div(logp, target, log_target=True, reduction="batchmean")
         figures = {"e2e/kl": kl.item()}
         loss = kl
-        if local:
-            error = (run.reconstruction - run.mlp_out.detach())[:, 1:] / self.clt.output_scale
-            local_mse = error.pow(2).sum(-1).mean()
+        if self.cfg.kl_mse_coef > 0:
+            local_mse = self.local_error(original)
             loss = loss + self.cfg.kl_mse_coef * local_mse
             figures["e2e/local_mse"] = local_mse.item()
         for logger in self.trainer.loggers:
@@ -92,18 +101,29 @@ class FinetuneModule(L.LightningModule):
         self.log("kl", kl, prog_bar=True, logger=False)
         return loss
 
+    def local_error(self, original: SiteActivations) -> torch.Tensor:
+        """The CLT's squared error (normalized units, summed over ``d_model``, averaged over rows and layers)
+        against the MLPs on the original run, at every ``LOCAL_STRIDE``-th position after BOS."""
+        x = original.resid_mid[:, 1::LOCAL_STRIDE].float().flatten(0, 1)  # (rows, n_layers, d_model)
+        y = original.mlp_out[:, 1::LOCAL_STRIDE].float().flatten(0, 1)
+        error = (self.clt(x).reconstruction - y) / self.clt.output_scale
+        return error.pow(2).sum(-1).mean()
+
     def configure_optimizers(self):
+        from .training import lr_factor
+
         # The thresholds stay as the MSE stage left them (this loss has no sparsity term to hold L0 down):
         # ``encode_layer`` gives them no pseudo-gradient.
         weights = [p for name, p in self.clt.named_parameters() if not name.startswith("activation.")]
         optimizer = torch.optim.Adam(weights, lr=self.cfg.kl_lr, fused=True)
-        warmup = functools.partial(_warmup, steps=self.cfg.kl_warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+        schedule = functools.partial(
+            lr_factor,
+            max_steps=self.cfg.kl_steps,
+            warmup_steps=self.cfg.kl_warmup_steps,
+            decay=self.cfg.kl_lr_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def _warmup(step: int, *, steps: int) -> float:
-    return min(1.0, (step + 1) / steps) if steps else 1.0
 
 
 def finetune(

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .precision import resolve_device
+from .precision import keep_freed_memory, resolve_device
 
 log = logging.getLogger("cltlab")
 
@@ -236,6 +236,7 @@ def load_model(
     """Load a model by registry name or Hugging Face id, in eval mode with gradients off, on ``device`` (``auto``:
     the GPU when there is one)."""
     device = resolve_device(device)
+    keep_freed_memory()  # the model's runs then reuse their activations' memory
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     loader = MODELS.get(name)
     model, tokenizer = loader(dtype) if loader else _load_hub(name, dtype)

@@ -67,9 +67,9 @@ PROFILES: dict[str, Profile] = {
             ),
             # batches read in the training process: on 2 cores a worker process only competes with the step
             data=DataConfig(batch_size=512),
-            # then ~3 minutes end to end: the replacement model's KL through the frozen model (end_to_end.py)
+            # then ~4 minutes end to end: the replacement model's KL through the frozen model (end_to_end.py)
             finetune=FinetuneConfig(
-                kl_steps=60, kl_sequences=4, kl_lr=3e-4, kl_mse_coef=1e-3, kl_max_minutes=4.0
+                kl_steps=120, kl_sequences=4, kl_lr=3e-4, kl_mse_coef=1e-3, kl_max_minutes=5.0
             ),
         ),
         eval=EvalConfig(n_sequences=32, batch_size=8),

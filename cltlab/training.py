@@ -25,7 +25,7 @@ from .clt import CrossLayerTranscoder
 from .config import CLTConfig, TrainConfig, TrainerConfig
 from .data import ActivationData, LiveActivations
 from .end_to_end import finetune
-from .precision import lightning_accelerator, training_precision
+from .precision import keep_freed_memory, lightning_accelerator, training_precision
 from .sites import ActivationBatch
 from .validation import ReplacementValidation
 
@@ -284,6 +284,7 @@ def train(
     saves the CLT.
     """
     run_dir = Path(run_dir)
+    keep_freed_memory()  # every step's batch in reused memory
     L.seed_everything(config.trainer.seed, verbose=False)
     if config.data.live and not isinstance(data, torch.utils.data.IterableDataset):
         check_live(config)

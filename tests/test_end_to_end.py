@@ -7,7 +7,7 @@ import csv
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import random_ids
+from helpers import hooked_sites, random_ids
 from test_replacement import clt_for, hooked_logits
 
 from cltlab import CrossLayerTranscoder, ReplacementModel, finetune, plots, train
@@ -62,8 +62,11 @@ def test_the_step_loss_is_kl_plus_the_weighted_local_error(tiny_gpt2):
     clt = clt_for(tiny_gpt2)
     ids = random_ids(tiny_gpt2, 2, 12)
     reference_kl = kl_to_original(tiny_gpt2, clt, ids)
-    run = ReplacementModel(tiny_gpt2, clt).run(ids)
-    error = (run.reconstruction - run.mlp_out)[:, 1:] / clt.output_scale  # (batch, seq - 1, layers, d)
+    # the local error: on the original run, at positions 1, 5, 9 (every 4th after BOS)
+    resid, mlp = hooked_sites(tiny_gpt2, ids, range(clt.n_layers))
+    x, y = resid[:, [1, 5, 9]].flatten(0, 1), mlp[:, [1, 5, 9]].flatten(0, 1)  # (6, layers, d)
+    with torch.no_grad():
+        error = (clt(x).reconstruction - y) / clt.output_scale
     local = error.pow(2).sum(-1).mean()
     for coef in (0.0, 0.5):
         module = FinetuneModule(
@@ -75,6 +78,22 @@ def test_the_step_loss_is_kl_plus_the_weighted_local_error(tiny_gpt2):
         loss = module.training_step(ids, 0)
         assert loss.item() == pytest.approx((reference_kl + coef * local).item(), rel=1e-4)
         assert loss.requires_grad
+
+
+def test_the_learning_rate_warms_up_holds_and_decays(tiny_gpt2):
+    config = FinetuneConfig(kl_steps=20, kl_lr=1e-3, kl_warmup_steps=4, kl_lr_decay=0.25)
+    module = FinetuneModule(ReplacementModel(tiny_gpt2, clt_for(tiny_gpt2)), config)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(20):
+        lrs.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    expected = [1e-3 * min(1.0, (s + 1) / 4) * min(1.0, (20 - s) / 5) for s in range(20)]
+    assert lrs == pytest.approx(expected)
+    assert (
+        lrs[0] == pytest.approx(2.5e-4) and lrs[10] == pytest.approx(1e-3) and lrs[19] == pytest.approx(2e-4)
+    )
 
 
 def test_finetune_lowers_the_kl_on_held_out_text(tmp_path, tiny_gpt2):
@@ -165,6 +184,8 @@ def test_finetune_refuses_what_it_cannot_run(buffer_path):
         FinetuneConfig(kl_steps=-1)
     with pytest.raises(ValueError, match="kl_lr must be positive"):
         FinetuneConfig(kl_lr=0)
+    with pytest.raises(ValueError, match="kl_lr_decay must be in"):
+        FinetuneConfig(kl_lr_decay=1.5)
     with pytest.raises(ValueError, match="kl_max_minutes must be positive"):
         FinetuneConfig(kl_max_minutes=0)
     with pytest.raises(ValueError, match="needs config.kl_steps > 0"):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -87,3 +90,29 @@ def test_the_harvest_model_is_loaded_as_harvest_runs_it(monkeypatch, fast):
     model = load_harvest_model(HarvestConfig(model="tiny-gpt2", model_dtype="bfloat16"), "cpu")
     assert model.model.dtype == (torch.bfloat16 if fast else torch.float32)
     assert load_harvest_model(HarvestConfig(model="tiny-gpt2"), "cpu").model.dtype == torch.float32
+
+
+FAULTS = """
+import resource, sys, torch
+from cltlab.precision import keep_freed_memory
+print(keep_freed_memory())
+def step():  # blocks of 8, 16 and 24 MiB, as a training step's activations
+    return sum(torch.ones(n << 20).sum() for n in (2, 4, 6))
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize("keep", ["1", "0"])
+def test_freed_memory_is_reused_instead_of_faulted_in_again(keep):
+    env = {**os.environ, "CLTLAB_KEEP_FREED_MEMORY": keep}
+    out = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True)
+    was_set, faults = out.stdout.split()
+    assert was_set == ("True" if keep == "1" else "False")
+    # 10 steps of 12,288 pages: by default glibc returns some of them to the system and faults them in again
+    # (~12,000 here); kept, the first step's memory serves the rest
+    assert (int(faults) < 1000) if keep == "1" else (int(faults) > 5000)
