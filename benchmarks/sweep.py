@@ -76,6 +76,7 @@ POINTS: dict[str, dict] = {
     "F64_S200_residual_decay1": {**RESIDUAL, "lr_decay": 1.0},
     "F64_S200_residual_lr3e-3_decay1": {**RESIDUAL, "lr": 3e-3, "lr_decay": 1.0},
     "F64_S300_residual": {**RESIDUAL, "max_steps": 300},
+    # the last default's length, with today's stage (decay, local term on the original run)
     "F64_S200_residual_e2e60": {**NOW, "kl_steps": 60, "kl_max_minutes": 4.0},
     "F64_S200_residual_e2e120": NOW,
 }

@@ -103,11 +103,11 @@ class FinetuneModule(L.LightningModule):
 
     def local_error(self, original: SiteActivations) -> torch.Tensor:
         """The CLT's squared error (normalized units, summed over ``d_model``, averaged over rows and layers)
-        against the MLPs on the original run, at every ``LOCAL_STRIDE``-th position after BOS."""
-        x = original.resid_mid[:, 1::LOCAL_STRIDE].float().flatten(0, 1)  # (rows, n_layers, d_model)
-        y = original.mlp_out[:, 1::LOCAL_STRIDE].float().flatten(0, 1)
-        error = (self.clt(x).reconstruction - y) / self.clt.output_scale
-        return error.pow(2).sum(-1).mean()
+        against the MLPs on the original run, at every ``LOCAL_STRIDE``-th position after BOS: the MSE stage's
+        loss without its penalties (whose ``mse`` also averages over ``d_model``)."""
+        x = original.resid_mid[:, 1::LOCAL_STRIDE].flatten(0, 1)  # (rows, n_layers, d_model)
+        y = original.mlp_out[:, 1::LOCAL_STRIDE].flatten(0, 1)
+        return self.clt.loss(x, y, sparsity_coef=0.0, preact_coef=0.0).mse * self.clt.d_model
 
     def configure_optimizers(self):
         from .training import lr_factor

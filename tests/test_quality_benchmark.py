@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 spec = importlib.util.spec_from_file_location(
     "quality", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
@@ -44,6 +45,22 @@ def test_closest_and_interpolate():
     mid = quality.interpolate(runs, 20.0)
     assert mid["nmse"] == pytest.approx(0.6 + (0.2 - 0.6) * math.log(2) / math.log(4))
     assert quality.interpolate(runs, 50.0) is None
+
+
+def test_path_length_weights_each_path_by_the_influence_it_carries():
+    from types import SimpleNamespace
+
+    # nodes: 0 a feature, 1 the token, 2 the logit; A[target, source]. The logit reads the feature 3:1 over the
+    # token, and the feature reads the token: 1/4 of the influence arrives in one edge, 3/4 in two.
+    adjacency = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0], [3.0, -1.0, 0.0]])
+    graph = SimpleNamespace(
+        adjacency=adjacency,
+        logit_weights=lambda: torch.tensor([0.0, 0.0, 1.0]),
+        token_start=1,
+        logit_start=2,
+        n_layers=1,
+    )
+    assert quality.path_length(graph) == pytest.approx(0.25 * 1 + 0.75 * 2)
 
 
 def test_path_length_counts_edges_from_tokens_to_logits(tiny_gpt2):
