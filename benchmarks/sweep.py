@@ -5,7 +5,7 @@ it was when the sweep began (256 features, λ 3e-4, lr 6e-4, every layer's error
 minutes of ``make run``). All train on the same harvest (``--buffer``, a default run's) and are evaluated as notebook
 04 does (``cltlab.evaluate``: the profile's eval config, held-out text, float32 model). A point's wall time is its
 training time (an end-to-end stage included); the points come in two budgets, ~6 and ~4–5 minutes, and the
-default point's end-to-end stage adds ~4 (``F64_S200_residual_e2e120`` is today's default profile). Finished points
+default point's end-to-end stage adds ~4–5 (``F64_S200_residual_e2e360x2`` is today's default profile). Finished points
 are kept under ``--out`` (keyed by their config, harvest and eval), so running again reuses them.
 
 With ``--seeds`` every point also runs from other seeds (``trainer.seed``: initialization and batch order) and the
@@ -37,9 +37,9 @@ BASE = dict(d_features=256, sparsity_coef=3e-4, lr=6e-4, layer_weighting="unifor
 STEPS = 100
 # The MSE stage of the point the ``default`` profile is now; the ~4–5-minute points vary it.
 RESIDUAL = dict(d_features=64, max_steps=200, lr=2e-3, sparsity_coef=1e-4, layer_weighting="residual")
-# The end-to-end stage after it (``FinetuneConfig``: ~4 minutes here); together the ``default`` profile now
+# The end-to-end stage after it (``FinetuneConfig``: ~4.5 minutes here); together the ``default`` profile now
 # (tests/test_config.py checks it).
-E2E = dict(kl_steps=120, kl_sequences=4, kl_lr=3e-4, kl_mse_coef=1e-3, kl_max_minutes=5.0)
+E2E = dict(kl_steps=360, kl_sequences=2, kl_lr=3e-4, kl_mse_coef=1e-3, kl_max_minutes=6.0)
 NOW = {**RESIDUAL, **E2E}
 POINTS: dict[str, dict] = {
     "default": {},
@@ -77,8 +77,9 @@ POINTS: dict[str, dict] = {
     "F64_S200_residual_lr3e-3_decay1": {**RESIDUAL, "lr": 3e-3, "lr_decay": 1.0},
     "F64_S300_residual": {**RESIDUAL, "max_steps": 300},
     # the last default's length, with today's stage (decay, local term on the original run)
-    "F64_S200_residual_e2e60": {**NOW, "kl_steps": 60, "kl_max_minutes": 4.0},
-    "F64_S200_residual_e2e120": NOW,
+    "F64_S200_residual_e2e60": {**NOW, "kl_steps": 60, "kl_sequences": 4, "kl_max_minutes": 4.0},
+    "F64_S200_residual_e2e120": {**NOW, "kl_steps": 120, "kl_sequences": 4, "kl_max_minutes": 5.0},
+    "F64_S200_residual_e2e360x2": NOW,
 }
 FIGURES = ("kl", "top1_agreement", "ce_recovered", "nmse", "mean_l0")
 

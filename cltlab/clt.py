@@ -411,3 +411,34 @@ def summed_variance(target: torch.Tensor) -> torch.Tensor:
     mean = target.mean(0)
     total = sum((target[rows] - mean).square_().sum(0) for rows in row_chunks(target))  # (n_layers, d_model)
     return total.sum(-1)
+
+
+class LayerDecoder:
+    """A CLT's decoder for a pass that computes its source layers' features one at a time, in order (the
+    replacement model, and fine-tuning through it): ``add`` the next layer's features, get that layer's
+    reconstruction.
+
+    Each layer's reconstruction is one matmul: the features of every source that writes to it, side by side,
+    against those sources' weight columns for it, which each source's ``W_dec`` is taken apart into once per pass
+    (``unbind``). ``decode_layer`` on a sequence of features gives the same values but runs one small matmul per
+    (source, target) pair, and each pair's slice of ``W_dec`` costs a zero-filled gradient of the whole slab in
+    the backward: 0.30 s against 0.09 s forward and backward for 256 tokens of the default CLT on a 2-core CPU in
+    bf16.
+    """
+
+    def __init__(self, clt: CrossLayerTranscoder):
+        self.clt = clt
+        self.features: list[torch.Tensor] = []  # each added layer's (..., d_features)
+        self._columns: list[tuple[torch.Tensor, ...]] = []  # per source: its (d_features, d_model) per target
+
+    def add(self, features: torch.Tensor) -> torch.Tensor:
+        """Features ``(..., d_features)`` of the next source layer → raw ``mlp_out`` of that layer ``(..., d_model)``."""
+        clt, layer = self.clt, len(self.features)
+        if layer == clt.n_layers:
+            raise ValueError(f"All {clt.n_layers} layers of the CLT were already added.")
+        self.features.append(features)
+        self._columns.append(clt.W_dec[layer].unbind(1))
+        sources = range(layer + 1) if clt.config.cross_layer else range(layer, layer + 1)
+        f = torch.cat([self.features[source] for source in sources], -1)
+        W = torch.cat([self._columns[source][layer - source] for source in sources])
+        return (f @ W + clt.b_dec[layer]) * clt.output_scale[layer] + clt.output_mean[layer]

@@ -42,7 +42,7 @@ PROFILES: dict[str, Profile] = {
     ),
     # The embedded real model on a CPU, ~10 minutes on a 2-core machine: the best setting of benchmarks/sweep.py
     # at that budget (64 features × 200 steps, each layer's error weighted by how much of the residual stream its
-    # MLP writes, then 60 end-to-end steps on the replacement's KL); see the README's "Quality per CPU-minute".
+    # MLP writes, then 360 end-to-end steps of 2 sequences on the replacement's KL); see the README's "Quality per CPU-minute".
     "default": Profile(
         name="default",
         harvest=HarvestConfig(
@@ -67,9 +67,9 @@ PROFILES: dict[str, Profile] = {
             ),
             # batches read in the training process: on 2 cores a worker process only competes with the step
             data=DataConfig(batch_size=512),
-            # then ~4 minutes end to end: the replacement model's KL through the frozen model (end_to_end.py)
+            # then ~4.5 minutes end to end: the replacement model's KL through the frozen model (end_to_end.py)
             finetune=FinetuneConfig(
-                kl_steps=120, kl_sequences=4, kl_lr=3e-4, kl_mse_coef=1e-3, kl_max_minutes=5.0
+                kl_steps=360, kl_sequences=2, kl_lr=3e-4, kl_mse_coef=1e-3, kl_max_minutes=6.0
             ),
         ),
         eval=EvalConfig(n_sequences=32, batch_size=8),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .attribution import AttributionGraph, attribute
-from .clt import CrossLayerTranscoder
+from .clt import CrossLayerTranscoder, LayerDecoder
 from .config import EvalConfig
 from .corpus import token_sequences
 from .models import LoadedModel
@@ -121,27 +121,42 @@ class ReplacementModel:
         beside what the model's own MLP computes from the same (replacement) residual stream."""
         return self._trace(ids.to(self.model.device), zero=False, errors=None, record=True)
 
-    def trace(self, ids: torch.Tensor, *, record: bool = False) -> ReplacementRun:
+    def trace(
+        self, ids: torch.Tensor, *, record: bool = False, bos: torch.Tensor | None = None
+    ) -> ReplacementRun:
         """The replacement model on ``ids`` with autograd on, for training through it (``cltlab.finetune``): the
         logits' gradients reach every CLT parameter through the frozen model. ``record`` also runs the original
         MLPs on the replacement's residual stream and returns their outputs beside the reconstructions (else
-        ``features``, ``mlp_out`` and ``reconstruction`` are None and the covered MLPs are not run)."""
-        return self._trace(ids.to(self.model.device), zero=False, errors=None, record=record)
+        ``features``, ``mlp_out`` and ``reconstruction`` are None and the covered MLPs are not run). ``bos``, the
+        covered MLPs' outputs at position 0 ``(batch, 1, n_layers, d_model)`` from an original run of the same
+        ids (``sites.trace_sites``), saves the run of position 0 that otherwise gives them."""
+        return self._trace(ids.to(self.model.device), zero=False, errors=None, record=record, bos=bos)
 
     def _trace(
-        self, ids: torch.Tensor, *, zero: bool, errors: torch.Tensor | None, record: bool
+        self,
+        ids: torch.Tensor,
+        *,
+        zero: bool,
+        errors: torch.Tensor | None,
+        record: bool,
+        bos: torch.Tensor | None = None,
     ) -> ReplacementRun:
         """One replacement (or zero-ablated) run. Unless ``record`` asks for what the MLPs compute, the covered
         MLPs are skipped, not run and overwritten (three quarters of a small model's layer FLOPs): their BOS
-        outputs, which every variant keeps, come from a run of position 0 alone, which sees only itself. Each
-        layer's features are a tensor of their own, so that autograd can follow the pass where it is on."""
+        outputs, which every variant keeps, come from ``bos`` or a run of position 0 alone, which sees only
+        itself. Each layer's features are a tensor of their own, so that autograd can follow the pass where it
+        is on."""
         blocks, sites, clt = self.model.envoy_blocks(), self.model.sites, self.clt
-        features: list[torch.Tensor] = []
-        bos = (
-            None
-            if record
-            else trace_sites(self.model, ids[:, :1], self.layers.start, self.layers.stop).mlp_out
-        )
+        decoder = LayerDecoder(clt)
+        if record:
+            bos = None
+        elif bos is None:
+            bos = trace_sites(self.model, ids[:, :1], self.layers.start, self.layers.stop).mlp_out
+        elif bos.shape != (ids.shape[0], 1, len(self.layers), self.model.d_model):
+            raise ValueError(
+                f"bos must be the MLP outputs at position 0, (batch, 1, n_layers, d_model) = "
+                f"{(ids.shape[0], 1, len(self.layers), self.model.d_model)}, not {tuple(bos.shape)}."
+            )
         mlp_out, reconstruction, out = [], [], {}
         with self.model.envoy.trace(ids):
             for i, layer in enumerate(self.layers):
@@ -151,8 +166,7 @@ class ReplacementModel:
                 if zero:
                     new = torch.zeros(x.shape, device=x.device)
                 else:
-                    features.append(clt.encode_layer(x.float(), i))  # (batch, seq, d_features)
-                    new = clt.decode_layer(features, i)  # (batch, seq, d_model)
+                    new = decoder.add(clt.encode_layer(x.float(), i))  # (batch, seq, d_model)
                     if errors is not None:
                         new = new + errors[:, :, i].to(new.device)
                 if bos is not None:
@@ -166,7 +180,9 @@ class ReplacementModel:
                 mlp.output = new.to(original.dtype)
             out["logits"] = self.model.envoy.output.logits.save()
         stack = (lambda parts: torch.stack(parts, 2)) if record else (lambda parts: None)
-        return ReplacementRun(out["logits"].float(), stack(features), stack(mlp_out), stack(reconstruction))
+        return ReplacementRun(
+            out["logits"].float(), stack(decoder.features), stack(mlp_out), stack(reconstruction)
+        )
 
     def attribute(self, prompt: str | list[int] | torch.Tensor, **options) -> AttributionGraph:
         """The attribution graph of ``prompt`` through this CLT (``cltlab.attribute``; same options)."""

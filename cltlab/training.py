@@ -147,7 +147,7 @@ class CLTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def lr_factor(step: int, *, max_steps: int, warmup_steps: int, decay: float) -> float:
+def lr_factor(step: float, *, max_steps: int, warmup_steps: int, decay: float) -> float:
     """Learning-rate multiplier: linear warm-up from 0 over ``warmup_steps``, constant, then linear decay to 0 over
     the last ``decay`` fraction of ``max_steps``."""
     decay_steps = int(decay * max_steps)

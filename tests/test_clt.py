@@ -9,6 +9,7 @@ import torch
 from helpers import make_clt
 
 from cltlab import CrossLayerTranscoder
+from cltlab.clt import LayerDecoder
 from cltlab.config import CLTConfig
 
 L, D, F = 4, 8, 16
@@ -86,6 +87,47 @@ def test_layerwise_encode_and_decode_agree_with_forward(cross_layer):
     for layer in range(L):
         assert torch.allclose(clt.encode_layer(x[:, layer], layer), out.features[:, layer], atol=1e-6)
         assert torch.allclose(clt.decode_layer(out.features, layer), out.reconstruction[:, layer], atol=1e-5)
+
+
+@pytest.mark.parametrize("cross_layer", [True, False])
+def test_layer_decoder_gives_decode_layers_values_and_gradients(cross_layer):
+    clt = make_clt(L, D, F, cross_layer=cross_layer)
+    x = raw_inputs(clt, batch=6)
+    weights = torch.randn(L, D)  # a different loss weight per layer and channel
+
+    def run(decode_pass):
+        clt.zero_grad()
+        outputs = decode_pass()
+        sum((out * weights[layer]).sum() for layer, out in enumerate(outputs)).backward()
+        return torch.stack(outputs, 1), [p.grad.clone() for p in clt.parameters() if p.grad is not None]
+
+    def per_pair():
+        features = []
+        for layer in range(L):
+            features.append(clt.encode_layer(x[:, layer], layer))
+            yield clt.decode_layer(features, layer)
+
+    def per_target():
+        decoder = LayerDecoder(clt)
+        for layer in range(L):
+            yield decoder.add(clt.encode_layer(x[:, layer], layer))
+
+    expected, expected_grads = run(lambda: list(per_pair()))
+    values, grads = run(lambda: list(per_target()))
+    assert torch.allclose(values, clt(x).reconstruction, atol=1e-5)
+    assert torch.allclose(values, expected, atol=1e-5)
+    assert len(grads) == len(expected_grads) == 3 + L  # W_enc, b_enc, each W_dec, b_dec (θ gets none here)
+    for grad, reference in zip(grads, expected_grads, strict=True):
+        assert torch.allclose(grad, reference, atol=1e-4)
+
+
+def test_layer_decoder_refuses_a_layer_past_the_last():
+    clt = make_clt(L, D, F)
+    decoder = LayerDecoder(clt)
+    for _ in range(L):
+        decoder.add(torch.zeros(2, F))
+    with pytest.raises(ValueError, match=f"All {L} layers of the CLT were already added"):
+        decoder.add(torch.zeros(2, F))
 
 
 def test_decode_layer_ignores_later_sources():

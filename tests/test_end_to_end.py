@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import hooked_sites, random_ids
 from test_replacement import clt_for, hooked_logits
 
-from cltlab import CrossLayerTranscoder, ReplacementModel, finetune, plots, train
+from cltlab import CrossLayerTranscoder, ReplacementModel, finetune, load_model, plots, train
 from cltlab.config import (
     DataConfig,
     FinetuneConfig,
@@ -20,7 +20,7 @@ from cltlab.config import (
     TranscoderConfig,
 )
 from cltlab.corpus import token_sequences
-from cltlab.end_to_end import FinetuneModule, TrainingText
+from cltlab.end_to_end import FinetuneModule, TrainingText, _stage_config
 from cltlab.training import CLTModule, check_finetune
 
 
@@ -94,6 +94,36 @@ def test_the_learning_rate_warms_up_holds_and_decays(tiny_gpt2):
     assert (
         lrs[0] == pytest.approx(2.5e-4) and lrs[10] == pytest.approx(1e-3) and lrs[19] == pytest.approx(2e-4)
     )
+
+
+def test_a_time_budget_that_binds_decays_the_learning_rate_by_time(tiny_gpt2):
+    config = FinetuneConfig(kl_steps=20, kl_lr=1e-3, kl_warmup_steps=0, kl_lr_decay=0.5, kl_max_minutes=1.0)
+    module = FinetuneModule(ReplacementModel(tiny_gpt2, clt_for(tiny_gpt2)), config)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert module.progress(3) == 3.0  # before the first step: no clock yet
+    module.on_train_start()
+    assert module.progress(3) == 3.0  # keeping pace with the budget: the step schedule
+    module.started -= 45.0  # three quarters of the minute spent at step 1: as far as step 15 of 20
+    assert module.progress(1) == pytest.approx(15.0, abs=0.05)
+    scheduler.optimizer.step()
+    scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-3 * (20 - 15) / 10, rel=0.01)
+    module.started -= 60.0  # over budget: the rate is 0, not negative
+    scheduler.optimizer.step()
+    scheduler.step()
+    assert scheduler.get_last_lr()[0] == 0.0
+    unbounded = FinetuneModule(ReplacementModel(tiny_gpt2, clt_for(tiny_gpt2)), FinetuneConfig(kl_steps=20))
+    unbounded.on_train_start()
+    unbounded.started -= 1e6
+    assert unbounded.progress(4) == 4.0
+
+
+def test_the_clt_runs_in_bf16_mixed_precision_when_the_model_runs_in_bf16(tiny_gpt2):
+    finetune = FinetuneConfig(kl_steps=7)
+    stage = _stage_config(TrainerConfig(precision="bf16-mixed", max_steps=50), finetune, tiny_gpt2)
+    assert (stage.precision, stage.max_steps, stage.accelerator) == ("32-true", 7, "cpu")
+    bf16 = load_model("tiny-gpt2", dtype="bfloat16")
+    assert _stage_config(TrainerConfig(), finetune, bf16).precision == "bf16-mixed"
 
 
 def test_finetune_lowers_the_kl_on_held_out_text(tmp_path, tiny_gpt2):

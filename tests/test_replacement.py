@@ -13,6 +13,7 @@ from cltlab import ReplacementModel, evaluate
 from cltlab.config import EvalConfig
 from cltlab.corpus import token_sequences
 from cltlab.models import LoadedModel
+from cltlab.sites import trace_sites
 
 ATOL = 1e-4
 
@@ -153,6 +154,32 @@ def test_logits_run_the_replaced_mlps_on_bos_alone(model):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def test_trace_takes_the_bos_outputs_from_an_original_run(model):
+    """Fine-tuning has an original run of the same ids: given its position-0 MLP outputs, ``trace`` runs no MLP at
+    all and gives the same logits as the plain-hook replacement model."""
+    clt = clt_for(model, seed=7)
+    rm = ReplacementModel(model, clt)
+    ids = random_ids(model, 2, 12, seed=8)
+    original = trace_sites(model, ids, 0, model.n_layers)
+    shapes = []
+    handles = [
+        next(model.mlp(layer).children()).register_forward_hook(
+            lambda m, a, o: shapes.append(tuple(a[0].shape[:2]))
+        )
+        for layer in range(model.n_layers)
+    ]
+    try:
+        with torch.no_grad():
+            run = rm.trace(ids, bos=original.mlp_out[:, :1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert shapes == []
+    assert torch.allclose(run.logits, hooked_logits(model, clt, ids), atol=ATOL)
+    with pytest.raises(ValueError, match=r"bos must be the MLP outputs at position 0, \(batch, 1, n_layers"):
+        rm.trace(ids, bos=original.mlp_out)
 
 
 def test_clt_covering_a_layer_sub_range(tiny_gpt2):
