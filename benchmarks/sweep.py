@@ -39,7 +39,7 @@ STEPS = 100
 RESIDUAL = dict(d_features=64, max_steps=200, lr=2e-3, sparsity_coef=1e-4, layer_weighting="residual")
 # The end-to-end stage after it (``FinetuneConfig``: ~4.5 minutes here); together the ``default`` profile now
 # (tests/test_config.py checks it).
-E2E = dict(kl_steps=360, kl_sequences=2, kl_lr=3e-4, kl_mse_coef=1e-3, kl_max_minutes=6.0)
+E2E = dict(kl_steps=360, kl_sequences=2, kl_lr=1e-4, kl_mse_coef=1e-3, kl_max_minutes=6.0)
 NOW = {**RESIDUAL, **E2E}
 POINTS: dict[str, dict] = {
     "default": {},
@@ -76,9 +76,21 @@ POINTS: dict[str, dict] = {
     "F64_S200_residual_decay1": {**RESIDUAL, "lr_decay": 1.0},
     "F64_S200_residual_lr3e-3_decay1": {**RESIDUAL, "lr": 3e-3, "lr_decay": 1.0},
     "F64_S300_residual": {**RESIDUAL, "max_steps": 300},
-    # the last default's length, with today's stage (decay, local term on the original run)
-    "F64_S200_residual_e2e60": {**NOW, "kl_steps": 60, "kl_sequences": 4, "kl_max_minutes": 4.0},
-    "F64_S200_residual_e2e120": {**NOW, "kl_steps": 120, "kl_sequences": 4, "kl_max_minutes": 5.0},
+    # earlier defaults' end-to-end stages (60 and 120 steps of 4 sequences at lr 3e-4), with today's code
+    "F64_S200_residual_e2e60": {
+        **NOW,
+        "kl_steps": 60,
+        "kl_sequences": 4,
+        "kl_lr": 3e-4,
+        "kl_max_minutes": 4.0,
+    },
+    "F64_S200_residual_e2e120": {
+        **NOW,
+        "kl_steps": 120,
+        "kl_sequences": 4,
+        "kl_lr": 3e-4,
+        "kl_max_minutes": 5.0,
+    },
     "F64_S200_residual_e2e360x2": NOW,
 }
 FIGURES = ("kl", "top1_agreement", "ce_recovered", "nmse", "mean_l0")
