@@ -68,6 +68,7 @@ def test_the_step_loss_is_kl_plus_the_weighted_local_error(tiny_gpt2):
     with torch.no_grad():
         error = (clt(x).reconstruction - y) / clt.output_scale
     local = error.pow(2).sum(-1).mean()
+    losses = {}
     for coef in (0.0, 0.5):
         module = FinetuneModule(
             ReplacementModel(tiny_gpt2, clt), FinetuneConfig(kl_steps=1, kl_mse_coef=coef)
@@ -78,6 +79,18 @@ def test_the_step_loss_is_kl_plus_the_weighted_local_error(tiny_gpt2):
         loss = module.training_step(ids, 0)
         assert loss.item() == pytest.approx((reference_kl + coef * local).item(), rel=1e-4)
         assert loss.requires_grad
+        losses[coef] = loss
+    # The KL alone (coef 0) has the gradients of log_softmax + kl_div on the plain-hook replacement.
+    names, weights = zip(
+        *[(n, p) for n, p in clt.named_parameters() if not n.startswith("activation.")], strict=True
+    )
+    ours = torch.autograd.grad(losses[0.0], weights)
+    reference = torch.autograd.grad(kl_to_original(tiny_gpt2, clt, ids), weights)
+    for name, a, b in zip(names, ours, reference, strict=True):
+        assert a.abs().sum() > 0, name
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max()), (
+            f"{name}: max diff {(a - b).abs().max()}"
+        )
 
 
 def test_the_learning_rate_warms_up_holds_and_decays(tiny_gpt2):
