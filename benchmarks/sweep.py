@@ -5,7 +5,7 @@ it was when the sweep began (256 features, λ 3e-4, lr 6e-4, every layer's error
 minutes of ``make run``). All train on the same harvest (``--buffer``, a default run's) and are evaluated as notebook
 04 does (``cltlab.evaluate``: the profile's eval config, held-out text, float32 model). A point's wall time is its
 training time (an end-to-end stage included); the points come in two budgets, ~6 and ~4–5 minutes, and the
-default point's end-to-end stage adds ~4–5 (``F64_S200_residual_e2e360x2`` is today's default profile). Finished points
+default point's end-to-end stage adds ~4–5 (``F64_S200_residual_e2e480x2`` is today's default profile). Finished points
 are kept under ``--out`` (keyed by their config, harvest and eval), so running again reuses them.
 
 With ``--seeds`` every point also runs from other seeds (``trainer.seed``: initialization and batch order) and the
@@ -39,7 +39,7 @@ STEPS = 100
 RESIDUAL = dict(d_features=64, max_steps=200, lr=2e-3, sparsity_coef=1e-4, layer_weighting="residual")
 # The end-to-end stage after it (``FinetuneConfig``: ~4.5 minutes here); together the ``default`` profile now
 # (tests/test_config.py checks it).
-E2E = dict(kl_steps=360, kl_sequences=2, kl_lr=1e-4, kl_mse_coef=1e-3, kl_max_minutes=6.0)
+E2E = dict(kl_steps=480, kl_sequences=2, kl_lr=1e-4, kl_mse_coef=1e-3, kl_max_minutes=6.0)
 NOW = {**RESIDUAL, **E2E}
 POINTS: dict[str, dict] = {
     "default": {},
@@ -76,7 +76,7 @@ POINTS: dict[str, dict] = {
     "F64_S200_residual_decay1": {**RESIDUAL, "lr_decay": 1.0},
     "F64_S200_residual_lr3e-3_decay1": {**RESIDUAL, "lr": 3e-3, "lr_decay": 1.0},
     "F64_S300_residual": {**RESIDUAL, "max_steps": 300},
-    # earlier defaults' end-to-end stages (60 and 120 steps of 4 sequences at lr 3e-4), with today's code
+    # earlier defaults' end-to-end stages (60 and 120 steps of 4 sequences at lr 3e-4, 360 of 2), with today's code
     "F64_S200_residual_e2e60": {
         **NOW,
         "kl_steps": 60,
@@ -91,7 +91,8 @@ POINTS: dict[str, dict] = {
         "kl_lr": 3e-4,
         "kl_max_minutes": 5.0,
     },
-    "F64_S200_residual_e2e360x2": NOW,
+    "F64_S200_residual_e2e360x2": {**NOW, "kl_steps": 360},
+    "F64_S200_residual_e2e480x2": NOW,
 }
 FIGURES = ("kl", "top1_agreement", "ce_recovered", "nmse", "mean_l0")
 

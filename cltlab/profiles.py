@@ -67,9 +67,9 @@ PROFILES: dict[str, Profile] = {
             ),
             # batches read in the training process: on 2 cores a worker process only competes with the step
             data=DataConfig(batch_size=512),
-            # then ~4.5 minutes end to end: the replacement model's KL through the frozen model (end_to_end.py)
+            # then ~5 minutes end to end: the replacement model's KL through the frozen model (end_to_end.py)
             finetune=FinetuneConfig(
-                kl_steps=360, kl_sequences=2, kl_lr=1e-4, kl_mse_coef=1e-3, kl_max_minutes=6.0
+                kl_steps=480, kl_sequences=2, kl_lr=1e-4, kl_mse_coef=1e-3, kl_max_minutes=6.0
             ),
         ),
         eval=EvalConfig(n_sequences=32, batch_size=8),
