@@ -96,8 +96,9 @@ FAULTS = """
 import resource, sys, torch
 from cltlab.precision import keep_freed_memory
 print(keep_freed_memory())
-def step():  # blocks of 8, 16 and 24 MiB, as a training step's activations
-    return sum(torch.ones(n << 20).sum() for n in (2, 4, 6))
+def step():  # blocks of 8, 16 and 24 MiB alive together, as a training step's activations, then freed
+    blocks = [torch.ones(n << 20) for n in (2, 4, 6)]
+    return sum(block.sum() for block in blocks)
 step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
@@ -113,6 +114,7 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again(keep):
     out = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True)
     was_set, faults = out.stdout.split()
     assert was_set == ("True" if keep == "1" else "False")
-    # 10 steps of 12,288 pages: by default glibc returns some of them to the system and faults them in again
-    # (~12,000 here); kept, the first step's memory serves the rest
-    assert (int(faults) < 1000) if keep == "1" else (int(faults) > 5000)
+    # 10 steps of 12,288 pages: by default glibc maps the largest block afresh every step, or all three
+    # (30,665 or 122,537 faults in 25 runs here); kept, the first step's memory serves the rest, with at most one
+    # or two blocks' worth faulted in again as the heap settles (0 in 17 of 25 runs, at most 12,288)
+    assert (int(faults) < 20_000) if keep == "1" else (int(faults) > 25_000)
