@@ -5,7 +5,7 @@ it was when the sweep began (256 features, λ 3e-4, lr 6e-4, every layer's error
 minutes of ``make run``). All train on the same harvest (``--buffer``, a default run's) and are evaluated as notebook
 04 does (``cltlab.evaluate``: the profile's eval config, held-out text, float32 model). A point's wall time is its
 training time (an end-to-end stage included); the points come in two budgets, ~6 and ~4–5 minutes, and the
-default point's end-to-end stage adds ~4–5 (``F64_S200_residual_e2e480x2`` is today's default profile). Finished points
+default point's end-to-end stage adds ~5–6 (``F64_S200_residual_e2e480x2`` is today's default profile). Finished points
 are kept under ``--out`` (keyed by their config, harvest and eval), so running again reuses them.
 
 With ``--seeds`` every point also runs from other seeds (``trainer.seed``: initialization and batch order) and the
@@ -37,10 +37,12 @@ BASE = dict(d_features=256, sparsity_coef=3e-4, lr=6e-4, layer_weighting="unifor
 STEPS = 100
 # The MSE stage of the point the ``default`` profile is now; the ~4–5-minute points vary it.
 RESIDUAL = dict(d_features=64, max_steps=200, lr=2e-3, sparsity_coef=1e-4, layer_weighting="residual")
-# The end-to-end stage after it (``FinetuneConfig``: ~4.5 minutes here); together the ``default`` profile now
-# (tests/test_config.py checks it).
+# The end-to-end stage after it (``FinetuneConfig``: ~5–6 minutes here, capped at 6); together the ``default``
+# profile now (tests/test_config.py checks it).
 E2E = dict(kl_steps=480, kl_sequences=2, kl_lr=1e-4, kl_mse_coef=1e-3, kl_max_minutes=6.0)
 NOW = {**RESIDUAL, **E2E}
+# the batch and learning rate of the earlier end-to-end defaults
+E2E_BATCH4 = dict(kl_sequences=4, kl_lr=3e-4)
 POINTS: dict[str, dict] = {
     "default": {},
     "lr2e-3_lam1e-4": dict(lr=2e-3, sparsity_coef=1e-4),
@@ -77,20 +79,8 @@ POINTS: dict[str, dict] = {
     "F64_S200_residual_lr3e-3_decay1": {**RESIDUAL, "lr": 3e-3, "lr_decay": 1.0},
     "F64_S300_residual": {**RESIDUAL, "max_steps": 300},
     # earlier defaults' end-to-end stages (60 and 120 steps of 4 sequences at lr 3e-4, 360 of 2), with today's code
-    "F64_S200_residual_e2e60": {
-        **NOW,
-        "kl_steps": 60,
-        "kl_sequences": 4,
-        "kl_lr": 3e-4,
-        "kl_max_minutes": 4.0,
-    },
-    "F64_S200_residual_e2e120": {
-        **NOW,
-        "kl_steps": 120,
-        "kl_sequences": 4,
-        "kl_lr": 3e-4,
-        "kl_max_minutes": 5.0,
-    },
+    "F64_S200_residual_e2e60": {**NOW, **E2E_BATCH4, "kl_steps": 60, "kl_max_minutes": 4.0},
+    "F64_S200_residual_e2e120": {**NOW, **E2E_BATCH4, "kl_steps": 120, "kl_max_minutes": 5.0},
     "F64_S200_residual_e2e360x2": {**NOW, "kl_steps": 360},
     "F64_S200_residual_e2e480x2": NOW,
 }

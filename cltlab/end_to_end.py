@@ -215,7 +215,7 @@ def _stage_config(trainer_config: TrainerConfig, config: FinetuneConfig, lm: Loa
     return dataclasses.replace(
         trainer_config,
         max_steps=config.kl_steps,
-        # The CLT's 465 source → target products are a large share of the step's work; the model runs as loaded.
+        # The CLT's encoder and decoder matmuls are a large share of the step's work; the model runs as loaded.
         precision="bf16-mixed" if bf16 else "32-true",
         accelerator="cpu" if lm.device.type == "cpu" else "gpu",
         log_every=1,
