@@ -9,8 +9,10 @@ gradients through the frozen language model into every CLT parameter (the end-to
 2024, "Identifying functionally important features with end-to-end sparse dictionary learning", applied to a CLT
 that the MSE stage already trained). ``kl_mse_coef`` adds each layer's local reconstruction error on the original
 run (the MSE stage's objective, on the same text), which keeps the features reconstructing the MLPs that
-attribution graphs read. One original run per step gives the targets of both terms; the replacement run skips the
-covered MLPs.
+attribution graphs read. One original run of a step's sequences gives the targets of both terms; the replacement
+run skips the covered MLPs. With ``kl_text_sequences`` the stage reads a fixed pool of sequences for several
+epochs and keeps each one's original run (``Teacher``) from the first: a later step runs only the replacement
+model (the original run was a quarter of a step on the default profile).
 
 Lightning runs the loop (one device); metrics go to the run's CSV (and W&B) as ``e2e/kl`` and ``e2e/local_mse``,
 at steps after the MSE stage's, so ``plots.training_curves`` continues the curves. It is not resumable: a resumed
@@ -24,6 +26,7 @@ import datetime
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -35,7 +38,7 @@ from .corpus import token_sequences
 from .models import LoadedModel, load_model
 from .precision import model_dtype, resolve_device, uses_cpu
 from .replacement import ReplacementModel
-from .sites import SiteActivations, trace_sites
+from .sites import trace_sites
 
 # The local error term reads every 4th position, a quarter of the CLT's pass on the batch. On the default profile
 # (120 steps) it held the mean NMSE at 0.65, against 0.73 for the same weight on every position of the
@@ -44,31 +47,75 @@ LOCAL_STRIDE = 4
 
 
 class TrainingText(torch.utils.data.IterableDataset):
-    """Batches ``(batch_size, seq_len)`` of a corpus's training split, round and round."""
+    """Batches ``(ids, keys)`` of a corpus's training split: ``ids`` ``(batch_size, seq_len)``, round and round.
 
-    def __init__(self, corpus: str, tokenizer, *, seq_len: int, bos_token_id: int, batch_size: int):
-        self.corpus, self.tokenizer, self.batch_size = corpus, tokenizer, batch_size
+    With ``pool`` it reads only the split's first ``pool`` sequences, in a new order each epoch (the global torch
+    generator's, which ``trainer.seed`` seeds), and ``keys`` ``(batch_size,)`` are their numbers, by which the fine-tune
+    keeps the original run of each; without it the text is fresh at every step and ``keys`` is None.
+    """
+
+    def __init__(
+        self,
+        corpus: str,
+        tokenizer,
+        *,
+        seq_len: int,
+        bos_token_id: int,
+        batch_size: int,
+        pool: int | None = None,
+    ):
+        if pool is not None and pool < batch_size:
+            raise ValueError(f"A pool of {pool} sequences cannot fill batches of {batch_size}.")
+        self.corpus, self.tokenizer, self.batch_size, self.pool = corpus, tokenizer, batch_size, pool
         self.seq_len, self.bos_token_id = seq_len, bos_token_id
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        if self.pool is None:
+            while True:
+                empty = True
+                for batch in self._batches(self.batch_size):
+                    empty = False
+                    yield batch, None
+                if empty:
+                    self._too_short(self.batch_size, "kl_sequences")
+        read = [batch for _, batch in zip(range(self.pool), self._batches(1), strict=False)]
+        if len(read) < self.pool:
+            self._too_short(self.pool, "kl_text_sequences")
+        sequences = torch.cat(read)
         while True:
-            batches = token_sequences(
-                self.corpus,
-                self.tokenizer,
-                seq_len=self.seq_len,
-                bos_token_id=self.bos_token_id,
-                split="train",
-                batch_size=self.batch_size,
-            )
-            empty = True
-            for batch in batches:
-                empty = False
-                yield batch
-            if empty:
-                raise ValueError(
-                    f"Corpus {self.corpus!r} has fewer than {self.batch_size} training sequences of "
-                    f"{self.seq_len} tokens: lower finetune.kl_sequences."
-                )
+            order = torch.randperm(self.pool)
+            for start in range(0, self.pool - self.batch_size + 1, self.batch_size):
+                keys = order[start : start + self.batch_size]
+                yield sequences[keys], keys
+
+    def _batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        return token_sequences(
+            self.corpus,
+            self.tokenizer,
+            seq_len=self.seq_len,
+            bos_token_id=self.bos_token_id,
+            split="train",
+            batch_size=batch_size,
+        )
+
+    def _too_short(self, n: int, field: str):
+        raise ValueError(
+            f"Corpus {self.corpus!r} has fewer than {n} training sequences of {self.seq_len} tokens: "
+            f"lower finetune.{field}."
+        )
+
+
+class Teacher(NamedTuple):
+    """What a step needs of the original run on its sequences (the model's dtype, BOS dropped but from ``bos``)."""
+
+    logits: torch.Tensor
+    """``(batch, seq_len - 1, vocab)``: the next-token logits after BOS."""
+    resid_mid: torch.Tensor
+    """``(batch, rows, n_layers, d_model)`` at every ``LOCAL_STRIDE``-th position after BOS."""
+    mlp_out: torch.Tensor
+    """As ``resid_mid``."""
+    bos: torch.Tensor
+    """``(batch, 1, n_layers, d_model)``: the MLPs' outputs at BOS, which the replacement run takes as they are."""
 
 
 class FinetuneModule(L.LightningModule):
@@ -80,6 +127,7 @@ class FinetuneModule(L.LightningModule):
         self.replacement = replacement  # not a Module: the frozen model stays where it was loaded
         self.clt.train()  # ReplacementModel put it in eval mode
         self.started: float | None = None  # when the first step began (the time budget's clock)
+        self.teachers: dict[int, Teacher] = {}  # the original run of each pooled sequence, by its key
 
     def on_train_start(self) -> None:
         self.started = time.monotonic()
@@ -93,16 +141,14 @@ class FinetuneModule(L.LightningModule):
         spent = (time.monotonic() - self.started) / (60.0 * self.cfg.kl_max_minutes)
         return max(float(step), spent * self.cfg.kl_steps)
 
-    def training_step(self, ids: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        replacement = self.replacement
-        with torch.no_grad():  # one original run gives the targets of both terms
-            original = trace_sites(
-                replacement.model, ids, replacement.layers.start, replacement.layers.stop, with_logits=True
-            )
-            log_p = F.log_softmax(original.logits[:, 1:].float(), -1).flatten(0, 1)
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor | None], batch_idx: int) -> torch.Tensor:
+        ids, keys = batch
+        teacher = self.teacher(ids, keys)
+        with torch.no_grad():
+            log_p = F.log_softmax(teacher.logits.float(), -1).flatten(0, 1)
             p = log_p.exp()
             entropy = -(p * log_p).sum(-1).mean()
-        run = replacement.trace(ids, bos=original.mlp_out[:, :1])  # the covered MLPs are skipped, not run
+        run = self.replacement.trace(ids, bos=teacher.bos)  # the covered MLPs are skipped, not run
         # KL(p ‖ q) = H(p, q) − H(p); the soft-target cross-entropy takes about half the passes over the
         # (positions × vocabulary) logits of log_softmax + kl_div, forward and backward. Position 0 (BOS) is
         # the original's.
@@ -110,7 +156,7 @@ class FinetuneModule(L.LightningModule):
         figures = {"e2e/kl": kl.item()}
         loss = kl
         if self.cfg.kl_mse_coef > 0:
-            local_mse = self.local_error(original)
+            local_mse = self.local_error(teacher)
             loss = loss + self.cfg.kl_mse_coef * local_mse
             figures["e2e/local_mse"] = local_mse.item()
         for logger in self.trainer.loggers:
@@ -118,12 +164,31 @@ class FinetuneModule(L.LightningModule):
         self.log("kl", kl, prog_bar=True, logger=False)
         return loss
 
-    def local_error(self, original: SiteActivations) -> torch.Tensor:
+    @torch.no_grad()
+    def teacher(self, ids: torch.Tensor, keys: torch.Tensor | None) -> Teacher:
+        """The original run's targets for ``ids``: one run of the whole model (both terms' targets), or, when
+        every sequence's ``key`` was seen before, the kept ones. A pooled sequence's run is kept (cloned out of the
+        batch) the first time."""
+        if keys is not None and all(key in self.teachers for key in keys.tolist()):
+            kept = [self.teachers[key] for key in keys.tolist()]
+            return Teacher(*(torch.stack(parts) for parts in zip(*kept, strict=True)))
+        model = self.replacement
+        original = trace_sites(model.model, ids, model.layers.start, model.layers.stop, with_logits=True)
+        teacher = Teacher(
+            original.logits[:, 1:],
+            original.resid_mid[:, 1::LOCAL_STRIDE],
+            original.mlp_out[:, 1::LOCAL_STRIDE],
+            original.mlp_out[:, :1],
+        )
+        for i, key in enumerate([] if keys is None else keys.tolist()):
+            self.teachers[key] = Teacher(*(part[i].clone() for part in teacher))
+        return teacher
+
+    def local_error(self, teacher: Teacher) -> torch.Tensor:
         """The CLT's squared error (normalized units, summed over ``d_model``, averaged over rows and layers)
         against the MLPs on the original run, at every ``LOCAL_STRIDE``-th position after BOS: the MSE stage's
         loss without its penalties (whose ``mse`` also averages over ``d_model``)."""
-        x = original.resid_mid[:, 1::LOCAL_STRIDE].flatten(0, 1)  # (rows, n_layers, d_model)
-        y = original.mlp_out[:, 1::LOCAL_STRIDE].flatten(0, 1)
+        x, y = teacher.resid_mid.flatten(0, 1), teacher.mlp_out.flatten(0, 1)  # (rows, n_layers, d_model)
         return self.clt.loss(x, y, sparsity_coef=0.0, preact_coef=0.0).mse * self.clt.d_model
 
     def configure_optimizers(self):
@@ -177,8 +242,14 @@ def finetune(
     # A LoadedModel is used as it is (validation then runs on it too).
     lm = model if isinstance(model, LoadedModel) else _frozen_model(model, trainer_config.accelerator)
     module = FinetuneModule(ReplacementModel(lm, clt), config, step_offset)
+    _check_pool_memory(module.replacement, seq_len, config.kl_text_sequences)
     text = TrainingText(
-        corpus, lm.tokenizer, seq_len=seq_len, bos_token_id=lm.bos_token_id, batch_size=config.kl_sequences
+        corpus,
+        lm.tokenizer,
+        seq_len=seq_len,
+        bos_token_id=lm.bos_token_id,
+        batch_size=config.kl_sequences,
+        pool=config.kl_text_sequences,
     )
     callbacks = list(trainer_overrides.pop("callbacks", []))
     if trainer_config.val_every:
@@ -224,3 +295,26 @@ def _stage_config(trainer_config: TrainerConfig, config: FinetuneConfig, lm: Loa
         num_nodes=1,
         strategy="auto",
     )
+
+
+def _check_pool_memory(replacement: ReplacementModel, seq_len: int, pool: int | None) -> None:
+    """Refuse a ``kl_text_sequences`` whose kept original runs (``Teacher``: the logits, nearly all of it, and the
+    sites of the local term) would take more than half the memory available now on the model's device."""
+    if pool is None:
+        return
+    import psutil
+
+    lm, clt = replacement.model, replacement.clt
+    dtype, vocab = next(lm.model.parameters()).dtype, lm.model.config.vocab_size
+    rows = len(range(1, seq_len, LOCAL_STRIDE)) * 2 + 1  # resid_mid and mlp_out, and BOS
+    need = pool * ((seq_len - 1) * vocab + rows * clt.n_layers * clt.d_model) * dtype.itemsize
+    if lm.device.type == "cuda":
+        available = torch.cuda.mem_get_info(lm.device)[0]
+    else:
+        available = psutil.virtual_memory().available
+    if need > available / 2:
+        raise ValueError(
+            f"finetune.kl_text_sequences={pool} would keep {need / 2**30:.1f} GiB of the original model's runs "
+            f"({seq_len - 1} positions × {vocab} logits in {dtype} per sequence), more than half the "
+            f"{available / 2**30:.1f} GiB available on {lm.device}: lower it."
+        )

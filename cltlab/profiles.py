@@ -62,14 +62,20 @@ PROFILES: dict[str, Profile] = {
                 precision="bf16-mixed",
                 log_every=10,
                 checkpoint_every=100,
-                val_every=100,
+                val_every=200,  # at the MSE stage's end and every 200 end-to-end steps (~6 s each here)
                 val_sequences=8,
             ),
             # batches read in the training process: on 2 cores a worker process only competes with the step
             data=DataConfig(batch_size=512),
             # then ~5 minutes end to end: the replacement model's KL through the frozen model (end_to_end.py)
+            # (600 steps over the first 320 training sequences, each one's original run kept after the first epoch)
             finetune=FinetuneConfig(
-                kl_steps=480, kl_sequences=2, kl_lr=1e-4, kl_mse_coef=1e-3, kl_max_minutes=6.0
+                kl_steps=600,
+                kl_sequences=2,
+                kl_lr=1e-4,
+                kl_mse_coef=1e-3,
+                kl_max_minutes=6.0,
+                kl_text_sequences=320,
             ),
         ),
         eval=EvalConfig(n_sequences=32, batch_size=8),

@@ -20,7 +20,7 @@ from cltlab.config import (
     TranscoderConfig,
 )
 from cltlab.corpus import token_sequences
-from cltlab.end_to_end import FinetuneModule, TrainingText, _stage_config
+from cltlab.end_to_end import FinetuneModule, TrainingText, _check_pool_memory, _stage_config
 from cltlab.training import CLTModule, check_finetune
 
 
@@ -76,7 +76,7 @@ def test_the_step_loss_is_kl_plus_the_weighted_local_error(tiny_gpt2):
         # The step logs to its trainer's loggers: none here.
         module.trainer = type("Stub", (), {"loggers": []})()
         module.log = lambda *args, **kwargs: None
-        loss = module.training_step(ids, 0)
+        loss = module.training_step((ids, None), 0)
         assert loss.item() == pytest.approx((reference_kl + coef * local).item(), rel=1e-4)
         assert loss.requires_grad
         losses[coef] = loss
@@ -139,7 +139,8 @@ def test_the_clt_runs_in_bf16_mixed_precision_when_the_model_runs_in_bf16(tiny_g
     assert _stage_config(TrainerConfig(), finetune, bf16).precision == "bf16-mixed"
 
 
-def test_finetune_lowers_the_kl_on_held_out_text(tmp_path, tiny_gpt2):
+@pytest.mark.parametrize("pool", [None, 24])
+def test_finetune_lowers_the_kl_on_held_out_text(tmp_path, tiny_gpt2, pool):
     clt = clt_for(tiny_gpt2, seed=5)
     batches = token_sequences(
         "shakespeare",
@@ -156,7 +157,9 @@ def test_finetune_lowers_the_kl_on_held_out_text(tmp_path, tiny_gpt2):
         model=tiny_gpt2,
         corpus="shakespeare",
         seq_len=32,
-        config=FinetuneConfig(kl_steps=20, kl_sequences=8, kl_lr=3e-3, kl_warmup_steps=2),
+        config=FinetuneConfig(
+            kl_steps=20, kl_sequences=8, kl_lr=3e-3, kl_warmup_steps=2, kl_text_sequences=pool
+        ),
         run_dir=tmp_path,
         trainer_config=TrainerConfig(wandb=False, val_every=0),
         enable_progress_bar=False,
@@ -169,13 +172,76 @@ def test_finetune_lowers_the_kl_on_held_out_text(tmp_path, tiny_gpt2):
 def test_training_text_cycles_and_refuses_a_corpus_too_short(tiny_gpt2, tmp_path):
     text = TrainingText("shakespeare", tiny_gpt2.tokenizer, seq_len=16, bos_token_id=0, batch_size=2)
     first = [batch for _, batch in zip(range(3), text, strict=False)]
-    assert all(batch.shape == (2, 16) and (batch[:, 0] == 0).all() for batch in first)
+    assert all(ids.shape == (2, 16) and (ids[:, 0] == 0).all() and keys is None for ids, keys in first)
     (tmp_path / "short.txt").write_text("two words")
     short = TrainingText(
         str(tmp_path / "short.txt"), tiny_gpt2.tokenizer, seq_len=16, bos_token_id=0, batch_size=2
     )
-    with pytest.raises(ValueError, match="fewer than 2 training sequences of 16 tokens"):
+    with pytest.raises(
+        ValueError, match="fewer than 2 training sequences of 16 tokens: lower finetune.kl_seq"
+    ):
         next(iter(short))
+    pooled = TrainingText(
+        str(tmp_path / "short.txt"), tiny_gpt2.tokenizer, seq_len=16, bos_token_id=0, batch_size=2, pool=3
+    )
+    with pytest.raises(
+        ValueError, match="fewer than 3 training sequences of 16 tokens: lower finetune.kl_text"
+    ):
+        next(iter(pooled))
+    with pytest.raises(ValueError, match="A pool of 1 sequences cannot fill batches of 2"):
+        TrainingText("shakespeare", tiny_gpt2.tokenizer, seq_len=16, bos_token_id=0, batch_size=2, pool=1)
+
+
+def test_pooled_text_reads_its_first_sequences_in_a_new_order_each_epoch(tiny_gpt2):
+    pool = list(
+        token_sequences("shakespeare", tiny_gpt2.tokenizer, seq_len=16, bos_token_id=0, batch_size=7)
+    )[0]  # the split's first 7 sequences
+    text = TrainingText("shakespeare", tiny_gpt2.tokenizer, seq_len=16, bos_token_id=0, batch_size=2, pool=7)
+    torch.manual_seed(0)
+    batches = [batch for _, batch in zip(range(9), text, strict=False)]
+    for ids, keys in batches:
+        assert ids.shape == (2, 16) and torch.equal(ids, pool[keys])
+    # three batches an epoch (the odd sequence out waits for a later one), no key twice within an epoch
+    epochs = [torch.cat([keys for _, keys in batches[i : i + 3]]).tolist() for i in (0, 3, 6)]
+    assert all(len(set(epoch)) == 6 for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) == 3
+
+
+def test_a_pooled_sequence_runs_the_original_model_once(tiny_gpt2, monkeypatch):
+    import cltlab.end_to_end as end_to_end
+
+    clt = clt_for(tiny_gpt2)
+    ids = random_ids(tiny_gpt2, 3, 12)
+    runs = []
+    trace = end_to_end.trace_sites
+    monkeypatch.setattr(end_to_end, "trace_sites", lambda *a, **k: runs.append(a[1].shape) or trace(*a, **k))
+    module = FinetuneModule(ReplacementModel(tiny_gpt2, clt), FinetuneConfig(kl_steps=1, kl_mse_coef=0.5))
+    module.trainer = type("Stub", (), {"loggers": []})()
+    module.log = lambda *args, **kwargs: None
+    fresh = module.training_step((ids, None), 0).item()
+    assert runs == [(3, 12)] and module.teachers == {}  # unpooled text keeps nothing
+    keys = torch.tensor([4, 0, 9])
+    assert module.training_step((ids, keys), 0).item() == pytest.approx(fresh, rel=1e-6)
+    assert len(runs) == 2 and sorted(module.teachers) == [0, 4, 9]
+    # the same sequences in another order: the kept runs, stacked in that order, give the same loss
+    order = torch.tensor([2, 0, 1])
+    assert module.training_step((ids[order], keys[order]), 0).item() == pytest.approx(fresh, rel=1e-6)
+    assert len(runs) == 2
+    kept = module.teacher(ids[order], keys[order])
+    for part in kept:
+        assert part.shape[0] == 3
+    fresh_logits = trace(tiny_gpt2, ids[order], 0, clt.n_layers, with_logits=True).logits[:, 1:]
+    assert torch.allclose(kept.logits, fresh_logits, atol=1e-5)
+    # a batch with one new sequence runs the original model on the whole batch, and keeps the new one
+    module.training_step((ids[:2], torch.tensor([4, 5])), 0)
+    assert len(runs) == 3 and sorted(module.teachers) == [0, 4, 5, 9]
+
+
+def test_finetune_refuses_a_pool_larger_than_half_the_free_memory(tiny_gpt2):
+    replacement = ReplacementModel(tiny_gpt2, clt_for(tiny_gpt2))
+    _check_pool_memory(replacement, 32, 8)  # ~1.6 MB of float32 logits: fine
+    with pytest.raises(ValueError, match=r"kl_text_sequences=100000000 would keep .* GiB .* lower it"):
+        _check_pool_memory(replacement, 32, 10**8)
 
 
 def test_train_runs_the_fine_tune_after_the_mse_stage(tmp_path, buffer_path, tiny_gpt2):
@@ -231,6 +297,10 @@ def test_finetune_refuses_what_it_cannot_run(buffer_path):
         FinetuneConfig(kl_lr_decay=1.5)
     with pytest.raises(ValueError, match="kl_max_minutes must be positive"):
         FinetuneConfig(kl_max_minutes=0)
+    with pytest.raises(
+        ValueError, match=r"kl_text_sequences must be None or at least kl_sequences \(4\), not 3"
+    ):
+        FinetuneConfig(kl_sequences=4, kl_text_sequences=3)
     with pytest.raises(ValueError, match="needs config.kl_steps > 0"):
         finetune(
             None, model="tiny-gpt2", corpus="shakespeare", seq_len=8, config=FinetuneConfig(), run_dir="."
