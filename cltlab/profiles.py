@@ -42,7 +42,8 @@ PROFILES: dict[str, Profile] = {
     ),
     # The embedded real model on a CPU, ~10 minutes on a 2-core machine: the best setting of benchmarks/sweep.py
     # at that budget (64 features × 200 steps, each layer's error weighted by how much of the residual stream its
-    # MLP writes, then 360 end-to-end steps of 2 sequences on the replacement's KL); see the README's "Quality per CPU-minute".
+    # MLP writes, then 600 end-to-end steps of 2 sequences on the replacement's KL, over a pool of 320 sequences);
+    # see the README's "Quality per CPU-minute".
     "default": Profile(
         name="default",
         harvest=HarvestConfig(
@@ -67,8 +68,8 @@ PROFILES: dict[str, Profile] = {
             ),
             # batches read in the training process: on 2 cores a worker process only competes with the step
             data=DataConfig(batch_size=512),
-            # then ~5 minutes end to end: the replacement model's KL through the frozen model (end_to_end.py)
-            # (600 steps over the first 320 training sequences, each one's original run kept after the first epoch)
+            # then ~6 minutes end to end: the replacement model's KL through the frozen model (end_to_end.py), 600
+            # steps over the first 320 training sequences, each one's original run kept after the first epoch
             finetune=FinetuneConfig(
                 kl_steps=600,
                 kl_sequences=2,

@@ -20,7 +20,13 @@ from cltlab.config import (
     TranscoderConfig,
 )
 from cltlab.corpus import token_sequences
-from cltlab.end_to_end import FinetuneModule, TrainingText, _check_pool_memory, _stage_config
+from cltlab.end_to_end import (
+    FinetuneModule,
+    TrainingText,
+    _check_pool_memory,
+    _stage_config,
+    kl_divergence,
+)
 from cltlab.training import CLTModule, check_finetune
 
 
@@ -215,26 +221,61 @@ def test_a_pooled_sequence_runs_the_original_model_once(tiny_gpt2, monkeypatch):
     runs = []
     trace = end_to_end.trace_sites
     monkeypatch.setattr(end_to_end, "trace_sites", lambda *a, **k: runs.append(a[1].shape) or trace(*a, **k))
-    module = FinetuneModule(ReplacementModel(tiny_gpt2, clt), FinetuneConfig(kl_steps=1, kl_mse_coef=0.5))
+    config = FinetuneConfig(kl_steps=1, kl_mse_coef=0.5, kl_text_sequences=10)
+    module = FinetuneModule(ReplacementModel(tiny_gpt2, clt), config)
     module.trainer = type("Stub", (), {"loggers": []})()
     module.log = lambda *args, **kwargs: None
-    fresh = module.training_step((ids, None), 0).item()
-    assert runs == [(3, 12)] and module.teachers == {}  # unpooled text keeps nothing
     keys = torch.tensor([4, 0, 9])
-    assert module.training_step((ids, keys), 0).item() == pytest.approx(fresh, rel=1e-6)
-    assert len(runs) == 2 and sorted(module.teachers) == [0, 4, 9]
+    first = module.training_step((ids, keys), 0).item()
+    assert runs == [(3, 12)] and module.kept.kept.nonzero().flatten().tolist() == [0, 4, 9]
+    # the targets: the original's likeliest KEPT_TOKENS at each position after BOS, and its sites
+    log_p = F.log_softmax(trace(tiny_gpt2, ids, 0, clt.n_layers, with_logits=True).logits[:, 1:], -1)
+    top, tokens = log_p.topk(end_to_end.KEPT_TOKENS, -1)
+    kept = module.teacher(ids, keys)
+    assert len(runs) == 1
+    assert kept.log_p.shape == (3, 11, end_to_end.KEPT_TOKENS) and torch.allclose(kept.log_p, top, atol=1e-5)
+    assert torch.equal(kept.tokens, tokens.int())
+    resid, mlp = hooked_sites(tiny_gpt2, ids, range(clt.n_layers))
+    assert torch.allclose(kept.resid_mid, resid[:, 1::4], atol=1e-5)
+    assert torch.allclose(kept.bos, mlp[:, :1], atol=1e-5)
     # the same sequences in another order: the kept runs, stacked in that order, give the same loss
     order = torch.tensor([2, 0, 1])
-    assert module.training_step((ids[order], keys[order]), 0).item() == pytest.approx(fresh, rel=1e-6)
-    assert len(runs) == 2
-    kept = module.teacher(ids[order], keys[order])
-    for part in kept:
-        assert part.shape[0] == 3
-    fresh_logits = trace(tiny_gpt2, ids[order], 0, clt.n_layers, with_logits=True).logits[:, 1:]
-    assert torch.allclose(kept.logits, fresh_logits, atol=1e-5)
+    assert module.training_step((ids[order], keys[order]), 0).item() == pytest.approx(first, rel=1e-6)
+    assert len(runs) == 1
     # a batch with one new sequence runs the original model on the whole batch, and keeps the new one
     module.training_step((ids[:2], torch.tensor([4, 5])), 0)
-    assert len(runs) == 3 and sorted(module.teachers) == [0, 4, 5, 9]
+    assert len(runs) == 2 and module.kept.kept.nonzero().flatten().tolist() == [0, 4, 5, 9]
+    # unpooled text keeps nothing
+    fresh = FinetuneModule(ReplacementModel(tiny_gpt2, clt), FinetuneConfig(kl_steps=1))
+    fresh.trainer, fresh.log = module.trainer, module.log
+    fresh.training_step((ids, None), 0)
+    assert len(runs) == 3 and fresh.kept is None
+
+
+def test_the_kl_of_kept_tokens_coarsens_the_distributions():
+    torch.manual_seed(0)
+    log_p = F.log_softmax(3 * torch.randn(2, 5, 40), -1)
+    logits = torch.randn(2, 5, 40, requires_grad=True)
+    full = F.kl_div(F.log_softmax(logits, -1), log_p, log_target=True, reduction="sum") / 10
+    assert kl_divergence(log_p, None, logits).item() == pytest.approx(full.item(), rel=1e-5)
+    # every token kept, in any order: the full KL and its gradient
+    shuffled = torch.stack([torch.randperm(40) for _ in range(10)]).view(2, 5, 40)
+    every = kl_divergence(log_p.gather(-1, shuffled), shuffled.int(), logits)
+    assert every.item() == pytest.approx(full.item(), rel=1e-5)
+    (a,) = torch.autograd.grad(every, logits)
+    (b,) = torch.autograd.grad(full, logits)
+    assert torch.allclose(a, b, atol=1e-6)
+    # the likeliest 8: the KL of (those 8 tokens, the rest as one outcome), below the full one
+    top, tokens = log_p.topk(8, -1)
+    q = F.softmax(logits, -1).detach()
+    p8, q8 = top.exp(), q.gather(-1, tokens)
+    p_rest, q_rest = 1 - p8.sum(-1), 1 - q8.sum(-1)
+    coarse = ((p8 * (p8 / q8).log()).sum(-1) + p_rest * (p_rest / q_rest).log()).mean()
+    kept = kl_divergence(top, tokens.int(), logits)
+    assert kept.item() == pytest.approx(coarse.item(), rel=1e-5)
+    assert 0 < kept.item() < full.item()
+    (grad,) = torch.autograd.grad(kept, logits)
+    assert grad.isfinite().all() and grad.abs().sum() > 0
 
 
 def test_finetune_refuses_a_pool_larger_than_half_the_free_memory(tiny_gpt2):
