@@ -63,7 +63,7 @@ PROFILES: dict[str, Profile] = {
                 precision="bf16-mixed",
                 log_every=10,
                 checkpoint_every=100,
-                val_every=200,  # at the MSE stage's end and every 200 end-to-end steps (~6 s each here)
+                val_every=200,  # at the MSE stage's end and every 200 end-to-end steps (~10 s each here)
                 val_sequences=8,
             ),
             # batches read in the training process: on 2 cores a worker process only competes with the step
