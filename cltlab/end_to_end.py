@@ -82,10 +82,9 @@ class TrainingText(torch.utils.data.IterableDataset):
                     yield batch, None
                 if empty:
                     self._too_short(self.batch_size, "kl_sequences")
-        read = [batch for _, batch in zip(range(self.pool), self._batches(1), strict=False)]
-        if len(read) < self.pool:
+        sequences = next(iter(self._batches(self.pool)), None)  # the split's first pool sequences
+        if sequences is None:
             self._too_short(self.pool, "kl_text_sequences")
-        sequences = torch.cat(read)
         while True:
             order = torch.randperm(self.pool)
             for start in range(0, self.pool - self.batch_size + 1, self.batch_size):
@@ -160,7 +159,7 @@ def kl_divergence(log_p: torch.Tensor, tokens: torch.Tensor | None, logits: torc
     if tokens is None:
         # KL(p ‖ q) = H(p, q) − H(p); the soft-target cross-entropy takes about half the passes over the
         # (positions × vocabulary) logits of log_softmax + kl_div, forward and backward.
-        return F.cross_entropy(logits, p) - (-(p * log_p).sum(-1).mean())
+        return F.cross_entropy(logits, p) + (p * log_p).sum(-1).mean()
     log_q = F.log_softmax(logits.float(), -1).gather(-1, tokens.flatten(0, -2).long())
     p_rest = (1.0 - p.sum(-1)).clamp(min=0.0)
     q_rest = -torch.expm1(torch.logsumexp(log_q, -1))  # 1 − Σ q over the tokens
@@ -196,9 +195,8 @@ class FinetuneModule(L.LightningModule):
         ids, keys = batch
         teacher = self.teacher(ids, keys)
         run = self.replacement.trace(ids, bos=teacher.bos)  # the covered MLPs are skipped, not run
-        kl = kl_divergence(
-            teacher.log_p, teacher.tokens, run.logits[:, 1:]
-        )  # position 0 (BOS) is the original's
+        # position 0 (BOS) is the original's
+        kl = kl_divergence(teacher.log_p, teacher.tokens, run.logits[:, 1:])
         figures = {"e2e/kl": kl.item()}
         loss = kl
         if self.cfg.kl_mse_coef > 0:
@@ -215,7 +213,8 @@ class FinetuneModule(L.LightningModule):
         """The original run's targets for ``ids``: one run of the whole model (both terms' targets), or, when
         every sequence's ``key`` was seen before, the kept ones. With a pool (``kl_text_sequences``) the targets
         are the likeliest ``KEPT_TOKENS`` of each distribution, and a sequence's are kept the first time."""
-        if keys is not None and self.kept is not None and (kept := self.kept.get(keys)) is not None:
+        pooled = self.kept is not None and keys is not None
+        if pooled and (kept := self.kept.get(keys)) is not None:
             return kept
         model = self.replacement
         original = trace_sites(model.model, ids, model.layers.start, model.layers.stop, with_logits=True)
@@ -230,7 +229,7 @@ class FinetuneModule(L.LightningModule):
             original.mlp_out[:, 1::LOCAL_STRIDE],
             original.mlp_out[:, :1],
         )
-        if keys is not None and self.kept is not None:
+        if pooled:
             self.kept.put(keys, teacher)
         return teacher
 
