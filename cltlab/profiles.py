@@ -42,7 +42,7 @@ PROFILES: dict[str, Profile] = {
     ),
     # The embedded real model on a CPU, ~10 minutes on a 2-core machine: the best setting of benchmarks/sweep.py
     # at that budget (64 features × 200 steps, each layer's error weighted by how much of the residual stream its
-    # MLP writes, then 600 end-to-end steps of 2 sequences on the replacement's KL, over a pool of 320 sequences);
+    # MLP writes, then up to 700 end-to-end steps of 2 sequences on the replacement's KL, over a pool of 320 sequences);
     # see the README's "Quality per CPU-minute".
     "default": Profile(
         name="default",
@@ -63,15 +63,15 @@ PROFILES: dict[str, Profile] = {
                 precision="bf16-mixed",
                 log_every=10,
                 checkpoint_every=100,
-                val_every=200,  # at the MSE stage's end and every 200 end-to-end steps (~10 s each here)
+                val_every=300,  # at the MSE stage's end, end-to-end step 300 and the stage's end (~10 s each here)
                 val_sequences=8,
             ),
             # batches read in the training process: on 2 cores a worker process only competes with the step
             data=DataConfig(batch_size=512),
-            # then ~6 minutes end to end: the replacement model's KL through the frozen model (end_to_end.py), 600
-            # steps over the first 320 training sequences, each one's original run kept after the first epoch
+            # then ~6 minutes end to end: the replacement model's KL through the frozen model (end_to_end.py), up to
+            # 700 steps over the first 320 training sequences, each one's original run kept after the first epoch
             finetune=FinetuneConfig(
-                kl_steps=600,
+                kl_steps=700,
                 kl_sequences=2,
                 kl_lr=1e-4,
                 kl_mse_coef=1e-3,
