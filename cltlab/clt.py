@@ -437,7 +437,12 @@ class LayerDecoder:
         if layer == clt.n_layers:
             raise ValueError(f"All {clt.n_layers} layers of the CLT were already added.")
         self.features.append(features)
-        self._columns.append(clt.W_dec[layer].unbind(1))
+        # Cast once, before the columns are copied side by side: under autocast (bf16-mixed) the float32 weights
+        # would otherwise be copied by the cat and then again by the matmul's cast, forward and backward.
+        W = clt.W_dec[layer]
+        if torch.is_autocast_enabled(W.device.type):
+            W = W.to(torch.get_autocast_dtype(W.device.type))
+        self._columns.append(W.unbind(1))
         sources = range(layer + 1) if clt.config.cross_layer else range(layer, layer + 1)
         f = torch.cat([self.features[source] for source in sources], -1)
         W = torch.cat([self._columns[source][layer - source] for source in sources])

@@ -90,16 +90,24 @@ def test_layerwise_encode_and_decode_agree_with_forward(cross_layer):
 
 
 @pytest.mark.parametrize("cross_layer", [True, False])
-def test_layer_decoder_gives_decode_layers_values_and_gradients(cross_layer):
+@pytest.mark.parametrize("bf16", [False, True])  # bf16: under autocast, as the end-to-end stage runs it
+def test_layer_decoder_gives_decode_layers_values_and_gradients(cross_layer, bf16):
     clt = make_clt(L, D, F, cross_layer=cross_layer)
     x = raw_inputs(clt, batch=6)
     weights = torch.randn(L, D)  # a different loss weight per layer and channel
 
+    def close(a: torch.Tensor, b: torch.Tensor, atol: float) -> bool:
+        # bf16 products, summed in another order: within 3% of the reference's largest entry
+        return torch.allclose(a, b, atol=3e-2 * b.abs().max().item() if bf16 else atol)
+
     def run(decode_pass):
         clt.zero_grad()
-        outputs = decode_pass()
-        sum((out * weights[layer]).sum() for layer, out in enumerate(outputs)).backward()
-        return torch.stack(outputs, 1), [p.grad.clone() for p in clt.parameters() if p.grad is not None]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            outputs = list(decode_pass())
+            sum((out.float() * weights[layer]).sum() for layer, out in enumerate(outputs)).backward()
+        grads = [p.grad.clone() for p in clt.parameters() if p.grad is not None]
+        assert all(grad.dtype == torch.float32 for grad in grads)  # the weights' own dtype
+        return torch.stack(outputs, 1).float(), grads
 
     def per_pair():
         features = []
@@ -112,13 +120,13 @@ def test_layer_decoder_gives_decode_layers_values_and_gradients(cross_layer):
         for layer in range(L):
             yield decoder.add(clt.encode_layer(x[:, layer], layer))
 
-    expected, expected_grads = run(lambda: list(per_pair()))
-    values, grads = run(lambda: list(per_target()))
-    assert torch.allclose(values, clt(x).reconstruction, atol=1e-5)
-    assert torch.allclose(values, expected, atol=1e-5)
+    expected, expected_grads = run(per_pair)
+    values, grads = run(per_target)
+    assert close(values, clt(x).reconstruction, 1e-5)
+    assert close(values, expected, 1e-5)
     assert len(grads) == len(expected_grads) == 3 + L  # W_enc, b_enc, each W_dec, b_dec (θ gets none here)
     for grad, reference in zip(grads, expected_grads, strict=True):
-        assert torch.allclose(grad, reference, atol=1e-4)
+        assert close(grad, reference, 1e-4)
 
 
 def test_layer_decoder_refuses_a_layer_past_the_last():
