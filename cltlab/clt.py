@@ -224,8 +224,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def _decode(self, features, needed, mode, *, with_norms: bool = False):
         """``decode_normalized``, and the decoder norms (``with_norms``; else None) from the same pass."""
-        device = features.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features.dtype
+        dtype = compute_dtype(features)
         W = list(self.W_dec)
         out = decoding.decode(features.to(dtype), W, needed=needed, mode=mode, with_norms=with_norms)
         recon, norms = out if with_norms else (out, None)
@@ -403,6 +402,12 @@ class CrossLayerTranscoder(nn.Module):
         return clt.to(resolve_device(device))
 
 
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls on ``tensor`` run in: autocast's where it is on for the tensor's device, else its own."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
 def summed_variance(target: torch.Tensor) -> torch.Tensor:
     """``(n_layers,)``: Σ over the batch and ``d_model`` of (target − its batch mean)², per layer, from ``target``
     ``(batch, n_layers, d_model)``. Two passes, the second in row blocks (``jumprelu.CHUNK_BYTES``): as precise
@@ -440,9 +445,7 @@ class LayerDecoder:
         # Cast once, before the columns are copied side by side: under autocast (bf16-mixed) the float32 weights
         # would otherwise be copied by the cat and then again by the matmul's cast, forward and backward.
         W = clt.W_dec[layer]
-        if torch.is_autocast_enabled(W.device.type):
-            W = W.to(torch.get_autocast_dtype(W.device.type))
-        self._columns.append(W.unbind(1))
+        self._columns.append(W.to(compute_dtype(W)).unbind(1))
         sources = range(layer + 1) if clt.config.cross_layer else range(layer, layer + 1)
         f = torch.cat([self.features[source] for source in sources], -1)
         W = torch.cat([self._columns[source][layer - source] for source in sources])

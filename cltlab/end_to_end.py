@@ -368,7 +368,8 @@ def _check_pool_memory(replacement: ReplacementModel, seq_len: int, pool: int | 
     dtype = next(lm.model.parameters()).dtype
     tokens = min(KEPT_TOKENS, lm.model.config.vocab_size)
     rows = len(range(1, seq_len, LOCAL_STRIDE)) * 2 + 1  # resid_mid and mlp_out, and BOS
-    need = pool * ((seq_len - 1) * tokens * 8 + rows * clt.n_layers * clt.d_model * dtype.itemsize)
+    per_token = 4 + 4  # a float32 log-probability and an int32 token
+    need = pool * ((seq_len - 1) * tokens * per_token + rows * clt.n_layers * clt.d_model * dtype.itemsize)
     if lm.device.type == "cuda":
         available = torch.cuda.mem_get_info(lm.device)[0]
     else:
