@@ -23,7 +23,7 @@ from .features import feature_statistics
 from .harvest import harvest, load_harvest_model
 from .interop import export_circuit_tracer
 from .models import load_model
-from .replacement import ReplacementModel, evaluate
+from .replacement import HeldOut, ReplacementModel, evaluate
 from .run import notebook
 
 __version__ = importlib.metadata.version("cltlab")  # one version, pyproject.toml's
@@ -43,6 +43,7 @@ __all__ = [  # in data-flow order: the names the notebooks use; the rest live in
     "export_dashboard",
     "ReplacementModel",
     "evaluate",
+    "HeldOut",
     "ReplacementComparison",
     "attribute",
     "AttributionGraph",

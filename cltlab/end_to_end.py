@@ -40,7 +40,7 @@ from .config import FinetuneConfig, TrainerConfig
 from .corpus import token_sequences
 from .models import LoadedModel, load_model
 from .precision import model_dtype, resolve_device, uses_cpu
-from .replacement import ReplacementModel
+from .replacement import HeldOut, ReplacementModel
 from .sites import trace_sites
 
 # A pooled stage keeps the original's likeliest tokens at each position, the rest of the mass as one outcome
@@ -282,6 +282,7 @@ def finetune(
     run_dir: str | Path,
     trainer_config: TrainerConfig | None = None,
     step_offset: int = 0,
+    held_out: HeldOut | None = None,
     **trainer_overrides,
 ) -> CrossLayerTranscoder:
     """Fine-tune ``clt`` (in place) end to end on ``model`` reading ``corpus``'s training split in sequences of
@@ -291,7 +292,8 @@ def finetune(
 
     ``trainer_config`` gives the accelerator, logging and validation (every ``val_every`` steps, and after the last
     one, on ``val_sequences`` held-out sequences); ``step_offset`` is where the logged steps start (the MSE
-    stage's last step). ``trainer_overrides`` go to the Lightning Trainer.
+    stage's last step); ``held_out``, the MSE stage validation's, is validated against as it is (its model and
+    kept original runs), instead of loading the model and running it again. ``trainer_overrides`` go to the Lightning Trainer.
     """
     from .training import finish_wandb, fit, make_trainer
     from .validation import ReplacementValidation
@@ -314,7 +316,7 @@ def finetune(
     callbacks = list(trainer_overrides.pop("callbacks", []))
     if trainer_config.val_every:
         validation = ReplacementValidation(
-            model,
+            held_out or model,
             corpus=corpus,
             seq_len=seq_len,
             every=trainer_config.val_every,

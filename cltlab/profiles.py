@@ -79,7 +79,7 @@ PROFILES: dict[str, Profile] = {
                 kl_text_sequences=320,
             ),
         ),
-        eval=EvalConfig(n_sequences=32, batch_size=8),
+        eval=EvalConfig(n_sequences=32, batch_size=2),
     ),
     # One modern GPU (tens of GiB): every layer of smollm2-135m, 4096 features per layer, 20M training tokens
     # harvested live (~1.4 TB in bf16: more than a disc holds) from the offline corpus, which repeats (use an

@@ -338,11 +338,9 @@ def _train(
     )
     module = CLTModule(dataclasses.asdict(clt_config), dataclasses.asdict(config))
     module.clt.set_normalization(*buffer.stats)
-    if config.trainer.val_every:
-        trainer_overrides["callbacks"] = [
-            *trainer_overrides.get("callbacks", []),
-            validation_for(buffer, config.trainer),
-        ]
+    validation = validation_for(buffer, config.trainer) if config.trainer.val_every else None
+    if validation is not None:
+        trainer_overrides["callbacks"] = [*trainer_overrides.get("callbacks", []), validation]
     if isinstance(buffer, DiscBuffer):
         buffer.close()  # each rank opens its own part in ActivationData.setup
     trainer = make_trainer(config.trainer, run_dir, **trainer_overrides)
@@ -366,6 +364,7 @@ def _train(
             run_dir=run_dir,
             trainer_config=config.trainer,
             step_offset=trainer.global_step,
+            held_out=validation.held_out if validation is not None else None,
         )
     if trainer.is_global_zero:
         clt.save(clt_dir)

@@ -17,7 +17,7 @@ import lightning as L
 
 from .config import EvalConfig
 from .models import LoadedModel, load_model
-from .replacement import ReplacementMetrics, evaluate
+from .replacement import HeldOut, ReplacementMetrics
 
 log = logging.getLogger("cltlab")
 
@@ -25,30 +25,37 @@ log = logging.getLogger("cltlab")
 class ReplacementValidation(L.Callback):
     """Evaluate the training CLT as a replacement model every ``every`` steps and after the last one.
 
-    ``model`` is a ``LoadedModel`` or a model name, loaded on the training device when training starts. Rank 0
-    alone evaluates (the others wait for it at their next collective).
+    ``model`` is a ``LoadedModel`` or a model name, loaded on the training device when training starts, or the
+    ``held_out`` of an earlier stage's validation, whose model, sequences and kept original runs are then used as
+    they are (the end-to-end stage takes over the MSE stage's). Rank 0 alone evaluates (the others wait for
+    it at their next collective). ``batch_size`` None is 2 sequences on a CPU, where it measured fastest (a
+    batch's float32 logits over a large vocabulary, 25 MB a sequence at 49,152 tokens, are mapped fresh each
+    time they are bigger than glibc's largest reused block; 8 sequences of 128 tokens: 5.7–6.4 s at 2, 7–8 s at 4,
+    6.5–8 s at 1), and 16 elsewhere.
     """
 
     def __init__(
         self,
-        model: LoadedModel | str,
+        model: LoadedModel | str | HeldOut,
         *,
         corpus: str,
         seq_len: int,
         every: int,
         n_sequences: int = 8,
-        batch_size: int = 4,
+        batch_size: int | None = None,
         step_offset: int = 0,
     ):
         if every <= 0 or n_sequences <= 0:
             raise ValueError(f"every and n_sequences must be positive, not {every} and {n_sequences}.")
         self.model, self.corpus, self.seq_len, self.every = model, corpus, seq_len, every
-        self.config = EvalConfig(n_sequences=n_sequences, batch_size=min(batch_size, n_sequences))
+        self.n_sequences, self.batch_size = n_sequences, batch_size
         self.step_offset = step_offset  # added to the trainer's step: a later stage continues the curves
         self.last_step = -1
+        # the sequences, with the original runs on them from the first validation on
+        self.held_out = model if isinstance(model, HeldOut) else None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or self.held_out is not None:
             return
         if isinstance(self.model, str):
             self.model = load_model(self.model, device=pl_module.device)
@@ -57,6 +64,11 @@ class ReplacementValidation(L.Callback):
                 f"The validation model is on {self.model.device} but the CLT trains on {pl_module.device}; "
                 "load it there, or pass its name and it is loaded there."
             )
+        batch_size = self.batch_size or (2 if pl_module.device.type == "cpu" else 16)
+        config = EvalConfig(n_sequences=self.n_sequences, batch_size=min(batch_size, self.n_sequences))
+        self.held_out = HeldOut(
+            self.model, corpus=self.corpus, seq_len=self.seq_len, config=config, keep=True
+        )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         if trainer.global_step % self.every == 0:
@@ -74,9 +86,7 @@ class ReplacementValidation(L.Callback):
         clt = pl_module.clt
         training, start = clt.training, time.perf_counter()
         try:
-            metrics = evaluate(
-                self.model, clt, corpus=self.corpus, seq_len=self.seq_len, config=self.config, progress=False
-            )
+            metrics = self.held_out.score(clt, progress=False)
         finally:
             clt.train(training)
         figures = logged_figures(metrics)

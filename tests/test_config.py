@@ -81,7 +81,7 @@ def test_profile_to_dict_nests_every_section():
     assert d["harvest"]["model"] == "smollm2-135m"
     assert d["train"]["trainer"]["precision"] == "bf16-mixed" and d["train"]["transcoder"]["d_features"] == 64
     assert d["train"]["loss"]["layer_weighting"] == "residual"
-    assert d["eval"]["batch_size"] == 8
+    assert d["eval"]["batch_size"] == 2
 
 
 def test_unknown_profile_lists_the_known_ones():

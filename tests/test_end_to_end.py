@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from helpers import hooked_sites, random_ids
 from test_replacement import clt_for, hooked_logits
 
-from cltlab import CrossLayerTranscoder, ReplacementModel, finetune, load_model, plots, train
+from cltlab import CrossLayerTranscoder, ReplacementModel, evaluate, finetune, load_model, plots, train
 from cltlab.config import (
     DataConfig,
+    EvalConfig,
     FinetuneConfig,
     OptimizerConfig,
     TrainConfig,
@@ -285,7 +286,13 @@ def test_finetune_refuses_a_pool_larger_than_half_the_free_memory(tiny_gpt2):
         _check_pool_memory(replacement, 32, 10**8)
 
 
-def test_train_runs_the_fine_tune_after_the_mse_stage(tmp_path, buffer_path, tiny_gpt2):
+def test_train_runs_the_fine_tune_after_the_mse_stage(tmp_path, buffer_path, tiny_gpt2, monkeypatch):
+    import cltlab.validation
+
+    loaded = []
+    monkeypatch.setattr(
+        cltlab.validation, "load_model", lambda *a, **k: loaded.append(a) or load_model(*a, **k)
+    )
     config = TrainConfig(
         transcoder=TranscoderConfig(d_features=32),
         optimizer=OptimizerConfig(lr=1e-3),
@@ -302,6 +309,19 @@ def test_train_runs_the_fine_tune_after_the_mse_stage(tmp_path, buffer_path, tin
     assert [step for step, _ in series["e2e/local_mse"]] == [7, 8, 9, 10, 11]
     assert [step for step, _ in series["val/kl"]] == [4, 6, 10, 11]
     assert all(value >= 0 for _, value in series["e2e/kl"])
+    # The stage validates against the MSE stage's held-out runs, taken over (the validation model was loaded
+    # once): the figures evaluate gives.
+    assert loaded == [("tiny-gpt2",)]
+    final = evaluate(
+        tiny_gpt2,
+        result.clt,
+        corpus="shakespeare",
+        seq_len=32,
+        config=EvalConfig(n_sequences=2, batch_size=2),
+        progress=False,
+    )
+    assert series["val/kl"][-1][1] == pytest.approx(final.kl, rel=1e-4)
+    assert series["val/top1"][-1][1] == pytest.approx(final.top1_agreement)
     # The saved CLT is the fine-tuned one; the MSE stage's last checkpoint is untouched and differs from it.
     saved = CrossLayerTranscoder.load(result.clt_dir)
     for a, b in zip(saved.state_dict().values(), result.clt.state_dict().values(), strict=True):

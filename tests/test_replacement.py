@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from helpers import hooked_sites, make_clt, random_ids
 
-from cltlab import ReplacementModel, evaluate
+from cltlab import HeldOut, ReplacementModel, evaluate
 from cltlab.config import EvalConfig
 from cltlab.corpus import token_sequences
 from cltlab.models import LoadedModel
@@ -288,6 +288,40 @@ def test_evaluate_reads_exactly_n_sequences(tiny_gpt2):
     config = EvalConfig(n_sequences=3, batch_size=2)
     metrics = evaluate(tiny_gpt2, clt, corpus="shakespeare", seq_len=16, config=config, progress=False)
     assert metrics.n_tokens == 3 * (16 - 2)
+
+
+def test_held_out_keeps_the_original_runs_and_scores_each_clt_as_evaluate_does(tiny_gpt2, monkeypatch):
+    """A kept HeldOut runs the original model once (full-length runs counted), yet scores every CLT exactly as
+    a fresh evaluate does; a CLT covering other layers has its references measured again."""
+    import cltlab.replacement as replacement_module
+
+    config = EvalConfig(n_sequences=3, batch_size=2)
+    full_runs = []
+
+    def counting(model, ids, *args, **kwargs):
+        if ids.shape[1] == 16:
+            full_runs.append(len(ids))
+        return trace_sites(model, ids, *args, **kwargs)
+
+    held_out = HeldOut(tiny_gpt2, corpus="shakespeare", seq_len=16, config=config, keep=True)
+    clts = [clt_for(tiny_gpt2, seed=seed) for seed in (5, 6)] + [clt_for(tiny_gpt2, layer_offset=1, seed=7)]
+    expected = [
+        evaluate(tiny_gpt2, clt, corpus="shakespeare", seq_len=16, config=config, progress=False)
+        for clt in clts
+    ]
+    monkeypatch.setattr(replacement_module, "trace_sites", counting)
+    scored = [held_out.score(clt, progress=False) for clt in clts[:2]]
+    # the first score ran the original model on the 3 sequences (batches of 2 and 1), the second did not
+    assert full_runs == [2, 1]
+    scored.append(held_out.score(clts[2], progress=False))
+    assert full_runs == [2, 1, 2, 1]  # other layers: the zero-ablated run differs, so both are measured again
+    assert scored[0].kl != scored[1].kl  # two different CLTs
+    for got, want in zip(scored, expected, strict=True):
+        assert got == want
+    unkept = HeldOut(tiny_gpt2, corpus="shakespeare", seq_len=16, config=config)
+    unkept.score(clts[0], progress=False)
+    unkept.score(clts[1], progress=False)
+    assert full_runs == [2, 1, 2, 1, 2, 1, 2, 1]
 
 
 @pytest.mark.parametrize("layer_offset", [0, 1])
