@@ -22,7 +22,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -280,6 +280,38 @@ class DiscBuffer(torch.utils.data.Dataset):
         """``resid_mid`` of rows ``[start, stop)`` in float32 on ``device``, ``(rows, n_layers, d_model)``: what
         encoding a block of rows needs, without reading ``mlp_out``, converted once for all layers."""
         return to_torch(self._gather("resid_mid", start, stop), self.dtype).to(device).float()
+
+    def input_blocks(
+        self,
+        starts: Iterable[int],
+        block_size: int,
+        *,
+        stop: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, end, resid_mid)`` for the block of rows ``[start, end)``, ``end = min(start + block_size,
+        stop)``, of each of ``starts``, in float32 on ``device``: ``read_inputs`` for a pass over many blocks. The
+        blocks are read (positional reads) and converted into the same two arrays every time, so the tensor a
+        block gets is overwritten by the next one. Fresh arrays for every block of 4,096 rows (~0.4 GB at 30 × 576)
+        would come as new pages each time: a pass over the default profile's 60,000 rows took 3–5 s that way,
+        0.8 s this way."""
+        stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
+        staging = np.empty((block_size, self.n_layers, self.d_model), STORAGE_DTYPES[self.dtype])
+        out = torch.empty((block_size, self.n_layers, self.d_model), device=device)
+        site, row = SITES.index("resid_mid"), self._row_bytes
+        for start in starts:
+            end = min(start + block_size, stop)
+            if not 0 <= start < end:
+                raise IndexError(f"block start {start} out of range for rows [0, {stop})")
+            for shard, rows in enumerate(self._shard_rows):
+                base = int(self._shard_start[shard])
+                lo, hi = max(start, base), min(end, base + rows)
+                if lo < hi:
+                    with self._handles().fds.use(shard) as fd:
+                        target = staging[lo - start : hi - start].reshape(-1).view(np.uint8)
+                        read_into(fd, target, self._offsets[shard][site] + (lo - base) * row)
+            out[: end - start].copy_(to_torch(staging[: end - start], self.dtype))
+            yield start, end, out[: end - start]
 
     def token_info(
         self, start: int = 0, stop: int | None = None

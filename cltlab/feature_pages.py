@@ -93,9 +93,10 @@ def _encode_entries(
         flat = (feature * stored.shape[2] + slot_k) * stored.shape[3] + slot_w
         entries.append((row[order], feature[order], flat[order]))
     needed = torch.cat([e[0] for e in entries]).unique()
-    for start in (needed // block_size * block_size).unique().tolist():
-        stop = min(start + block_size, buffer.n_tokens)
-        resid = buffer.read_inputs(start, stop, device)  # (block, n_layers, d_model)
+    starts = (needed // block_size * block_size).unique().tolist()
+    for start, stop, resid in buffer.input_blocks(
+        starts, block_size, device=device
+    ):  # (block, n_layers, d_model)
         for layer, (row, feature, flat) in enumerate(entries):
             lo, hi = torch.searchsorted(row, torch.tensor([start, stop])).tolist()
             if lo == hi:
@@ -219,9 +220,8 @@ def band_samples(
     sums = torch.zeros(L, F, dtype=torch.float64, device=device)
     products = torch.zeros(L, F, F, dtype=torch.float64, device=device) if correlate else None
     peak = max_activation.to(device).clamp_min(1e-12)
-    for start in range(0, n, block_size):
-        stop = min(start + block_size, n)
-        resid = buffer.read_inputs(start, stop, device)
+    bands = torch.arange(BANDS, device=device).view(BANDS, 1, 1)
+    for start, stop, resid in buffer.input_blocks(range(0, n, block_size), block_size, stop=n, device=device):
         block_keys = order[start:stop].unsqueeze(1)  # (block, 1)
         for layer in range(L):
             f = clt.encode_layer(resid[:, layer], layer)  # (block, F)
@@ -229,16 +229,17 @@ def band_samples(
                 sums[layer] += f.sum(0)
                 products[layer] += (f.T @ f).double()
             band = (f / peak[layer] * BANDS).ceil().long().clamp_(1, BANDS) - 1
-            for b in range(BANDS):
-                key = torch.where((f > 0) & (band == b), block_keys, n)  # (block, F)
-                best = key.topk(min(per_band, stop - start), dim=0, largest=False)  # (m, F)
-                merged_keys = torch.cat([keys[layer, :, b], best.values.T], 1)
-                merged_rows = torch.cat([rows[layer, :, b], best.indices.T + start], 1)
-                merged_values = torch.cat([values[layer, :, b], f.gather(0, best.indices).T], 1)
-                top = merged_keys.topk(per_band, dim=1, largest=False)
-                keys[layer, :, b] = top.values
-                rows[layer, :, b] = merged_rows.gather(1, top.indices)
-                values[layer, :, b] = merged_values.gather(1, top.indices)
+            # every band at once: (BANDS, block, F), a row's key where it is active in that band
+            key = torch.where((f > 0) & (band == bands), block_keys, n)
+            best = key.topk(min(per_band, stop - start), dim=1, largest=False)  # (BANDS, m, F)
+            merged_keys = torch.cat([keys[layer], best.values.permute(2, 0, 1)], 2)  # (F, BANDS, ·)
+            merged_rows = torch.cat([rows[layer], best.indices.permute(2, 0, 1) + start], 2)
+            best_values = f.T.unsqueeze(0).expand(BANDS, -1, -1).gather(2, best.indices.transpose(1, 2))
+            merged_values = torch.cat([values[layer], best_values.transpose(0, 1)], 2)
+            top = merged_keys.topk(per_band, dim=2, largest=False)
+            keys[layer] = top.values
+            rows[layer] = merged_rows.gather(2, top.indices)
+            values[layer] = merged_values.gather(2, top.indices)
     empty = keys >= n
     rows[empty], values[empty] = -1, 0.0
     correlated = correlation = None

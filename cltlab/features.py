@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -287,9 +288,10 @@ def _stream(
     histogram = torch.zeros(L, F, n_bins, dtype=torch.int32, device=device)
     top_values = torch.zeros(L, F, k, device=device)
     top_rows = torch.full((L, F, k), -1, dtype=torch.long, device=device)
-    for start in tqdm(range(0, n, block_size), desc="feature statistics", disable=not progress):
-        stop = min(start + block_size, n)
-        resid = buffer.read_inputs(start, stop, device)  # (block, n_layers, d_model)
+    blocks = buffer.input_blocks(range(0, n, block_size), block_size, stop=n, device=device)
+    for start, stop, resid in tqdm(  # resid: (block, n_layers, d_model)
+        blocks, total=math.ceil(n / block_size), desc="feature statistics", disable=not progress
+    ):
         for i, layer in enumerate(layers):
             f = clt.encode_layer(resid[:, layer], layer)  # (block, d_features)
             total[i] += f.sum(0)

@@ -236,6 +236,29 @@ def test_read_crosses_shard_boundaries(buffer_path):
         assert inputs.dtype == torch.float32 and torch.equal(inputs, rows.resid_mid.float())
 
 
+def test_input_blocks_read_every_block_across_shards_into_one_tensor(buffer_path):
+    buffer = DiscBuffer(buffer_path, batch_size=BATCH)
+    whole = buffer.read(0, 500).resid_mid.float()
+    starts = [
+        0,
+        245,
+        493,
+        100,
+    ]  # shards of 248 rows: the second block crosses into the next; the third is cut
+    blocks = [
+        (start, stop, resid.clone(), resid.data_ptr())
+        for start, stop, resid in buffer.input_blocks(starts, 7)
+    ]
+    assert [(start, stop) for start, stop, *_ in blocks] == [(0, 7), (245, 252), (493, 500), (100, 107)]
+    for start, stop, resid, _ in blocks:
+        assert resid.dtype == torch.float32 and torch.equal(resid, whole[start:stop])
+    assert len({ptr for *_, ptr in blocks}) == 1  # every block was read into the same memory
+    cut = list(buffer.input_blocks([96], 7, stop=100))
+    assert [(start, stop) for start, stop, _ in cut] == [(96, 100)] and torch.equal(cut[0][2], whole[96:100])
+    with pytest.raises(IndexError, match=r"block start 500 out of range for rows \[0, 500\)"):
+        list(buffer.input_blocks([500], 7))
+
+
 def test_stats_equal_mean_and_scale_of_the_rows(buffer_path):
     buffer = DiscBuffer(buffer_path, batch_size=BATCH)
     stats = buffer.stats

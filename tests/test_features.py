@@ -110,9 +110,10 @@ class CountingBuffer:
     def __getattr__(self, name):
         return getattr(self.buffer, name)
 
-    def read_inputs(self, start, stop, device="cpu"):
-        self.reads.append(stop - start)
-        return self.buffer.read_inputs(start, stop, device)
+    def input_blocks(self, *args, **kwargs):
+        for start, stop, resid in self.buffer.input_blocks(*args, **kwargs):
+            self.reads.append(stop - start)
+            yield start, stop, resid
 
 
 def test_feature_statistics_match_brute_force_on_every_layer(clt, buffer):
