@@ -39,7 +39,7 @@ from .clt import CrossLayerTranscoder
 from .config import FinetuneConfig, TrainerConfig
 from .corpus import token_sequences
 from .models import LoadedModel, load_model
-from .precision import model_dtype, resolve_device, uses_cpu
+from .precision import available_memory, model_dtype, resolve_device, uses_cpu
 from .replacement import HeldOut, ReplacementModel
 from .sites import trace_sites
 
@@ -364,18 +364,13 @@ def _check_pool_memory(replacement: ReplacementModel, seq_len: int, pool: int | 
     available now on the model's device."""
     if pool is None:
         return
-    import psutil
-
     lm, clt = replacement.model, replacement.clt
     dtype = next(lm.model.parameters()).dtype
     tokens = min(KEPT_TOKENS, lm.model.config.vocab_size)
     rows = len(range(1, seq_len, LOCAL_STRIDE)) * 2 + 1  # resid_mid and mlp_out, and BOS
     per_token = 4 + 4  # a float32 log-probability and an int32 token
     need = pool * ((seq_len - 1) * tokens * per_token + rows * clt.n_layers * clt.d_model * dtype.itemsize)
-    if lm.device.type == "cuda":
-        available = torch.cuda.mem_get_info(lm.device)[0]
-    else:
-        available = psutil.virtual_memory().available
+    available = available_memory(lm.device)
     if need > available / 2:
         raise ValueError(
             f"finetune.kl_text_sequences={pool} would keep {need / 2**30:.1f} GiB of the original model's runs, "

@@ -88,6 +88,15 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return resolved
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes free now on ``device``: the GPU's free memory, or the system's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 def uses_cpu(device: str | torch.device | None, accelerator: str = "auto") -> bool:
     """Whether work for ``device`` (or, without one, Lightning's ``accelerator``) runs on the CPU."""
     if (

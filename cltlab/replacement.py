@@ -11,6 +11,7 @@ reproduce the original logits exactly (up to float rounding): the test of the pl
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -23,7 +24,10 @@ from .clt import CrossLayerTranscoder, LayerDecoder
 from .config import EvalConfig
 from .corpus import token_sequences
 from .models import LoadedModel
+from .precision import available_memory
 from .sites import SiteActivations, trace_sites
+
+log = logging.getLogger("cltlab")
 
 
 class ReplacementMetrics(NamedTuple):
@@ -221,7 +225,9 @@ class HeldOut:
     The original model's and the zero-ablated model's runs do not depend on the CLT, so with ``keep=True`` they are
     kept from the first ``score`` and a later one runs the replacement model alone: the validation callback scores
     the training CLT on the same sequences every N steps (``config.n_sequences`` × seq_len × vocab float32
-    log-probabilities are kept: 200 MB for 8 sequences of 128 tokens over smollm2's 49,152 tokens).
+    log-probabilities are kept: 200 MB for 8 sequences of 128 tokens over smollm2's 49,152 tokens). Runs that
+    would take more than a quarter of the memory available on the model's device are not kept (with a warning):
+    every ``score`` then runs the original model again.
     """
 
     def __init__(
@@ -254,10 +260,18 @@ class HeldOut:
         )
         n_pred = n_rows = 0
         bar = tqdm(total=self.config.n_sequences, desc="evaluate", unit="seq", disable=not progress)
-        new = []
+        new, budget = [], available_memory(self.model.device) // 4 if self.keep and not kept else 0
         for reference in references:
             if self.keep and not kept:
                 new.append(reference)
+                budget -= _nbytes(reference)
+                if budget < 0:
+                    log.warning(
+                        "The held-out sequences' original runs would take more than a quarter of the memory "
+                        "available on %s: not kept (each score runs the original model again).",
+                        self.model.device,
+                    )
+                    self.keep, new = False, []
             bar.update(len(reference.ids))
             n_pred += _score_logits(totals, reference, replacement.logits(reference.ids))
             n_rows += _score_reconstruction(local, replacement.clt, reference.sites)
@@ -313,6 +327,17 @@ class HeldOut:
                 ce_original=F.nll_loss(log_p, targets, reduction="sum").item(),
                 ce_zero_ablation=F.nll_loss(zero, targets, reduction="sum").item(),
             )
+
+
+def _nbytes(reference: _Reference) -> int:
+    tensors = (
+        reference.log_p,
+        reference.top1,
+        reference.targets,
+        reference.sites.resid_mid,
+        reference.sites.mlp_out,
+    )
+    return sum(t.nelement() * t.element_size() for t in tensors)
 
 
 def evaluate(

@@ -324,6 +324,22 @@ def test_held_out_keeps_the_original_runs_and_scores_each_clt_as_evaluate_does(t
     assert full_runs == [2, 1, 2, 1, 2, 1, 2, 1]
 
 
+def test_held_out_does_not_keep_runs_that_would_fill_the_memory(tiny_gpt2, monkeypatch, caplog):
+    import cltlab.replacement as replacement_module
+
+    config = EvalConfig(n_sequences=3, batch_size=2)
+    clt = clt_for(tiny_gpt2, seed=5)
+    expected = evaluate(tiny_gpt2, clt, corpus="shakespeare", seq_len=16, config=config, progress=False)
+    # A quarter of this is less than one batch's float32 log-probabilities (2 × 14 positions × 50,257 tokens).
+    monkeypatch.setattr(replacement_module, "available_memory", lambda device: 4 * 10**6)
+    held_out = HeldOut(tiny_gpt2, corpus="shakespeare", seq_len=16, config=config, keep=True)
+    with caplog.at_level("WARNING", logger="cltlab"):
+        assert held_out.score(clt, progress=False) == expected
+    assert "more than a quarter of the memory available on cpu: not kept" in caplog.text
+    assert held_out.keep is False and held_out._kept is None
+    assert held_out.score(clt, progress=False) == expected  # measured again
+
+
 @pytest.mark.parametrize("layer_offset", [0, 1])
 def test_run_records_the_features_and_both_mlp_outputs(tiny_gpt2, layer_offset):
     clt = clt_for(tiny_gpt2, layer_offset=layer_offset)
