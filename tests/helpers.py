@@ -6,9 +6,10 @@ import time
 
 import torch
 
-from cltlab import CrossLayerTranscoder
-from cltlab.config import CLTConfig
+from cltlab import CrossLayerTranscoder, evaluate
+from cltlab.config import CLTConfig, EvalConfig
 from cltlab.models import LoadedModel
+from cltlab.replacement import ReplacementMetrics
 
 
 def random_ids(model: LoadedModel, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
@@ -17,6 +18,13 @@ def random_ids(model: LoadedModel, batch: int, seq: int, seed: int = 0) -> torch
     ids = torch.randint(0, 5000, (batch, seq), generator=generator)
     ids[:, 0] = model.bos_token_id
     return ids
+
+
+def held_out_metrics(model: LoadedModel, clt: CrossLayerTranscoder) -> ReplacementMetrics:
+    """``evaluate`` as a training run's validation measures it on the ``buffer_path`` fixture's harvest: 2
+    held-out Shakespeare sequences of 32 tokens."""
+    config = EvalConfig(n_sequences=2, batch_size=2)
+    return evaluate(model, clt, corpus="shakespeare", seq_len=32, config=config, progress=False)
 
 
 def make_clt(

@@ -7,13 +7,12 @@ import csv
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import hooked_sites, random_ids
+from helpers import held_out_metrics, hooked_sites, random_ids
 from test_replacement import clt_for, hooked_logits
 
-from cltlab import CrossLayerTranscoder, ReplacementModel, evaluate, finetune, load_model, plots, train
+from cltlab import CrossLayerTranscoder, ReplacementModel, finetune, load_model, plots, train
 from cltlab.config import (
     DataConfig,
-    EvalConfig,
     FinetuneConfig,
     OptimizerConfig,
     TrainConfig,
@@ -312,14 +311,7 @@ def test_train_runs_the_fine_tune_after_the_mse_stage(tmp_path, buffer_path, tin
     # The stage validates against the MSE stage's held-out runs, taken over (the validation model was loaded
     # once): the figures evaluate gives.
     assert loaded == [("tiny-gpt2",)]
-    final = evaluate(
-        tiny_gpt2,
-        result.clt,
-        corpus="shakespeare",
-        seq_len=32,
-        config=EvalConfig(n_sequences=2, batch_size=2),
-        progress=False,
-    )
+    final = held_out_metrics(tiny_gpt2, result.clt)
     assert series["val/kl"][-1][1] == pytest.approx(final.kl, rel=1e-4)
     assert series["val/top1"][-1][1] == pytest.approx(final.top1_agreement)
     # The saved CLT is the fine-tuned one; the MSE stage's last checkpoint is untouched and differs from it.

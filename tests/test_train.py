@@ -9,6 +9,7 @@ import itertools
 import lightning as L
 import pytest
 import torch
+from helpers import held_out_metrics
 
 from cltlab import CrossLayerTranscoder, DiscBuffer, plots, train
 from cltlab.config import (
@@ -398,9 +399,6 @@ def test_the_trainer_has_a_text_bar_under_cltlab_run_and_no_cloud_logger_tip(tmp
 
 
 def test_validation_logs_the_held_out_metrics_that_evaluate_gives(tmp_path, buffer_path, tiny_gpt2):
-    from cltlab import evaluate
-    from cltlab.config import EvalConfig
-
     config = TrainConfig(
         transcoder=TranscoderConfig(d_features=32),
         optimizer=OptimizerConfig(lr=1e-3),
@@ -414,14 +412,7 @@ def test_validation_logs_the_held_out_metrics_that_evaluate_gives(tmp_path, buff
     assert [int(r["step"]) for r in validated] == [3, 6, 7]  # every 3 steps, and after the last
     assert len({r["val/kl"] for r in validated}) == 3  # measured on the weights of each step
     # The last one measured the trained CLT: the model, corpus and length come from the harvest's manifest.
-    metrics = evaluate(
-        tiny_gpt2,
-        result.clt,
-        corpus="shakespeare",
-        seq_len=32,
-        config=EvalConfig(n_sequences=2, batch_size=2),
-        progress=False,
-    )
+    metrics = held_out_metrics(tiny_gpt2, result.clt)
     last = {key: float(value) for key, value in validated[-1].items() if key.startswith("val/") and value}
     assert last["val/kl"] == pytest.approx(metrics.kl, rel=1e-4)
     assert last["val/top1"] == pytest.approx(metrics.top1_agreement)
