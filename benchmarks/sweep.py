@@ -89,6 +89,7 @@ POINTS: dict[str, dict] = {
     "F64_S200_residual_e2e480x2": {**NOW, **FRESH, "kl_steps": 480},
     "F64_S200_residual_e2e600x2_pool320": {**NOW, "kl_steps": 600},
     "F64_S200_residual_e2e700x2_pool320": NOW,
+    "F64_S200_residual_e2e700x2_pool320_enc4": {**NOW, "kl_encoder_lr_scale": 4.0},
 }
 FIGURES = ("kl", "top1_agreement", "ce_recovered", "nmse", "mean_l0")
 

@@ -248,6 +248,8 @@ class FinetuneConfig:
     """Training sequences (of the harvest's ``seq_len``) per step."""
     kl_lr: float = 3e-4
     """Peak Adam learning rate: linear warm-up, constant, then linear decay to 0."""
+    kl_encoder_lr_scale: float = 1.0
+    """The encoder weights' (``W_enc``) learning rate is this × ``kl_lr``, on the same schedule."""
     kl_warmup_steps: int = 5
     """Steps of the learning rate's warm-up (a full first step from the MSE optimum overshoots)."""
     kl_lr_decay: float = 0.3
@@ -272,6 +274,8 @@ class FinetuneConfig:
             raise ValueError(
                 f"kl_lr must be positive and kl_mse_coef non-negative, not {self.kl_lr}, {self.kl_mse_coef}."
             )
+        if self.kl_encoder_lr_scale <= 0:
+            raise ValueError(f"kl_encoder_lr_scale must be positive, not {self.kl_encoder_lr_scale}.")
         if not 0.0 <= self.kl_lr_decay <= 1.0:
             raise ValueError(f"kl_lr_decay must be in [0, 1], not {self.kl_lr_decay}.")
         if self.kl_max_minutes is not None and self.kl_max_minutes <= 0:

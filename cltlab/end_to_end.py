@@ -256,9 +256,11 @@ class FinetuneModule(L.LightningModule):
 
         # The thresholds stay as the MSE stage left them (this loss has no sparsity term to hold L0 down):
         # ``encode_layer`` gives them no pseudo-gradient.
-        weights = [p for name, p in self.clt.named_parameters() if not name.startswith("activation.")]
-        optimizer = torch.optim.Adam(weights, lr=self.cfg.kl_lr, fused=True)
         cfg = self.cfg
+        weights = [p for name, p in self.clt.named_parameters() if not name.startswith("activation.")]
+        rest = [p for p in weights if p is not self.clt.W_enc]
+        groups = [{"params": rest}, {"params": [self.clt.W_enc], "lr": cfg.kl_lr * cfg.kl_encoder_lr_scale}]
+        optimizer = torch.optim.Adam(groups, lr=cfg.kl_lr, fused=True)
 
         def schedule(step: int) -> float:
             return lr_factor(

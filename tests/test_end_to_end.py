@@ -115,6 +115,22 @@ def test_the_learning_rate_warms_up_holds_and_decays(tiny_gpt2):
     )
 
 
+def test_the_encoder_learns_at_its_own_scale_of_the_rate_and_the_thresholds_not_at_all(tiny_gpt2):
+    config = FinetuneConfig(kl_steps=20, kl_lr=1e-3, kl_warmup_steps=4, kl_encoder_lr_scale=2.5)
+    clt = clt_for(tiny_gpt2)
+    module = FinetuneModule(ReplacementModel(tiny_gpt2, clt), config)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    rest, encoder = scheduler.optimizer.param_groups
+    assert encoder["params"] == [clt.W_enc] and len(rest["params"]) == len(list(clt.parameters())) - 2
+    assert all(p is not clt.activation.log_threshold for p in rest["params"])
+    for _ in range(6):  # past the warm-up, both at their peak
+        scheduler.optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr() == pytest.approx([1e-3, 2.5e-3])
+    with pytest.raises(ValueError, match="kl_encoder_lr_scale must be positive, not 0"):
+        FinetuneConfig(kl_encoder_lr_scale=0)
+
+
 def test_a_time_budget_that_binds_decays_the_learning_rate_by_time(tiny_gpt2):
     config = FinetuneConfig(kl_steps=20, kl_lr=1e-3, kl_warmup_steps=0, kl_lr_decay=0.5, kl_max_minutes=1.0)
     module = FinetuneModule(ReplacementModel(tiny_gpt2, clt_for(tiny_gpt2)), config)
