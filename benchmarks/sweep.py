@@ -40,12 +40,18 @@ RESIDUAL = dict(d_features=64, max_steps=200, lr=2e-3, sparsity_coef=1e-4, layer
 # The end-to-end stage after it (``FinetuneConfig``: ~5–6 minutes here, capped at 6); together the ``default``
 # profile now (tests/test_config.py checks it).
 E2E = dict(
-    kl_steps=700, kl_sequences=2, kl_lr=1e-4, kl_mse_coef=1e-3, kl_max_minutes=6.0, kl_text_sequences=320
+    kl_steps=700,
+    kl_sequences=2,
+    kl_lr=1e-4,
+    kl_encoder_lr_scale=4.0,
+    kl_mse_coef=1e-3,
+    kl_max_minutes=6.0,
+    kl_text_sequences=320,
 )
 NOW = {**RESIDUAL, **E2E}
 # the earlier end-to-end defaults: fresh text at every step; the batch and learning rate of the first two
 FRESH = dict(kl_text_sequences=None)
-E2E_BATCH4 = dict(**FRESH, kl_sequences=4, kl_lr=3e-4)
+E2E_BATCH4 = dict(**FRESH, kl_sequences=4, kl_lr=3e-4, kl_encoder_lr_scale=1.0)
 POINTS: dict[str, dict] = {
     "default": {},
     "lr2e-3_lam1e-4": dict(lr=2e-3, sparsity_coef=1e-4),
@@ -85,11 +91,11 @@ POINTS: dict[str, dict] = {
     # text at every step), with today's code
     "F64_S200_residual_e2e60": {**NOW, **E2E_BATCH4, "kl_steps": 60, "kl_max_minutes": 4.0},
     "F64_S200_residual_e2e120": {**NOW, **E2E_BATCH4, "kl_steps": 120, "kl_max_minutes": 5.0},
-    "F64_S200_residual_e2e360x2": {**NOW, **FRESH, "kl_steps": 360},
-    "F64_S200_residual_e2e480x2": {**NOW, **FRESH, "kl_steps": 480},
-    "F64_S200_residual_e2e600x2_pool320": {**NOW, "kl_steps": 600},
-    "F64_S200_residual_e2e700x2_pool320": NOW,
-    "F64_S200_residual_e2e700x2_pool320_enc4": {**NOW, "kl_encoder_lr_scale": 4.0},
+    "F64_S200_residual_e2e360x2": {**NOW, **FRESH, "kl_steps": 360, "kl_encoder_lr_scale": 1.0},
+    "F64_S200_residual_e2e480x2": {**NOW, **FRESH, "kl_steps": 480, "kl_encoder_lr_scale": 1.0},
+    "F64_S200_residual_e2e600x2_pool320": {**NOW, "kl_steps": 600, "kl_encoder_lr_scale": 1.0},
+    "F64_S200_residual_e2e700x2_pool320": {**NOW, "kl_encoder_lr_scale": 1.0},
+    "F64_S200_residual_e2e700x2_pool320_enc4": NOW,
 }
 FIGURES = ("kl", "top1_agreement", "ce_recovered", "nmse", "mean_l0")
 
