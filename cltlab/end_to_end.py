@@ -295,7 +295,8 @@ def finetune(
     ``trainer_config`` gives the accelerator, logging and validation (every ``val_every`` steps, and after the last
     one, on ``val_sequences`` held-out sequences); ``step_offset`` is where the logged steps start (the MSE
     stage's last step); ``held_out``, the MSE stage validation's, is validated against as it is (its model and
-    kept original runs), instead of loading the model and running it again. ``trainer_overrides`` go to the Lightning Trainer.
+    kept original runs), instead of loading the model and running it again. ``trainer_overrides`` go to the
+    Lightning Trainer.
     """
     from .training import finish_wandb, fit, make_trainer
     from .validation import ReplacementValidation
@@ -317,15 +318,16 @@ def finetune(
     )
     callbacks = list(trainer_overrides.pop("callbacks", []))
     if trainer_config.val_every:
-        validation = ReplacementValidation(
-            held_out or model,
-            corpus=corpus,
-            seq_len=seq_len,
-            every=trainer_config.val_every,
-            n_sequences=trainer_config.val_sequences,
-            step_offset=step_offset,
+        callbacks.append(
+            ReplacementValidation(
+                held_out or model,
+                corpus=corpus,
+                seq_len=seq_len,
+                every=trainer_config.val_every,
+                n_sequences=trainer_config.val_sequences,
+                step_offset=step_offset,
+            )
         )
-        callbacks.append(validation)
     if config.kl_max_minutes is not None:
         trainer_overrides.setdefault("max_time", datetime.timedelta(minutes=config.kl_max_minutes))
     stage = _stage_config(trainer_config, config, lm)

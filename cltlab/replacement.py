@@ -260,9 +260,10 @@ class HeldOut:
         )
         n_pred = n_rows = 0
         bar = tqdm(total=self.config.n_sequences, desc="evaluate", unit="seq", disable=not progress)
-        new, budget = [], available_memory(self.model.device) // 4 if self.keep and not kept else 0
+        collecting = self.keep and not kept  # this score's references, to keep for the next
+        new, budget = [], available_memory(self.model.device) // 4 if collecting else 0
         for reference in references:
-            if self.keep and not kept:
+            if collecting:
                 new.append(reference)
                 budget -= _nbytes(reference)
                 if budget < 0:
@@ -271,14 +272,15 @@ class HeldOut:
                         "available on %s: not kept (each score runs the original model again).",
                         self.model.device,
                     )
-                    self.keep, new = False, []
+                    self.keep = collecting = False
+                    new = []
             bar.update(len(reference.ids))
             n_pred += _score_logits(totals, reference, replacement.logits(reference.ids))
             n_rows += _score_reconstruction(local, replacement.clt, reference.sites)
         bar.close()
         if n_pred == 0:
             raise ValueError(f"Corpus {self.corpus!r} has no eval sequences of length {self.seq_len}.")
-        if self.keep and not kept:
+        if collecting:
             self._kept = (replacement.layers, new)
         variance = local["target_sq"] - local["target_sum"].pow(2).sum(-1) / n_rows
         ce = {mode: totals[f"ce_{mode}"] / n_pred for mode in ("original", "replacement", "zero_ablation")}
