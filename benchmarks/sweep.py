@@ -5,8 +5,8 @@ it was when the sweep began (256 features, λ 3e-4, lr 6e-4, every layer's error
 minutes of ``make run``). All train on the same harvest (``--buffer``, a default run's) and are evaluated as notebook
 04 does (``cltlab.evaluate``: the profile's eval config, held-out text, float32 model). A point's wall time is its
 training time (an end-to-end stage included); the points come in two budgets, ~6 and ~4–5 minutes, and the
-default point's end-to-end stage adds ~5–6 (``F64_S200_residual_e2e480x2`` is today's default profile). Finished points
-are kept under ``--out`` (keyed by their config, harvest and eval), so running again reuses them.
+default point's end-to-end stage adds ~5–6 (``F64_S200_residual_e2e700x2_pool320_enc8`` is today's default
+profile). Finished points are kept under ``--out`` (keyed by their config, harvest and eval), so running again reuses them.
 
 With ``--seeds`` every point also runs from other seeds (``trainer.seed``: initialization and batch order) and the
 table averages over them: between seeds of one point the KL moved by up to 1.9 nats (the default point: 3.49, 4.52,
@@ -43,7 +43,7 @@ E2E = dict(
     kl_steps=700,
     kl_sequences=2,
     kl_lr=1e-4,
-    kl_encoder_lr_scale=4.0,
+    kl_encoder_lr_scale=8.0,
     kl_mse_coef=1e-3,
     kl_max_minutes=6.0,
     kl_text_sequences=320,
@@ -95,7 +95,8 @@ POINTS: dict[str, dict] = {
     "F64_S200_residual_e2e480x2": {**NOW, **FRESH, "kl_steps": 480, "kl_encoder_lr_scale": 1.0},
     "F64_S200_residual_e2e600x2_pool320": {**NOW, "kl_steps": 600, "kl_encoder_lr_scale": 1.0},
     "F64_S200_residual_e2e700x2_pool320": {**NOW, "kl_encoder_lr_scale": 1.0},
-    "F64_S200_residual_e2e700x2_pool320_enc4": NOW,
+    "F64_S200_residual_e2e700x2_pool320_enc4": {**NOW, "kl_encoder_lr_scale": 4.0},
+    "F64_S200_residual_e2e700x2_pool320_enc8": NOW,
 }
 FIGURES = ("kl", "top1_agreement", "ce_recovered", "nmse", "mean_l0")
 

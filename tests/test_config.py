@@ -196,7 +196,7 @@ def test_the_default_profile_is_the_sweeps_chosen_point():
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
     default = get_profile("default").train
-    assert sweep.POINTS["F64_S200_residual_e2e700x2_pool320_enc4"] is sweep.NOW
+    assert sweep.POINTS["F64_S200_residual_e2e700x2_pool320_enc8"] is sweep.NOW
     mse_only = sweep.POINTS["F64_S200_residual"]
     assert sweep.NOW == {**mse_only, **sweep.E2E}  # the MSE-only point, then end to end
     assert default.replace(**{**sweep.BASE, **sweep.NOW}) == default
