@@ -6,7 +6,8 @@ minutes of ``make run``). All train on the same harvest (``--buffer``, a default
 04 does (``cltlab.evaluate``: the profile's eval config, held-out text, float32 model). A point's wall time is its
 training time (an end-to-end stage included); the points come in two budgets, ~6 and ~4–5 minutes, and the
 default point's end-to-end stage adds ~5–6 (``F64_S200_residual_e2e700x2_pool320_enc8`` is today's default
-profile). Finished points are kept under ``--out`` (keyed by their config, harvest and eval), so running again reuses them.
+profile). Finished points are kept under ``--out`` (keyed by their config, harvest and eval), so running again
+reuses them.
 
 With ``--seeds`` every point also runs from other seeds (``trainer.seed``: initialization and batch order) and the
 table averages over them: between seeds of one point the KL moved by up to 1.9 nats (the default point: 3.49, 4.52,
