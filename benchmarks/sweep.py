@@ -50,9 +50,11 @@ E2E = dict(
     kl_text_sequences=320,
 )
 NOW = {**RESIDUAL, **E2E}
-# the earlier end-to-end defaults: fresh text at every step; the batch and learning rate of the first two
+# the earlier end-to-end defaults: the encoder at the stage's rate; fresh text at every step; the batch and learning
+# rate of the first two
+ENC1 = {**NOW, "kl_encoder_lr_scale": 1.0}
 FRESH = dict(kl_text_sequences=None)
-E2E_BATCH4 = dict(**FRESH, kl_sequences=4, kl_lr=3e-4, kl_encoder_lr_scale=1.0)
+E2E_BATCH4 = dict(**FRESH, kl_sequences=4, kl_lr=3e-4)
 POINTS: dict[str, dict] = {
     "default": {},
     "lr2e-3_lam1e-4": dict(lr=2e-3, sparsity_coef=1e-4),
@@ -90,12 +92,12 @@ POINTS: dict[str, dict] = {
     "F64_S300_residual": {**RESIDUAL, "max_steps": 300},
     # earlier defaults' end-to-end stages (60 and 120 steps of 4 sequences at lr 3e-4, 360 and 480 of 2, on fresh
     # text at every step), with today's code
-    "F64_S200_residual_e2e60": {**NOW, **E2E_BATCH4, "kl_steps": 60, "kl_max_minutes": 4.0},
-    "F64_S200_residual_e2e120": {**NOW, **E2E_BATCH4, "kl_steps": 120, "kl_max_minutes": 5.0},
-    "F64_S200_residual_e2e360x2": {**NOW, **FRESH, "kl_steps": 360, "kl_encoder_lr_scale": 1.0},
-    "F64_S200_residual_e2e480x2": {**NOW, **FRESH, "kl_steps": 480, "kl_encoder_lr_scale": 1.0},
-    "F64_S200_residual_e2e600x2_pool320": {**NOW, "kl_steps": 600, "kl_encoder_lr_scale": 1.0},
-    "F64_S200_residual_e2e700x2_pool320": {**NOW, "kl_encoder_lr_scale": 1.0},
+    "F64_S200_residual_e2e60": {**ENC1, **E2E_BATCH4, "kl_steps": 60, "kl_max_minutes": 4.0},
+    "F64_S200_residual_e2e120": {**ENC1, **E2E_BATCH4, "kl_steps": 120, "kl_max_minutes": 5.0},
+    "F64_S200_residual_e2e360x2": {**ENC1, **FRESH, "kl_steps": 360},
+    "F64_S200_residual_e2e480x2": {**ENC1, **FRESH, "kl_steps": 480},
+    "F64_S200_residual_e2e600x2_pool320": {**ENC1, "kl_steps": 600},
+    "F64_S200_residual_e2e700x2_pool320": ENC1,
     "F64_S200_residual_e2e700x2_pool320_enc4": {**NOW, "kl_encoder_lr_scale": 4.0},
     "F64_S200_residual_e2e700x2_pool320_enc8": NOW,
 }
